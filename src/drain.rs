@@ -1,0 +1,156 @@
+//! Draining the old generation: stop accepting, let in-flight connections
+//! finish, exit when they are done or at a deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::sync::watch;
+
+/// Tracks in-flight connections and signals the start of a drain.
+///
+/// Clone it into every connection task. The accept loop selects on
+/// [`draining`](Self::draining) and stops accepting when it resolves;
+/// each connection holds a [`DrainGuard`] from [`guard`](Self::guard);
+/// after the upgrade, [`wait`](Self::wait) returns when every guard is
+/// dropped or the deadline passes.
+///
+/// ```no_run
+/// # async fn serve(_: tokio::net::TcpStream, _: handover::Drain) {}
+/// # async fn example(listener: tokio::net::TcpListener, drain: handover::Drain) {
+/// loop {
+///     tokio::select! {
+///         accepted = listener.accept() => {
+///             let Ok((stream, _)) = accepted else { continue };
+///             let guard = drain.guard();
+///             let drain = drain.clone();
+///             tokio::spawn(async move {
+///                 serve(stream, drain).await;
+///                 drop(guard);
+///             });
+///         }
+///         _ = drain.draining() => break,
+///     }
+/// }
+/// drop(listener); // stop accepting: the successor takes every new connection
+/// let report = drain.wait(std::time::Duration::from_secs(30)).await;
+/// # let _ = report;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Drain {
+    inner: Arc<watch::Sender<Counts>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    draining: bool,
+    in_flight: usize,
+}
+
+/// Marks one connection in flight until dropped.
+#[derive(Debug)]
+#[must_use = "the connection counts as in flight only while the guard lives"]
+pub struct DrainGuard {
+    inner: Arc<watch::Sender<Counts>>,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        self.inner.send_modify(|c| c.in_flight -= 1);
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections still in flight at the deadline (0: all finished).
+    pub remaining: usize,
+    /// How long the wait took.
+    pub elapsed: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    /// A drain that has not started, with nothing in flight.
+    pub fn new() -> Self {
+        Drain { inner: Arc::new(watch::Sender::new(Counts::default())) }
+    }
+
+    /// Starts draining: [`draining`](Self::draining) resolves everywhere.
+    pub fn start(&self) {
+        self.inner.send_modify(|c| c.draining = true);
+    }
+
+    /// Whether the drain has started. Connections use it to answer with
+    /// `Connection: close` (lame duck) instead of closing idle keep-alive
+    /// connections, which would fail a request already on the wire.
+    pub fn is_draining(&self) -> bool {
+        self.inner.borrow().draining
+    }
+
+    /// Resolves when the drain starts.
+    pub async fn draining(&self) {
+        let mut rx = self.inner.subscribe();
+        let _ = rx.wait_for(|c| c.draining).await;
+    }
+
+    /// Counts one connection as in flight until the guard is dropped.
+    pub fn guard(&self) -> DrainGuard {
+        self.inner.send_modify(|c| c.in_flight += 1);
+        DrainGuard { inner: self.inner.clone() }
+    }
+
+    /// Connections in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.borrow().in_flight
+    }
+
+    /// Waits until no connection is in flight, or `timeout` passes.
+    pub async fn wait(&self, timeout: Duration) -> DrainReport {
+        let start = Instant::now();
+        let mut rx = self.inner.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|c| c.in_flight == 0)).await;
+        DrainReport { remaining: self.in_flight(), elapsed: start.elapsed() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_returns_when_guards_drop() {
+        let d = Drain::new();
+        let g1 = d.guard();
+        let g2 = d.guard();
+        assert_eq!(d.in_flight(), 2);
+        assert!(!d.is_draining());
+        d.start();
+        assert!(d.is_draining());
+        d.draining().await;
+        let t = tokio::spawn({
+            let d = d.clone();
+            async move { d.wait(Duration::from_secs(10)).await }
+        });
+        drop(g1);
+        drop(g2);
+        let r = t.await.unwrap();
+        assert_eq!(r.remaining, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_stops_at_the_deadline() {
+        let d = Drain::new();
+        let _g = d.guard();
+        let r = d.wait(Duration::from_secs(5)).await;
+        assert_eq!(r.remaining, 1);
+        assert!(r.elapsed >= Duration::from_secs(5), "{:?}", r.elapsed);
+    }
+}

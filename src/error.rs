@@ -1,0 +1,261 @@
+//! Error types: [`Error`] for setting up and reading what was handed over,
+//! [`UpgradeError`] for an upgrade that did not happen.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// An error while building a [`Handover`](crate::Handover), claiming a
+/// named fd, or reporting readiness.
+///
+/// Converts into [`io::Error`] (keeping the kind of an underlying I/O error),
+/// so `?` works in functions that return `io::Result`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A variable of the handoff protocol (`LISTEN_*`, `HANDOVER_*`) is malformed.
+    Env {
+        /// The variable's name.
+        var: &'static str,
+        /// Its value, lossily converted to UTF-8.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An inherited fd is not what the application asked for under that name.
+    InvalidFd {
+        /// The fd number in this process.
+        fd: RawFd,
+        /// The name it was handed over under.
+        name: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// An fd name that the protocol cannot carry.
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// The name (with this address) is already registered in this process.
+    AlreadyRegistered {
+        /// The name.
+        name: String,
+    },
+    /// The fds handed to this process were already taken by another
+    /// [`Handover`](crate::Handover) in the same process.
+    AlreadyTaken,
+    /// A system call failed.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    /// The [`io::ErrorKind`] this error maps to.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { source, .. } => source.kind(),
+            Error::AlreadyRegistered { .. } | Error::AlreadyTaken => io::ErrorKind::AlreadyExists,
+            Error::Env { .. } | Error::InvalidFd { .. } | Error::InvalidName { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Env { var, value, reason } => write!(f, "{var}={value:?} is invalid: {reason}"),
+            Error::InvalidFd { fd, name, reason } => {
+                write!(f, "inherited fd {fd} named {name:?} is refused: {reason}")
+            }
+            Error::InvalidName { name, reason } => write!(f, "invalid fd name {name:?}: {reason}"),
+            Error::AlreadyRegistered { name } => {
+                write!(f, "an fd named {name:?} with this address is already registered")
+            }
+            Error::AlreadyTaken => {
+                write!(f, "the inherited fds were already taken by another Handover in this process")
+            }
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        io::Error::new(e.kind(), e)
+    }
+}
+
+/// Why an upgrade did not happen. In every case the calling generation keeps
+/// serving, untouched, and may try again (except after
+/// [`UpgradeError::HandedOver`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// [`Handover::ready`](crate::Handover::ready) has not been called: a
+    /// generation that is not serving yet does not spawn a successor.
+    NotReady,
+    /// Another upgrade of this process is running.
+    InProgress,
+    /// This generation already handed over to a successor.
+    HandedOver,
+    /// Another process holds the upgrade lock next to the pid file.
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The successor's program cannot be run: missing, not a file, not executable.
+    Program {
+        /// The program path.
+        path: PathBuf,
+        /// What the check found.
+        source: io::Error,
+    },
+    /// The child could not exec the program (`execve` failed), or could not
+    /// set up its fds first.
+    Exec {
+        /// The program path.
+        path: PathBuf,
+        /// The errno the child reported.
+        source: io::Error,
+    },
+    /// The successor exited before it reported ready.
+    Exited {
+        /// Its pid.
+        pid: u32,
+        /// Its exit status; `None` if it was reaped elsewhere (e.g. `SIGCHLD`
+        /// is ignored).
+        status: Option<ExitStatus>,
+    },
+    /// The successor closed the readiness channel without reporting ready.
+    /// It was killed and reaped.
+    ClosedWithoutReady {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The successor did not report ready within the ready timeout. It was
+    /// killed and reaped.
+    Timeout {
+        /// Its pid.
+        pid: u32,
+        /// The timeout that passed.
+        after: Duration,
+    },
+    /// The successor wrote something other than the protocol's messages.
+    Protocol {
+        /// Its pid.
+        pid: u32,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A system call in the calling process failed.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl UpgradeError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        UpgradeError::Io { context: context.into(), source }
+    }
+
+    /// Whether a successor process was started (and, the upgrade having
+    /// failed, killed and reaped) for this attempt.
+    pub fn spawned(&self) -> bool {
+        matches!(
+            self,
+            UpgradeError::Exec { .. }
+                | UpgradeError::Exited { .. }
+                | UpgradeError::ClosedWithoutReady { .. }
+                | UpgradeError::Timeout { .. }
+                | UpgradeError::Protocol { .. }
+        )
+    }
+}
+
+impl fmt::Display for UpgradeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpgradeError::NotReady => write!(f, "upgrade refused: this generation has not called ready()"),
+            UpgradeError::InProgress => write!(f, "upgrade refused: an upgrade is already in progress"),
+            UpgradeError::HandedOver => {
+                write!(f, "upgrade refused: this generation already handed over to a successor")
+            }
+            UpgradeError::Locked { path } => {
+                write!(f, "upgrade refused: another process holds the upgrade lock {}", path.display())
+            }
+            UpgradeError::Program { path, source } => {
+                write!(f, "cannot run successor program {}: {source}", path.display())
+            }
+            UpgradeError::Exec { path, source } => {
+                write!(f, "successor could not exec {}: {source}", path.display())
+            }
+            UpgradeError::Exited { pid, status: Some(status) } => {
+                write!(f, "successor (pid {pid}) exited before it was ready: {status}")
+            }
+            UpgradeError::Exited { pid, status: None } => {
+                write!(f, "successor (pid {pid}) exited before it was ready (status unavailable)")
+            }
+            UpgradeError::ClosedWithoutReady { pid } => {
+                write!(f, "successor (pid {pid}) closed the readiness channel without reporting ready")
+            }
+            UpgradeError::Timeout { pid, after } => {
+                write!(f, "successor (pid {pid}) was not ready within {after:?}; killed")
+            }
+            UpgradeError::Protocol { pid, reason } => {
+                write!(f, "successor (pid {pid}) broke the handoff protocol: {reason}")
+            }
+            UpgradeError::Io { context, source } => write!(f, "upgrade failed: {context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for UpgradeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpgradeError::Program { source, .. }
+            | UpgradeError::Exec { source, .. }
+            | UpgradeError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<UpgradeError> for io::Error {
+    fn from(e: UpgradeError) -> io::Error {
+        let kind = match &e {
+            UpgradeError::Program { source, .. }
+            | UpgradeError::Exec { source, .. }
+            | UpgradeError::Io { source, .. } => source.kind(),
+            UpgradeError::Timeout { .. } => io::ErrorKind::TimedOut,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}

@@ -1,0 +1,406 @@
+//! The named fd registry: inherit-or-bind, validation of inherited fds, and
+//! the list of fds handed to a successor.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+
+use crate::env;
+use crate::error::Error;
+use crate::sys;
+
+/// Options for sockets that `handover` binds itself (an inherited socket
+/// keeps the options it was created with).
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    pub(crate) backlog: i32,
+    pub(crate) reuse_port: bool,
+    pub(crate) only_v6: Option<bool>,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions { backlog: 1024, reuse_port: false, only_v6: None }
+    }
+}
+
+impl ListenOptions {
+    /// The defaults: backlog 1024, no `SO_REUSEPORT`, the system's
+    /// `IPV6_V6ONLY` default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The `listen(2)` backlog. Default: 1024 (the kernel caps it at
+    /// `net.core.somaxconn`).
+    #[must_use]
+    pub fn backlog(mut self, backlog: i32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Sets `SO_REUSEPORT`, so that several sockets (under different names)
+    /// can bind the same address. Default: off.
+    ///
+    /// Handoff never needs it: old and new generation share one socket.
+    #[must_use]
+    pub fn reuse_port(mut self, on: bool) -> Self {
+        self.reuse_port = on;
+        self
+    }
+
+    /// Sets `IPV6_V6ONLY` on IPv6 sockets. Default: the system's
+    /// (`net.ipv6.bindv6only`, usually off: `[::]` also accepts IPv4).
+    #[must_use]
+    pub fn only_v6(mut self, on: bool) -> Self {
+        self.only_v6 = Some(on);
+        self
+    }
+}
+
+/// What a name stands for, and so how an inherited fd is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Want {
+    TcpListener(SocketAddr),
+    Udp(SocketAddr),
+    UnixListener(PathBuf),
+    UnixDatagram(PathBuf),
+    Any,
+}
+
+impl Want {
+    fn describe(&self) -> String {
+        match self {
+            Want::TcpListener(a) => format!("a TCP listener on {a}"),
+            Want::Udp(a) => format!("a UDP socket on {a}"),
+            Want::UnixListener(p) => format!("a Unix stream listener on {}", p.display()),
+            Want::UnixDatagram(p) => format!("a Unix datagram socket on {}", p.display()),
+            Want::Any => "an open fd".to_owned(),
+        }
+    }
+}
+
+struct Entry {
+    name: String,
+    want: Want,
+    fd: OwnedFd,
+}
+
+/// The fds of this generation: those inherited and not yet claimed, and
+/// those registered (claimed or bound) that a successor will get.
+pub(crate) struct Registry {
+    inherited: Vec<(String, OwnedFd)>,
+    registered: Vec<Entry>,
+}
+
+impl Registry {
+    pub(crate) fn new(inherited: Vec<(String, OwnedFd)>) -> Self {
+        Registry { inherited, registered: Vec::new() }
+    }
+
+    /// Returns a copy of the fd named `name`: the inherited one if there is
+    /// one that passes the checks for `want`, else a new one from `create`.
+    /// The registry keeps its own copy, for the successor.
+    ///
+    /// Returns the fd and whether it was inherited.
+    pub(crate) fn claim(
+        &mut self,
+        name: &str,
+        want: Want,
+        create: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> Result<(OwnedFd, bool), Error> {
+        env::validate_name(name)?;
+        if self.registered.iter().any(|e| e.name == name && (e.want == want || want == Want::Any || e.want == Want::Any)) {
+            return Err(Error::AlreadyRegistered { name: name.to_owned() });
+        }
+        let mut first_err = None;
+        let mut found = None;
+        for (i, (n, fd)) in self.inherited.iter().enumerate() {
+            if n != name {
+                continue;
+            }
+            match check(fd.as_fd(), name, &want) {
+                Ok(()) => {
+                    found = Some(i);
+                    break;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let (fd, inherited) = match (found, first_err) {
+            (Some(i), _) => (self.inherited.remove(i).1, true),
+            (None, Some(e)) => return Err(e),
+            (None, None) => {
+                let fd = create().map_err(|e| Error::io(format!("cannot create {}", want.describe()), e))?;
+                (fd, false)
+            }
+        };
+        if want != Want::Any {
+            sys::set_nonblocking(fd.as_fd(), true)
+                .map_err(|e| Error::io(format!("cannot make fd {name:?} non-blocking"), e))?;
+        }
+        let copy = fd
+            .try_clone()
+            .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
+        self.registered.push(Entry { name: name.to_owned(), want, fd });
+        Ok((copy, inherited))
+    }
+
+    /// Closes the inherited fds nobody claimed; returns their names.
+    pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
+        self.inherited.drain(..).map(|(name, _fd)| name).collect()
+    }
+
+    /// The fds for a successor, in order, with their names.
+    pub(crate) fn handed(&self) -> Vec<(&str, BorrowedFd<'_>)> {
+        self.registered.iter().map(|e| (e.name.as_str(), e.fd.as_fd())).collect()
+    }
+
+    /// Names of the registered fds.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.registered.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// Drops this generation's copies of every fd (after a handover).
+    pub(crate) fn clear(&mut self) {
+        self.inherited.clear();
+        self.registered.clear();
+    }
+}
+
+fn invalid(fd: BorrowedFd<'_>, name: &str, reason: String) -> Error {
+    Error::InvalidFd { fd: fd.as_raw_fd(), name: name.to_owned(), reason }
+}
+
+fn family_name(d: Domain) -> String {
+    if d == Domain::IPV4 {
+        "IPv4 (AF_INET)".into()
+    } else if d == Domain::IPV6 {
+        "IPv6 (AF_INET6)".into()
+    } else if d == Domain::UNIX {
+        "Unix (AF_UNIX)".into()
+    } else {
+        format!("{d:?}")
+    }
+}
+
+fn type_name(t: Type) -> String {
+    if t == Type::STREAM {
+        "stream (SOCK_STREAM)".into()
+    } else if t == Type::DGRAM {
+        "datagram (SOCK_DGRAM)".into()
+    } else {
+        format!("{t:?}")
+    }
+}
+
+/// Checks that an inherited fd is what `want` describes: a socket of the
+/// right type and family, listening if it should, bound to the address asked
+/// for (any port where port 0 was asked for).
+pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), Error> {
+    let io_err = |what: &str, e: io::Error| invalid(fd, name, format!("{what} failed: {e}"));
+    let mode = sys::file_mode(fd).map_err(|e| io_err("fstat", e))?;
+    if *want == Want::Any {
+        return Ok(());
+    }
+    if mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(invalid(
+            fd,
+            name,
+            format!("expected {}, found {}", want.describe(), sys::describe_mode(mode)),
+        ));
+    }
+    let sock = SockRef::from(&fd);
+    let (want_type, want_domain, listening) = match want {
+        Want::TcpListener(a) => (Type::STREAM, Domain::for_address(*a), true),
+        Want::Udp(a) => (Type::DGRAM, Domain::for_address(*a), false),
+        Want::UnixListener(_) => (Type::STREAM, Domain::UNIX, true),
+        Want::UnixDatagram(_) => (Type::DGRAM, Domain::UNIX, false),
+        Want::Any => unreachable!("handled above"),
+    };
+    let domain = sock.domain().map_err(|e| io_err("getsockopt(SO_DOMAIN)", e))?;
+    if domain != want_domain {
+        return Err(invalid(
+            fd,
+            name,
+            format!(
+                "expected {}: family {}, found family {}",
+                want.describe(),
+                family_name(want_domain),
+                family_name(domain)
+            ),
+        ));
+    }
+    let ty = sock.r#type().map_err(|e| io_err("getsockopt(SO_TYPE)", e))?;
+    if ty != want_type {
+        return Err(invalid(
+            fd,
+            name,
+            format!("expected {}: type {}, found type {}", want.describe(), type_name(want_type), type_name(ty)),
+        ));
+    }
+    if listening && !sock.is_listener().map_err(|e| io_err("getsockopt(SO_ACCEPTCONN)", e))? {
+        let peer = sock.peer_addr().ok().map(|p| describe_sockaddr(&p));
+        let state = match peer {
+            Some(p) => format!("a connected socket (peer {p})"),
+            None => "a socket that is not listening".to_owned(),
+        };
+        return Err(invalid(fd, name, format!("expected {}, found {state}", want.describe())));
+    }
+    let local = sock.local_addr().map_err(|e| io_err("getsockname", e))?;
+    let matches = match want {
+        Want::TcpListener(a) | Want::Udp(a) => match local.as_socket() {
+            Some(l) => l.ip() == a.ip() && (a.port() == 0 || l.port() == a.port()),
+            None => false,
+        },
+        Want::UnixListener(p) | Want::UnixDatagram(p) => unix_addr_matches(&local, p),
+        Want::Any => true,
+    };
+    if !matches {
+        return Err(invalid(
+            fd,
+            name,
+            format!("expected {}, found one bound to {}", want.describe(), describe_sockaddr(&local)),
+        ));
+    }
+    Ok(())
+}
+
+fn describe_sockaddr(a: &SockAddr) -> String {
+    if let Some(s) = a.as_socket() {
+        return s.to_string();
+    }
+    if let Some(p) = a.as_pathname() {
+        return p.display().to_string();
+    }
+    if let Some(n) = a.as_abstract_namespace() {
+        return format!("@{}", String::from_utf8_lossy(n));
+    }
+    if a.is_unnamed() {
+        return "an unnamed Unix address".to_owned();
+    }
+    "an unknown address".to_owned()
+}
+
+/// Unix socket paths follow systemd's convention: a leading `@` names an
+/// abstract socket.
+fn abstract_name(path: &Path) -> Option<&[u8]> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().strip_prefix(b"@")
+}
+
+fn unix_addr_matches(local: &SockAddr, want: &Path) -> bool {
+    match abstract_name(want) {
+        Some(name) => local.as_abstract_namespace() == Some(name),
+        None => local.as_pathname() == Some(want),
+    }
+}
+
+fn unix_sockaddr(path: &Path) -> io::Result<SockAddr> {
+    use std::os::unix::ffi::OsStrExt;
+    match abstract_name(path) {
+        Some(name) => {
+            let mut bytes = Vec::with_capacity(name.len() + 1);
+            bytes.push(0);
+            bytes.extend_from_slice(name);
+            SockAddr::unix(std::ffi::OsStr::from_bytes(&bytes))
+        }
+        None => SockAddr::unix(path),
+    }
+}
+
+/// Binds (and listens on) a new close-on-exec socket.
+fn bind(domain: Domain, ty: Type, addr: &SockAddr, opts: &ListenOptions, listen: bool) -> io::Result<OwnedFd> {
+    // socket2 creates sockets with SOCK_CLOEXEC on Linux.
+    let s = Socket::new(domain, ty, None)?;
+    if domain != Domain::UNIX {
+        s.set_reuse_address(true)?;
+        if opts.reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        if domain == Domain::IPV6 {
+            if let Some(v6) = opts.only_v6 {
+                s.set_only_v6(v6)?;
+            }
+        }
+    }
+    s.bind(addr)?;
+    if listen {
+        s.listen(opts.backlog)?;
+    }
+    Ok(s.into())
+}
+
+pub(crate) fn bind_tcp(addr: SocketAddr, opts: &ListenOptions) -> io::Result<OwnedFd> {
+    bind(Domain::for_address(addr), Type::STREAM, &addr.into(), opts, true)
+}
+
+pub(crate) fn bind_udp(addr: SocketAddr, opts: &ListenOptions) -> io::Result<OwnedFd> {
+    bind(Domain::for_address(addr), Type::DGRAM, &addr.into(), opts, false)
+}
+
+pub(crate) fn bind_unix(path: &Path, ty: Type, opts: &ListenOptions) -> io::Result<OwnedFd> {
+    let addr = unix_sockaddr(path)?;
+    if abstract_name(path).is_none() {
+        remove_stale_socket(path, ty)?;
+    }
+    bind(Domain::UNIX, ty, &addr, opts, ty == Type::STREAM)
+}
+
+/// A socket file left behind by a process that is gone is removed; a live
+/// one, or a file that is not a socket, is left alone and reported.
+fn remove_stale_socket(path: &Path, ty: Type) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    let probe = Socket::new(Domain::UNIX, ty, None)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            tracing::debug!(path = %path.display(), "removing stale Unix socket");
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes ownership of the fds listed in the environment after checking each
+/// is open, and makes each close-on-exec so that no other child inherits it.
+pub(crate) fn adopt(list: &[(String, RawFd)]) -> Result<Vec<(String, OwnedFd)>, Error> {
+    use std::os::fd::FromRawFd;
+    let mut out = Vec::with_capacity(list.len());
+    for (name, raw) in list {
+        if let Err(e) = sys::fd_flags(*raw) {
+            return Err(Error::InvalidFd {
+                fd: *raw,
+                name: name.clone(),
+                reason: format!("LISTEN_FDS lists it, but it is not open ({e})"),
+            });
+        }
+        // SAFETY: the fd is open (F_GETFD succeeded), and the LISTEN_* protocol,
+        // whose LISTEN_PID names this process, hands its ownership to us. The
+        // caller guarantees this runs once per process (see `TAKEN` in
+        // handover.rs), so no other owner exists.
+        let fd = unsafe { OwnedFd::from_raw_fd(*raw) };
+        sys::set_cloexec(fd.as_fd()).map_err(|e| Error::io(format!("cannot set FD_CLOEXEC on fd {raw}"), e))?;
+        out.push((name.clone(), fd));
+    }
+    Ok(out)
+}

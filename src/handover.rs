@@ -1,0 +1,430 @@
+//! [`Builder`] and [`Handover`]: what this generation inherited, the fds it
+//! registers, and its readiness.
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use socket2::Type;
+
+use crate::env;
+use crate::error::Error;
+use crate::fds::{self, ListenOptions, Registry, Want};
+use crate::pidfile;
+use crate::ready;
+use crate::spawn;
+use crate::sys;
+use crate::upgrade::State;
+
+/// Set once the inherited fds are owned by a `Handover`: they can be owned
+/// only once per process.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Configures and builds a [`Handover`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    pid_file: Option<PathBuf>,
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            ready_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            pid_file: None,
+            program: None,
+            args: None,
+        }
+    }
+}
+
+impl Builder {
+    /// How long a successor may take from spawn to `ready()` before it is
+    /// killed and the upgrade fails. Default: 60 s.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long the old generation should drain after a successful upgrade.
+    /// `handover` does not enforce it; [`Handover::drain_timeout`] hands it to
+    /// the application's drain (see [`Drain`](crate::Drain)). Default: 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// A pid file naming the serving generation. It is written atomically
+    /// (temporary file, then rename): by the first generation when it calls
+    /// [`Handover::ready`], and by an old generation with its successor's pid
+    /// once the successor is ready. A failed upgrade leaves it unchanged.
+    ///
+    /// `<path>.lock` is `flock`ed during an upgrade, so that two processes
+    /// cannot upgrade one service at once. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The program successors run. Default: the absolute path of the running
+    /// binary as captured when [`build`](Self::build) runs — so a deploy that
+    /// renames a new binary over that path runs the new version.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// The arguments successors get (without `argv[0]`). Default: this
+    /// process's arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Reads what a predecessor or systemd handed to this process and
+    /// builds the [`Handover`].
+    ///
+    /// The `LISTEN_*` variables count only when `LISTEN_PID` names this
+    /// process. Each inherited fd is checked to be open and made
+    /// close-on-exec at once. Errors name the variable or fd that is wrong.
+    pub fn build(self) -> Result<Handover, Error> {
+        let own_pid = std::process::id();
+        let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
+        let (fds, channel, generation) = match inherited {
+            None => (Vec::new(), None, 1),
+            Some(inh) => {
+                if TAKEN.swap(true, Ordering::SeqCst) {
+                    return Err(Error::AlreadyTaken);
+                }
+                let fds = fds::adopt(&inh.fds)?;
+                let channel = match inh.channel {
+                    Some(raw) => Some(adopt_channel(raw)?),
+                    None => None,
+                };
+                (fds, channel, inh.generation)
+            }
+        };
+        let program = match self.program {
+            Some(p) => p,
+            None => spawn::current_exe().map_err(|e| Error::io("cannot find the running binary", e))?,
+        };
+        let args = self.args.unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let from_predecessor = channel.is_some();
+        tracing::info!(
+            generation,
+            inherited = fds.len(),
+            from_predecessor,
+            names = ?fds.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "handover started"
+        );
+        Ok(Handover {
+            inner: Arc::new(Inner {
+                ready_timeout: self.ready_timeout,
+                drain_timeout: self.drain_timeout,
+                pid_file: self.pid_file,
+                program,
+                args,
+                generation,
+                from_predecessor,
+                started: Instant::now(),
+                registry: Mutex::new(Registry::new(fds)),
+                state: Mutex::new(State::Starting),
+                channel: Mutex::new(channel),
+            }),
+        })
+    }
+}
+
+fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
+    let name = env::CHANNEL_FD;
+    if let Err(e) = sys::fd_flags(raw) {
+        return Err(Error::InvalidFd { fd: raw, name: name.into(), reason: format!("not open ({e})") });
+    }
+    // SAFETY: the fd is open, and the protocol (LISTEN_PID names this process)
+    // hands it to us; `TAKEN` makes this run once per process.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    sys::set_cloexec(fd.as_fd()).map_err(|e| Error::io("cannot set FD_CLOEXEC on the channel", e))?;
+    let mode = sys::file_mode(fd.as_fd()).map_err(|e| Error::io("fstat on the channel", e))?;
+    let sock = socket2::SockRef::from(&fd);
+    let ok = mode & libc::S_IFMT == libc::S_IFSOCK
+        && sock.domain().ok() == Some(socket2::Domain::UNIX)
+        && sock.r#type().ok() == Some(Type::STREAM);
+    if !ok {
+        return Err(Error::InvalidFd {
+            fd: raw,
+            name: name.into(),
+            reason: format!("expected a Unix stream socket, found {}", sys::describe_mode(mode)),
+        });
+    }
+    Ok(fd)
+}
+
+/// One generation's side of the handover: its inherited and registered fds,
+/// its readiness, and its upgrades.
+///
+/// Cheap to clone; clones share one state. Build one per process with
+/// [`Handover::builder`].
+#[derive(Debug, Clone)]
+pub struct Handover {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) ready_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) generation: u64,
+    pub(crate) from_predecessor: bool,
+    pub(crate) started: Instant,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) state: Mutex<State>,
+    /// The channel to the predecessor, while it may still be alive.
+    pub(crate) channel: Mutex<Option<OwnedFd>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("generation", &self.generation)
+            .field("program", &self.program)
+            .field("state", &*lock(&self.state))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: every critical section here
+/// leaves the data consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn one_addr(addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
+    let mut it = addr.to_socket_addrs().map_err(|e| Error::io("cannot resolve the address", e))?;
+    it.next().ok_or_else(|| {
+        Error::io("cannot resolve the address", std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))
+    })
+}
+
+impl Handover {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// This process's generation: 1 for the first, then counting up by one
+    /// per successful upgrade.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// Whether this process was started by an old generation (and so reports
+    /// readiness to it).
+    pub fn from_predecessor(&self) -> bool {
+        self.inner.from_predecessor
+    }
+
+    /// The drain timeout configured with [`Builder::drain_timeout`].
+    pub fn drain_timeout(&self) -> Duration {
+        self.inner.drain_timeout
+    }
+
+    /// The names of the fds this generation will hand to a successor.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.inner.registry).names()
+    }
+
+    /// A TCP listener named `name`: the inherited one, or a new one bound to
+    /// `addr` (close-on-exec, `SO_REUSEADDR`, backlog 1024).
+    ///
+    /// An inherited listener must be a listening TCP socket of `addr`'s
+    /// family bound to `addr`; when `addr`'s port is 0, any port matches, so
+    /// a kernel-chosen port stays the same in every later generation.
+    ///
+    /// The listener is non-blocking, ready for `tokio::net::TcpListener::from_std`.
+    /// `O_NONBLOCK` belongs to the socket, not the fd: it is shared with the
+    /// other generation, which must not switch it back.
+    pub fn tcp_listener(&self, name: &str, addr: impl ToSocketAddrs) -> Result<std::net::TcpListener, Error> {
+        self.tcp_listener_with(name, addr, &ListenOptions::default())
+    }
+
+    /// [`tcp_listener`](Self::tcp_listener) with options for a new socket.
+    pub fn tcp_listener_with(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+        opts: &ListenOptions,
+    ) -> Result<std::net::TcpListener, Error> {
+        let addr = one_addr(addr)?;
+        let fd = self.claim(name, Want::TcpListener(addr), || fds::bind_tcp(addr, opts))?;
+        Ok(fd.into())
+    }
+
+    /// A UDP socket named `name`: the inherited one, or a new one bound to
+    /// `addr`. Datagrams queued on an inherited socket are read by this
+    /// generation. Non-blocking; see [`tcp_listener`](Self::tcp_listener).
+    pub fn udp_socket(&self, name: &str, addr: impl ToSocketAddrs) -> Result<std::net::UdpSocket, Error> {
+        self.udp_socket_with(name, addr, &ListenOptions::default())
+    }
+
+    /// [`udp_socket`](Self::udp_socket) with options for a new socket.
+    pub fn udp_socket_with(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+        opts: &ListenOptions,
+    ) -> Result<std::net::UdpSocket, Error> {
+        let addr = one_addr(addr)?;
+        let fd = self.claim(name, Want::Udp(addr), || fds::bind_udp(addr, opts))?;
+        Ok(fd.into())
+    }
+
+    /// A Unix stream listener named `name`: the inherited one, or a new one
+    /// bound to `path`. A path starting with `@` names an abstract socket
+    /// (as in systemd's `ListenStream=`).
+    ///
+    /// Before binding a filesystem path, a stale socket file there (nobody
+    /// accepting) is removed; a live one, or a file that is not a socket, is
+    /// an error. `handover` never unlinks the path of a socket it hands
+    /// over: the successor keeps serving on it. Non-blocking; see
+    /// [`tcp_listener`](Self::tcp_listener).
+    pub fn unix_listener(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<std::os::unix::net::UnixListener, Error> {
+        let path = path.as_ref();
+        let opts = ListenOptions::default();
+        let fd = self.claim(name, Want::UnixListener(path.to_owned()), || {
+            fds::bind_unix(path, Type::STREAM, &opts)
+        })?;
+        Ok(fd.into())
+    }
+
+    /// A Unix datagram socket named `name`, bound to `path` (`@` for
+    /// abstract); see [`unix_listener`](Self::unix_listener).
+    pub fn unix_datagram(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<std::os::unix::net::UnixDatagram, Error> {
+        let path = path.as_ref();
+        let opts = ListenOptions::default();
+        let fd = self.claim(name, Want::UnixDatagram(path.to_owned()), || {
+            fds::bind_unix(path, Type::DGRAM, &opts)
+        })?;
+        Ok(fd.into())
+    }
+
+    /// Any other fd, named `name`: the inherited one, or the one `create`
+    /// returns (it should be close-on-exec; `handover` makes it so). The
+    /// inherited fd is only checked to be open; its mode flags (such as
+    /// `O_NONBLOCK`) are left as they are.
+    pub fn fd(&self, name: &str, create: impl FnOnce() -> std::io::Result<OwnedFd>) -> Result<OwnedFd, Error> {
+        self.claim(name, Want::Any, || {
+            let fd = create()?;
+            sys::set_cloexec(fd.as_fd())?;
+            Ok(fd)
+        })
+    }
+
+    fn claim(
+        &self,
+        name: &str,
+        want: Want,
+        create: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> Result<OwnedFd, Error> {
+        let (fd, inherited) = lock(&self.inner.registry).claim(name, want, create)?;
+        tracing::debug!(generation = self.inner.generation, name, inherited, "fd registered");
+        Ok(fd)
+    }
+
+    /// Reports that this generation serves: closes inherited fds that were
+    /// not claimed, tells the old generation (if any) over the readiness
+    /// channel, and — for a first generation — writes the pid file.
+    ///
+    /// Until this is called, [`upgrade`](Self::upgrade_blocking) refuses to
+    /// run. Calling it again is a no-op.
+    pub fn ready(&self) -> Result<(), Error> {
+        let mut state = lock(&self.inner.state);
+        if *state != State::Starting {
+            return Ok(());
+        }
+        let unclaimed = lock(&self.inner.registry).close_unclaimed();
+        if !unclaimed.is_empty() {
+            tracing::warn!(generation = self.inner.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
+        }
+        let channel = lock(&self.inner.channel);
+        match channel.as_ref() {
+            Some(ch) => match ready::send_ready(ch.as_fd()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) || e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    tracing::warn!(generation = self.inner.generation, "predecessor is gone; serving alone");
+                }
+                Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
+            },
+            None => {
+                if let Some(path) = &self.inner.pid_file {
+                    pidfile::write(path, std::process::id())
+                        .map_err(|e| Error::io(format!("cannot write pid file {}", path.display()), e))?;
+                }
+            }
+        }
+        *state = State::Serving;
+        tracing::info!(
+            generation = self.inner.generation,
+            since_start_ms = self.inner.started.elapsed().as_secs_f64() * 1e3,
+            "ready"
+        );
+        Ok(())
+    }
+
+    /// Waits until the predecessor has exited (its end of the channel
+    /// closed), at most `timeout`. `true` if it has, or if there never was
+    /// one. Call it after [`ready`](Self::ready).
+    pub fn wait_predecessor_exit(&self, timeout: Duration) -> Result<bool, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut channel = lock(&self.inner.channel);
+        let Some(ch) = channel.as_ref() else { return Ok(true) };
+        loop {
+            let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
+                .map_err(|e| Error::io("poll on the channel", e))?;
+            if rev[0] == 0 {
+                return Ok(false);
+            }
+            let mut buf = [0u8; 64];
+            match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
+        }
+        *channel = None;
+        Ok(true)
+    }
+
+    /// The async form of [`wait_predecessor_exit`](Self::wait_predecessor_exit).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn predecessor_exited(&self, timeout: Duration) -> Result<bool, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.wait_predecessor_exit(timeout))
+            .await
+            .map_err(|e| Error::io("predecessor wait task", std::io::Error::other(e)))?
+    }
+}

@@ -1,0 +1,122 @@
+//! Graceful in-place restarts for Linux services.
+//!
+//! A server built on `handover` replaces its own binary while serving,
+//! without losing a connection: the running process (the *old generation*)
+//! fork+execs the new binary, hands it the named listening sockets, waits
+//! until the successor reports ready, rolls back if it does not, and then
+//! drains and exits.
+//!
+//! ```text
+//!  old generation (gen N)                         successor (gen N+1)
+//!  ──────────────────────                         ───────────────────
+//!  upgrade() ── fork ──► child: fds → 3,4,…; LISTEN_PID = own pid; execve
+//!      │                                      Handover::builder().build()
+//!      │   (keeps accepting on the shared        takes "http" = fd 3 by name,
+//!      │    sockets: nothing is dropped)          checks it (socket, family, address)
+//!      │                                      handover.ready() ── 'R' over channel
+//!      ◄──────────────────────────────────────────────┘
+//!  Ok(Upgraded) → stop accepting, drain, exit ──► channel EOF: predecessor gone
+//!  Err(_)       → successor killed and reaped; gen N serves on, untouched
+//! ```
+//!
+//! Old and new generation share the *same* listening sockets (one open file
+//! description each), so a connection waiting in the kernel's accept queue
+//! is never lost: whoever accepts next, answers it.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use handover::{Drain, Handover};
+//!
+//! # async fn serve(_: tokio::net::TcpStream, _: Drain) {}
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let handover = Handover::builder().ready_timeout(Duration::from_secs(30)).build()?;
+//!     // Inherited from the old generation, or bound now.
+//!     let listener = handover.tcp_listener("http", "127.0.0.1:8080")?;
+//!     let listener = tokio::net::TcpListener::from_std(listener)?;
+//!     handover.ready()?;
+//!
+//!     let drain = Drain::new();
+//!     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+//!     let (h, d) = (handover.clone(), drain.clone());
+//!     tokio::spawn(async move {
+//!         while hup.recv().await.is_some() {
+//!             match h.upgrade().await {
+//!                 Ok(_) => return d.start(),
+//!                 Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+//!             }
+//!         }
+//!     });
+//!     loop {
+//!         tokio::select! {
+//!             Ok((stream, _)) = listener.accept() => {
+//!                 let (guard, drain) = (drain.guard(), drain.clone());
+//!                 tokio::spawn(async move { serve(stream, drain).await; drop(guard) });
+//!             }
+//!             _ = drain.draining() => break,
+//!         }
+//!     }
+//!     drop(listener);
+//!     drain.wait(handover.drain_timeout()).await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # The protocol
+//!
+//! The successor finds its fds exactly as under systemd socket activation:
+//! `LISTEN_FDS`, `LISTEN_PID` (written by the child after fork, so it is
+//! always the successor's own pid) and `LISTEN_FDNAMES`. The same code path
+//! therefore serves a process started by its old generation, by systemd, or
+//! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
+//! channel and `HANDOVER_GENERATION` the generation. Stale `LISTEN_*`,
+//! `HANDOVER_*`, `WATCHDOG_PID` and `WATCHDOG_USEC` are never passed on, and
+//! the process environment is never modified.
+//!
+//! # Fd hygiene
+//!
+//! Every fd `handover` creates is close-on-exec from birth; inherited fds are
+//! made close-on-exec as soon as they are adopted. Only the child, between
+//! fork and exec, makes the handed fds inheritable, and every other fd above
+//! them is closed at exec (`close_range(CLOSE_RANGE_CLOEXEC)`). No other
+//! process the application spawns ever inherits a listener.
+//!
+//! # Limitations
+//!
+//! - Linux only (pidfds, `close_range`, abstract sockets); kernels before
+//!   5.3 fall back to polling for the successor's exit, before 5.11 to a
+//!   loop that closes fds one by one.
+//! - `O_NONBLOCK` is a property of the shared socket: both generations see
+//!   the same value. Listeners are handed out non-blocking.
+//! - After a successful handover the successor stays a child of the old
+//!   generation until that exits; if it dies while the old one drains, it is
+//!   a zombie until then.
+//! - The library installs no signal handlers: the application decides which
+//!   signal triggers an upgrade.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+#![warn(missing_docs)]
+
+mod env;
+mod error;
+mod fds;
+mod handover;
+mod pidfile;
+mod ready;
+mod spawn;
+mod sys;
+mod upgrade;
+
+#[cfg(feature = "tokio")]
+mod drain;
+
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use drain::{Drain, DrainGuard, DrainReport};
+pub use error::{Error, UpgradeError};
+pub use fds::ListenOptions;
+pub use handover::{Builder, Handover};
+pub use pidfile::read as read_pid_file;
+pub use upgrade::{State, UpgradeOptions, Upgraded};

@@ -1,0 +1,412 @@
+//! Building and starting the successor: the one fork/exec seam.
+//!
+//! Everything the child needs (argv, envp, the fd layout, scratch space) is
+//! allocated before `fork(2)`. Between fork and exec the child only makes
+//! async-signal-safe system calls on that memory:
+//!
+//! 1. moves the error pipe and every handed fd above the target range with
+//!    `fcntl(F_DUPFD_CLOEXEC)`, then `dup2`s each to `3, 4, ...` (`dup2` of two
+//!    distinct fds clears `FD_CLOEXEC` on the target; `dup2(fd, fd)` would not,
+//!    which is why an fd already at its target is moved too);
+//! 2. marks every fd above the layout close-on-exec (`close_range` with
+//!    `CLOSE_RANGE_CLOEXEC`, or a loop of `fcntl` on older kernels);
+//! 3. resets signal dispositions to default and unblocks all signals;
+//! 4. writes its own pid into the pre-allocated `LISTEN_PID=` entry;
+//! 5. `execve`s. If anything fails, it writes `(step, errno)` to the
+//!    close-on-exec error pipe and `_exit(127)`s. EOF on that pipe in the
+//!    parent means the exec succeeded.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::env;
+use crate::sys::{self, syscall};
+
+/// Room for the decimal digits of any pid plus the terminating NUL.
+const PID_DIGITS: usize = 20;
+
+/// The steps of the child that can fail, as reported over the error pipe.
+const STEP_FDS: u32 = 1;
+const STEP_EXEC: u32 = 2;
+
+/// A started successor.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub pid: libc::pid_t,
+    /// A pidfd, where the kernel has them.
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// Why a spawn failed.
+#[derive(Debug)]
+pub(crate) enum SpawnError {
+    /// Failed in this process, before or at fork.
+    Parent(&'static str, io::Error),
+    /// The child reported a failure in `step` and exited; it was reaped.
+    Child { step: u32, err: io::Error },
+}
+
+impl SpawnError {
+    pub(crate) fn describe_step(step: u32) -> &'static str {
+        match step {
+            STEP_FDS => "arranging the handed fds",
+            _ => "execve",
+        }
+    }
+}
+
+fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| {
+        SpawnError::Parent(what, io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+    })
+}
+
+/// Everything the child touches, allocated before fork.
+struct Plan {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// Points at the digits of the `LISTEN_PID=` entry inside `_envp`.
+    pid_slot: *mut u8,
+    /// Source fds, in target order (target of `sources[i]` is `3 + i`).
+    sources: Vec<RawFd>,
+    /// Scratch space for the moved copies, one per source.
+    scratch: Vec<RawFd>,
+    err_fd: RawFd,
+    /// `RLIMIT_NOFILE`, for the fallback close loop.
+    max_fd: RawFd,
+    /// The highest signal number, read before fork.
+    max_signal: libc::c_int,
+}
+
+/// Starts `program` with `args`, the environment `vars` (the caller has
+/// removed what must not be inherited) plus the successor variables, and
+/// the fds `fds` at `3, 4, ...`; the last entry of `fds` is the channel.
+pub(crate) fn spawn(
+    program: &Path,
+    args: &[OsString],
+    vars: impl Iterator<Item = (OsString, OsString)>,
+    successor_vars: &[(&'static str, String)],
+    fds: &[BorrowedFd<'_>],
+    deadline: Instant,
+) -> Result<Child, SpawnError> {
+    let program_c = cstring(program.as_os_str().as_bytes(), "program path")?;
+    let mut argv = Vec::with_capacity(args.len() + 1);
+    argv.push(cstring(program.as_os_str().as_bytes(), "program path")?);
+    for a in args {
+        argv.push(cstring(a.as_bytes(), "argument")?);
+    }
+    let argv_ptrs: Vec<*const libc::c_char> =
+        argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+
+    let mut envp: Vec<Vec<u8>> = Vec::new();
+    for (k, v) in vars {
+        let mut e = k.into_vec();
+        if e.is_empty() || e.contains(&b'=') || e.contains(&0) || v.as_bytes().contains(&0) {
+            continue;
+        }
+        e.push(b'=');
+        e.extend_from_slice(v.as_bytes());
+        e.push(0);
+        envp.push(e);
+    }
+    for (k, v) in successor_vars {
+        let mut e = format!("{k}={v}").into_bytes();
+        e.push(0);
+        envp.push(e);
+    }
+    let mut pid_entry = format!("{}=", env::LISTEN_PID).into_bytes();
+    let prefix = pid_entry.len();
+    pid_entry.resize(prefix + PID_DIGITS + 1, 0);
+    envp.push(pid_entry);
+    let last = envp.len() - 1;
+    // SAFETY: `prefix` is within the entry, whose heap buffer never moves:
+    // `envp` is not resized after this point.
+    let pid_slot = unsafe { envp[last].as_mut_ptr().add(prefix) };
+    let envp_ptrs: Vec<*const libc::c_char> =
+        envp.iter().map(|e| e.as_ptr().cast()).chain(std::iter::once(std::ptr::null())).collect();
+
+    let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
+    // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // getrlimit writes into the struct it is given.
+    let max_fd = match syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut rl)) {
+        Ok(_) if rl.rlim_cur != libc::RLIM_INFINITY => rl.rlim_cur.min(i32::MAX as u64) as RawFd,
+        _ => 65536,
+    };
+    let mut plan = Plan {
+        program: program_c,
+        _argv: argv,
+        argv_ptrs,
+        _envp: envp,
+        envp_ptrs,
+        pid_slot,
+        sources: fds.iter().map(|f| f.as_raw_fd()).collect(),
+        scratch: vec![-1; fds.len()],
+        err_fd: err_w.as_raw_fd(),
+        max_fd,
+        max_signal: libc::SIGRTMAX(),
+    };
+
+    // Block every signal around fork, so that no handler of this process
+    // runs in the child before its dispositions are reset.
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both point to valid sigset_t values.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the child branch only runs `child`, which makes
+    // async-signal-safe calls on memory allocated before fork and never
+    // returns; the parent branch continues normally.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the child of fork; see `child`.
+        unsafe { child(&mut plan) }
+    }
+    // SAFETY: `old` was filled in by pthread_sigmask above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if pid < 0 {
+        return Err(SpawnError::Parent("fork", io::Error::last_os_error()));
+    }
+    drop(err_w);
+    let pidfd = sys::pidfd_open(pid);
+    let child = Child { pid, pidfd };
+
+    // Wait for exec: EOF on the error pipe, or an 8-byte report.
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    loop {
+        let revents = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], deadline)
+            .map_err(|e| SpawnError::Parent("poll", e))?;
+        if revents[0] == 0 {
+            // The deadline passed while the child was still before exec
+            // (e.g. a hung filesystem). Kill it; the caller reports a timeout.
+            kill_and_reap(&child, deadline);
+            return Err(SpawnError::Parent(
+                "waiting for exec",
+                io::Error::new(io::ErrorKind::TimedOut, "exec did not complete before the deadline"),
+            ));
+        }
+        match sys::read(err_r.as_fd(), &mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == report.len() {
+                    break;
+                }
+            }
+            Err(e) => return Err(SpawnError::Parent("reading the exec error pipe", e)),
+        }
+    }
+    if got == 0 {
+        return Ok(child);
+    }
+    reap_blocking(child.pid);
+    if got < report.len() {
+        return Err(SpawnError::Parent(
+            "reading the exec error pipe",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
+        ));
+    }
+    let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
+    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
+    Err(SpawnError::Child { step, err: io::Error::from_raw_os_error(errno) })
+}
+
+/// The child between fork and exec.
+///
+/// # Safety
+/// Must only be called in the child of `fork`, with `plan` built by `spawn`.
+/// It makes only async-signal-safe calls and never returns.
+unsafe fn child(plan: &mut Plan) -> ! {
+    let n = plan.sources.len() as RawFd;
+    let floor = env::FDS_START + n;
+
+    /// Reports `(step, errno)` and exits.
+    ///
+    /// # Safety
+    /// Child-only; async-signal-safe.
+    unsafe fn fail(err_fd: RawFd, step: u32) -> ! {
+        // SAFETY: __errno_location returns this thread's errno slot.
+        let errno = unsafe { *libc::__errno_location() };
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&step.to_ne_bytes());
+        buf[4..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: write and _exit are async-signal-safe; buf is valid for 8 bytes.
+        unsafe {
+            libc::write(err_fd, buf.as_ptr().cast(), buf.len());
+            libc::_exit(127)
+        }
+    }
+
+    // SAFETY (whole body): only fcntl, dup2, close_range (syscall), close,
+    // sigaction, pthread_sigmask, getpid, write, execve and _exit are called:
+    // all async-signal-safe. Every pointer used points into `plan`, allocated
+    // before fork and not freed in the child.
+    unsafe {
+        // 1. Move the error pipe and every source above the target range.
+        let err_fd = libc::fcntl(plan.err_fd, libc::F_DUPFD_CLOEXEC, floor);
+        if err_fd < 0 {
+            libc::_exit(126);
+        }
+        for i in 0..plan.sources.len() {
+            let moved = libc::fcntl(plan.sources[i], libc::F_DUPFD_CLOEXEC, floor);
+            if moved < 0 {
+                fail(err_fd, STEP_FDS);
+            }
+            plan.scratch[i] = moved;
+        }
+        // Each scratch fd is >= floor > its target, so dup2 makes a new,
+        // inheritable fd (FD_CLOEXEC is cleared on the target).
+        for i in 0..plan.scratch.len() {
+            if libc::dup2(plan.scratch[i], env::FDS_START + i as RawFd) < 0 {
+                fail(err_fd, STEP_FDS);
+            }
+        }
+        // 2. Everything above the layout closes at exec, the scratch copies
+        // and the error pipe included.
+        let r = libc::syscall(
+            libc::SYS_close_range,
+            floor as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+        if r < 0 {
+            let mut fd = floor;
+            while fd < plan.max_fd {
+                if fd != err_fd {
+                    libc::close(fd);
+                }
+                fd += 1;
+            }
+        }
+        // Fds 0-2 are left as they are; anything that is not one of them or
+        // the layout is now gone at exec.
+
+        // 3. Default dispositions, nothing blocked.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..=plan.max_signal {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+
+        // 4. LISTEN_PID=<own pid>, written without allocating.
+        let mut pid = libc::getpid() as u64;
+        let mut digits = [0u8; PID_DIGITS];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        for i in 0..len {
+            *plan.pid_slot.add(i) = digits[len - 1 - i];
+        }
+        *plan.pid_slot.add(len) = 0;
+
+        // 5. Exec.
+        libc::execve(plan.program.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+        fail(err_fd, STEP_EXEC)
+    }
+}
+
+/// Sends SIGKILL and reaps, waiting at most until `deadline` plus a grace
+/// period for the kernel to tear the process down.
+pub(crate) fn kill_and_reap(child: &Child, deadline: Instant) {
+    // SAFETY: kill with a pid we started and have not reaped yet.
+    unsafe {
+        libc::kill(child.pid, libc::SIGKILL);
+    }
+    let grace = deadline.max(Instant::now()) + std::time::Duration::from_secs(5);
+    match &child.pidfd {
+        Some(pidfd) => {
+            let _ = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], grace);
+            if let Ok(None) = reap_now(child.pid) {
+                tracing::error!(pid = child.pid, "successor did not die within 5 s of SIGKILL; not reaped");
+            }
+        }
+        None => reap_blocking(child.pid),
+    }
+}
+
+/// Reaps `pid` if it has exited: `Ok(Some(status))`; `Ok(None)` while it
+/// runs; `Err` if it is not our child any more (e.g. `SIGCHLD` is ignored and
+/// the kernel reaped it).
+pub(crate) fn reap_now(pid: libc::pid_t) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    loop {
+        // waitpid writes the status into the int it is given.
+        match syscall!(waitpid(pid, &mut status, libc::WNOHANG)) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(std::process::ExitStatus::from_raw(status))),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn reap_blocking(pid: libc::pid_t) {
+    let mut status = 0;
+    // waitpid writes the status into the int it is given. Only called for a
+    // child that has exited or been sent SIGKILL.
+    while let Err(e) = syscall!(waitpid(pid, &mut status, 0)) {
+        if e.kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+}
+
+/// The absolute path of the running binary, as captured at start.
+///
+/// A binary replaced while running reads as `"/path (deleted)"`; the
+/// suffix is removed, so that the path names what is there now.
+pub(crate) fn current_exe() -> io::Result<PathBuf> {
+    let exe = std::fs::read_link("/proc/self/exe").or_else(|_| std::env::current_exe())?;
+    let bytes = exe.as_os_str().as_bytes();
+    Ok(match bytes.strip_suffix(b" (deleted)") {
+        Some(stripped) => PathBuf::from(OsStr::from_bytes(stripped)),
+        None => exe,
+    })
+}
+
+/// Checks that `path` is an executable regular file, for a clear error
+/// before fork.
+pub(crate) fn check_program(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
+    }
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "not executable"));
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))?;
+    // access reads the NUL-terminated path.
+    syscall!(access(c.as_ptr(), libc::X_OK))?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The syscall seam: the one place where `RawFd`s and libc calls meet.
+//!
+//! Every call goes through [`syscall!`], which turns a `-1` return into
+//! `io::Error::last_os_error()`. Helpers here return `OwnedFd`s created
+//! close-on-exec from birth.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Calls a libc function and turns `-1` into the thread's last OS error.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: each caller states why the arguments are valid for this call.
+        #[allow(clippy::macro_metavars_in_unsafe)]
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// Wraps a freshly returned, owned file descriptor.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else.
+unsafe fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A connected `AF_UNIX` stream pair, both ends close-on-exec.
+pub(crate) fn socketpair_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // socketpair writes two fds into the two-element array it is given.
+    syscall!(socketpair(
+        libc::AF_UNIX,
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+        0,
+        fds.as_mut_ptr()
+    ))?;
+    // SAFETY: socketpair succeeded, so both entries are new fds owned by us alone.
+    Ok(unsafe { (own(fds[0]), own(fds[1])) })
+}
+
+/// A pipe `(read, write)`, both ends close-on-exec.
+pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // pipe2 writes two fds into the two-element array it is given.
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
+    // SAFETY: pipe2 succeeded, so both entries are new fds owned by us alone.
+    Ok(unsafe { (own(fds[0]), own(fds[1])) })
+}
+
+/// A pidfd for `pid` (Linux 5.3+), close-on-exec. `None` where the kernel lacks it.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a new fd, owned by us alone. pidfds are
+    // always created close-on-exec.
+    Some(unsafe { own(fd as RawFd) })
+}
+
+/// `fcntl(F_GETFD)`: whether the fd is open, and its close-on-exec flag.
+pub(crate) fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // F_GETFD reads a flag word; any fd number is a valid argument.
+    syscall!(fcntl(fd, libc::F_GETFD))
+}
+
+/// Whether `fd` has `FD_CLOEXEC` set.
+#[cfg(test)]
+pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fd_flags(fd.as_raw_fd())? & libc::FD_CLOEXEC != 0)
+}
+
+/// Sets `FD_CLOEXEC` on `fd` (with `F_SETFD`, the only call that sets it).
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = fd_flags(fd.as_raw_fd())?;
+    if flags & libc::FD_CLOEXEC == 0 {
+        // F_SETFD with a flag word on a borrowed, open fd.
+        syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC))?;
+    }
+    Ok(())
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // F_GETFL/F_SETFL on a borrowed, open fd.
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    let new = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    if new != flags {
+        syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, new))?;
+    }
+    Ok(())
+}
+
+/// `fstat(fd).st_mode`.
+pub(crate) fn file_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // fstat writes into the struct it is given.
+    syscall!(fstat(fd.as_raw_fd(), &mut st))?;
+    Ok(st.st_mode)
+}
+
+/// A human name for the file type in `mode`, for error messages.
+pub(crate) fn describe_mode(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFIFO => "a pipe",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symbolic link",
+        _ => "an unknown kind of file",
+    }
+}
+
+/// Waits until one of `fds` is ready for `events`, or `deadline` passes.
+///
+/// Returns the `revents` of each fd (all zero on timeout). Retries on `EINTR`.
+pub(crate) fn poll_until(
+    fds: &[(BorrowedFd<'_>, libc::c_short)],
+    deadline: Instant,
+) -> io::Result<Vec<libc::c_short>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, events)| libc::pollfd { fd: fd.as_raw_fd(), events: *events, revents: 0 })
+        .collect();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = timeout_ms(left);
+        // pfds is a valid array of `pfds.len()` pollfd structs.
+        match syscall!(poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms)) {
+            Ok(_) => return Ok(pfds.iter().map(|p| p.revents).collect()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A poll(2) timeout in whole milliseconds, rounded up so a wait never ends early.
+fn timeout_ms(d: Duration) -> libc::c_int {
+    let ms = d.as_micros().div_ceil(1000);
+    ms.min(libc::c_int::MAX as u128) as libc::c_int
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`: a closed peer is `EPIPE`, never `SIGPIPE`.
+pub(crate) fn send_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // buf is a valid slice of buf.len() bytes.
+        match syscall!(send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)) {
+            Ok(n) => buf = &buf[n as usize..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `recv(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is end of stream.
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    loop {
+        // buf is a valid, writable slice of buf.len() bytes.
+        match syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags)) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `read(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is end of file.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // buf is a valid, writable slice of buf.len() bytes.
+        match syscall!(read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The upgrade state machine: Starting → Serving → Upgrading → Serving (on
+//! failure) or HandedOver (on success). One upgrade at a time.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, IntoRawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::env;
+use crate::error::UpgradeError;
+use crate::handover::{Handover, lock};
+use crate::pidfile;
+use crate::ready;
+use crate::spawn::{self, SpawnError};
+use crate::sys;
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// Built, not ready yet.
+    Starting,
+    /// Ready; may upgrade.
+    Serving,
+    /// An upgrade is running.
+    Upgrading,
+    /// A successor is ready and serving: this generation should stop
+    /// accepting, drain and exit.
+    HandedOver,
+}
+
+/// Options for one upgrade.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct UpgradeOptions {
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+}
+
+impl UpgradeOptions {
+    /// The defaults: the builder's program and arguments.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Run this program instead (e.g. a kept previous binary, to roll back).
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// Pass these arguments (without `argv[0]`) instead.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+}
+
+/// A successful upgrade: the successor is ready and serving. This
+/// generation should now stop accepting (drop its listeners), drain, and exit.
+#[derive(Debug, Clone)]
+#[must_use = "after a successful upgrade this generation must stop accepting, drain and exit"]
+pub struct Upgraded {
+    /// The successor's pid.
+    pub pid: u32,
+    /// The successor's generation.
+    pub generation: u64,
+    /// From the start of the upgrade to the successor's ready message.
+    pub ready_after: Duration,
+}
+
+/// Resets the state to Serving unless the upgrade committed.
+struct Attempt<'a> {
+    handover: &'a Handover,
+    committed: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            *lock(&self.handover.inner.state) = State::Serving;
+        }
+    }
+}
+
+impl Handover {
+    /// Where this generation is in its life.
+    pub fn state(&self) -> State {
+        *lock(&self.inner.state)
+    }
+
+    /// Upgrades with the default program and arguments, blocking until the
+    /// successor is ready or the upgrade failed. See
+    /// [`upgrade_blocking_with`](Self::upgrade_blocking_with).
+    pub fn upgrade_blocking(&self) -> Result<Upgraded, UpgradeError> {
+        self.upgrade_blocking_with(UpgradeOptions::new())
+    }
+
+    /// Fork+execs a successor, hands it this generation's registered fds,
+    /// and waits until it reports ready.
+    ///
+    /// Refused without spawning anything when this generation is not ready
+    /// yet, is already upgrading, has already handed over, or another process
+    /// holds the upgrade lock. On any failure the successor (if one was
+    /// started) is killed and reaped, and this generation keeps serving,
+    /// untouched.
+    ///
+    /// On success the pid file names the successor, this generation drops its
+    /// own copies of the fds (the application drops its listeners itself),
+    /// and the channel stays open until this process exits, so the successor
+    /// learns when its predecessor is gone. The successor is not reaped: it
+    /// is reparented when this process exits.
+    pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+        let inner = &self.inner;
+        {
+            let mut state = lock(&inner.state);
+            match *state {
+                State::Starting => return Err(UpgradeError::NotReady),
+                State::Upgrading => return Err(UpgradeError::InProgress),
+                State::HandedOver => return Err(UpgradeError::HandedOver),
+                State::Serving => *state = State::Upgrading,
+            }
+        }
+        let mut attempt = Attempt { handover: self, committed: false };
+        let generation = inner.generation + 1;
+        let start = Instant::now();
+        let deadline = start + inner.ready_timeout;
+        let span = tracing::info_span!("upgrade", generation = inner.generation, successor_generation = generation);
+        let _enter = span.enter();
+
+        let _lock = match &inner.pid_file {
+            Some(pid_file) => {
+                let path = pidfile::lock_path(pid_file);
+                match pidfile::try_lock(&path) {
+                    Ok(Some(l)) => Some(l),
+                    Ok(None) => return Err(UpgradeError::Locked { path }),
+                    Err(e) => return Err(UpgradeError::io(format!("cannot lock {}", path.display()), e)),
+                }
+            }
+            None => None,
+        };
+        let program: &Path = opts.program.as_deref().unwrap_or(&inner.program);
+        let args = opts.args.as_ref().unwrap_or(&inner.args);
+        if let Err(source) = spawn::check_program(program) {
+            tracing::warn!(program = %program.display(), error = %source, "successor program cannot run");
+            return Err(UpgradeError::Program { path: program.to_owned(), source });
+        }
+
+        let (ours, theirs) = sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
+        let child = {
+            let registry = lock(&inner.registry);
+            let handed = registry.handed();
+            let names: Vec<&str> = handed.iter().map(|(n, _)| *n).collect();
+            let mut fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
+            fds.push(theirs.as_fd());
+            let vars = std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
+            let succ_vars = env::successor_vars(&names, generation);
+            tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
+            spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
+        };
+        drop(theirs);
+        let child = match child {
+            Ok(c) => c,
+            Err(SpawnError::Child { step, err }) => {
+                tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
+                return Err(UpgradeError::Exec { path: program.to_owned(), source: err });
+            }
+            Err(SpawnError::Parent(what, err)) if err.kind() == std::io::ErrorKind::TimedOut => {
+                tracing::warn!(what, "successor did not exec before the ready deadline");
+                return Err(UpgradeError::Timeout { pid: 0, after: inner.ready_timeout });
+            }
+            Err(SpawnError::Parent(what, err)) => return Err(UpgradeError::io(what, err)),
+        };
+        let pid = child.pid as u32;
+        let exec_ms = start.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(pid, exec_ms, "successor exec'd");
+
+        if let Err(e) = ready::wait_ready(ours.as_fd(), &child, deadline, inner.ready_timeout) {
+            tracing::warn!(pid, error = %e, elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "upgrade failed; still serving");
+            return Err(e);
+        }
+        let ready_after = start.elapsed();
+
+        // Commit: from here on the successor serves.
+        if let Some(path) = &inner.pid_file {
+            if let Err(e) = pidfile::write(path, pid) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+        *lock(&inner.state) = State::HandedOver;
+        attempt.committed = true;
+        lock(&inner.registry).clear();
+        // Keep our end of the channel open until this process exits: its EOF
+        // tells the successor that its predecessor is gone. It is
+        // close-on-exec, so no other child ever holds it.
+        let _ = ours.into_raw_fd();
+        // Our own predecessor's channel is of no further use.
+        lock(&inner.channel).take();
+        tracing::info!(
+            pid,
+            exec_ms,
+            ready_ms = ready_after.as_secs_f64() * 1e3,
+            "successor ready; handed over"
+        );
+        Ok(Upgraded { pid, generation, ready_after })
+    }
+
+    /// Upgrades with the default program and arguments; the async form of
+    /// [`upgrade_blocking`](Self::upgrade_blocking).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
+        self.upgrade_with(UpgradeOptions::new()).await
+    }
+
+    /// The async form of [`upgrade_blocking_with`](Self::upgrade_blocking_with).
+    ///
+    /// The work runs on tokio's blocking pool. Dropping the future does not
+    /// cancel the upgrade: it runs to its end, and [`state`](Self::state)
+    /// tells how it ended.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn upgrade_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.upgrade_blocking_with(opts))
+            .await
+            .map_err(|e| UpgradeError::io("upgrade task", std::io::Error::other(e)))?
+    }
+}
