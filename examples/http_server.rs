@@ -1,0 +1,392 @@
+//! An HTTP server that upgrades itself in place.
+//!
+//! ```text
+//! cargo run --example http_server -- --listen 127.0.0.1:8080 --pid-file /tmp/http.pid
+//! kill -HUP $(cat /tmp/http.pid)      # upgrade: a new process takes over, nothing is lost
+//! kill -TERM $(cat /tmp/http.pid)     # drain and exit
+//! ```
+//!
+//! Flags:
+//! - `--listen ADDR` (repeatable; default 127.0.0.1:8080): TCP listeners named
+//!   `http`, `http.1`, `http.2`, …
+//! - `--unix PATH`: also serve HTTP on a Unix socket named `unix` (`@name`: abstract)
+//! - `--udp ADDR`: a UDP socket named `udp` that answers each datagram with
+//!   `pid=<pid> generation=<g> <payload>`
+//! - `--pid-file PATH`, `--ready-timeout SECS`, `--drain-timeout SECS`
+//! - `--report-fds PATH`: first thing at start, append this process's open fds
+//!   to PATH (a test aid: proves what a successor inherits)
+//! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
+//!   report any helper that inherited a socket (a test aid)
+//!
+//! SIGHUP or SIGUSR2 upgrades; SIGTERM or SIGINT drains and exits. Every
+//! response carries `X-Pid` and `X-Generation`; while draining, responses
+//! carry `Connection: close` (lame duck), so keep-alive clients move to the
+//! successor after their next request and none is cut mid-request.
+//!
+//! One line per event goes to stdout for scripts and tests: `ready …`,
+//! `upgrade-ok …`, `upgrade-failed …`, `exit …`.
+
+use std::convert::Infallible;
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use handover::{Drain, Handover};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Default)]
+struct Config {
+    listen: Vec<SocketAddr>,
+    unix: Option<PathBuf>,
+    udp: Option<SocketAddr>,
+    pid_file: Option<PathBuf>,
+    ready_timeout: Option<Duration>,
+    drain_timeout: Option<Duration>,
+    report_fds: Option<PathBuf>,
+    spawn_helpers: bool,
+}
+
+fn parse(args: &[OsString]) -> Result<Config, String> {
+    let mut c = Config::default();
+    let mut it = args.iter();
+    let secs = |v: &str, flag: &str| {
+        v.parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
+    };
+    while let Some(flag) = it.next() {
+        let flag = flag.to_str().ok_or("arguments must be UTF-8")?;
+        if flag == "--spawn-helpers" {
+            c.spawn_helpers = true;
+            continue;
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let v = value.to_str().ok_or("arguments must be UTF-8")?;
+        match flag {
+            "--listen" => c.listen.push(v.parse().map_err(|e| format!("--listen {v:?}: {e}"))?),
+            "--unix" => c.unix = Some(v.into()),
+            "--udp" => c.udp = Some(v.parse().map_err(|e| format!("--udp {v:?}: {e}"))?),
+            "--pid-file" => c.pid_file = Some(v.into()),
+            "--ready-timeout" => c.ready_timeout = Some(secs(v, flag)?),
+            "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
+            "--report-fds" => c.report_fds = Some(v.into()),
+            _ => return Err(format!("unknown flag {flag:?}")),
+        }
+    }
+    if c.listen.is_empty() {
+        c.listen.push("127.0.0.1:8080".parse().expect("valid address"));
+    }
+    Ok(c)
+}
+
+/// One line to stdout, flushed at once: the machine-readable event log.
+fn event(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn report_fds(path: &PathBuf) -> std::io::Result<()> {
+    // Read the fd list before anything else opens one; the directory
+    // handle itself shows up in the listing and is left out.
+    let dir = std::fs::read_dir("/proc/self/fd")?;
+    let mut fds: Vec<i32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    fds.sort_unstable();
+    let live: Vec<String> = fds
+        .into_iter()
+        .filter(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
+        .map(|fd| fd.to_string())
+        .collect();
+    let listen_fds = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "pid={} listen_fds={listen_fds} fds={}", std::process::id(), live.join(","))
+}
+
+/// Spawns `ls -l /proc/self/fd` in a loop and reports every helper that
+/// holds a socket: none should, whatever upgrades happen meanwhile.
+fn spawn_helpers() {
+    std::thread::spawn(|| {
+        let mut spawned = 0u64;
+        loop {
+            let out = std::process::Command::new("/bin/sh")
+                .args(["-c", "exec ls -l /proc/self/fd"])
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output();
+            spawned += 1;
+            if let Ok(out) = out {
+                let text = String::from_utf8_lossy(&out.stdout);
+                for line in text.lines().filter(|l| l.contains("socket:")) {
+                    event(format_args!("helper-leak pid={} helper={spawned} {line}", std::process::id()));
+                }
+            }
+            if spawned % 100 == 0 {
+                event(format_args!("helpers pid={} spawned={spawned}", std::process::id()));
+            }
+        }
+    });
+}
+
+struct App {
+    pid: u32,
+    generation: u64,
+    served: AtomicU64,
+    drain: Drain,
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path();
+    let served = app.served.fetch_add(1, Ordering::Relaxed) + 1;
+    let body = match path {
+        "/slow" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000u64);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            format!("generation {} pid {} slept {ms} ms\n", app.generation, app.pid)
+        }
+        "/stats" => format!(
+            "{{\"pid\":{},\"generation\":{},\"served_total\":{served}}}\n",
+            app.pid, app.generation
+        ),
+        _ => format!("generation {} pid {}\n", app.generation, app.pid),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let h = resp.headers_mut();
+    h.insert("x-pid", HeaderValue::from(app.pid));
+    h.insert("x-generation", HeaderValue::from(app.generation));
+    let ct = if path == "/stats" { "application/json" } else { "text/plain" };
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    if app.drain.is_draining() {
+        // Lame duck: answer, then close. Closing an idle keep-alive connection
+        // instead would fail a request the client may already have sent.
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+fn serve_conn<S>(app: &Arc<App>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = app.drain.guard();
+    let app = app.clone();
+    tokio::spawn(async move {
+        let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
+        // A connection accepted before the drain began is served as usual:
+        // no graceful_shutdown(), which would drop a request not yet read.
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+        drop(guard);
+    });
+}
+
+async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let mut builder = Handover::builder();
+    if let Some(p) = &config.pid_file {
+        builder = builder.pid_file(p);
+    }
+    if let Some(t) = config.ready_timeout {
+        builder = builder.ready_timeout(t);
+    }
+    if let Some(t) = config.drain_timeout {
+        builder = builder.drain_timeout(t);
+    }
+    let handover = builder.build()?;
+    let pid = std::process::id();
+    let generation = handover.generation();
+
+    let mut tcp = Vec::new();
+    for (i, addr) in config.listen.iter().enumerate() {
+        let name = if i == 0 { "http".to_owned() } else { format!("http.{i}") };
+        tcp.push(tokio::net::TcpListener::from_std(handover.tcp_listener(&name, addr)?)?);
+    }
+    let unix = match &config.unix {
+        Some(p) => Some(tokio::net::UnixListener::from_std(handover.unix_listener("unix", p)?)?),
+        None => None,
+    };
+    let udp = match config.udp {
+        Some(a) => Some(tokio::net::UdpSocket::from_std(handover.udp_socket("udp", a)?)?),
+        None => None,
+    };
+    let app = Arc::new(App { pid, generation, served: AtomicU64::new(0), drain: Drain::new() });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut addrs = Vec::new();
+    for listener in tcp {
+        addrs.push(listener.local_addr()?.to_string());
+        let app = app.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => serve_conn(&app, stream),
+                        Err(e) => tracing::warn!(error = %e, "accept failed"),
+                    },
+                    _ = app.drain.draining() => break,
+                }
+            }
+            // Dropping the listener stops accepting; the socket lives on in
+            // the successor. Never shutdown() a shared socket.
+        });
+    }
+    if let Some(listener) = unix {
+        let app = app.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => serve_conn(&app, stream),
+                        Err(e) => tracing::warn!(error = %e, "accept failed"),
+                    },
+                    _ = app.drain.draining() => break,
+                }
+            }
+        });
+    }
+    if let Some(sock) = udp {
+        let app = app.clone();
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    got = sock.recv_from(&mut buf) => if let Ok((n, from)) = got {
+                        let mut reply = format!("pid={} generation={} ", app.pid, app.generation).into_bytes();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = sock.send_to(&reply, from).await;
+                    },
+                    _ = app.drain.draining() => break,
+                }
+            }
+        });
+    }
+
+    handover.ready()?;
+    if config.spawn_helpers {
+        spawn_helpers();
+    }
+    let unix_s = config.unix.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let udp_s = config.udp.map(|a| a.to_string()).unwrap_or_default();
+    event(format_args!(
+        "ready pid={pid} generation={generation} addr={} unix={unix_s} udp={udp_s}",
+        addrs.join(",")
+    ));
+    if handover.from_predecessor() {
+        let h = handover.clone();
+        tokio::spawn(async move {
+            if let Ok(true) = h.predecessor_exited(Duration::from_secs(3600)).await {
+                tracing::info!("predecessor exited");
+            }
+        });
+    }
+
+    // The application owns its signals: SIGHUP/SIGUSR2 upgrade, SIGTERM/SIGINT stop.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let reason = loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = usr2.recv() => {}
+            _ = term.recv() => break "stop",
+            _ = int.recv() => break "stop",
+        }
+        let trigger = Instant::now();
+        match handover.upgrade().await {
+            Ok(done) => {
+                event(format_args!(
+                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} trigger_ms={:.3}",
+                    done.pid,
+                    done.generation,
+                    done.ready_after.as_secs_f64() * 1e3,
+                    trigger.elapsed().as_secs_f64() * 1e3
+                ));
+                break "upgrade";
+            }
+            Err(e) => {
+                event(format_args!("upgrade-failed pid={pid} error={e}"));
+                tracing::warn!(error = %e, "upgrade failed; still serving");
+            }
+        }
+    };
+
+    let drain_start = Instant::now();
+    app.drain.start();
+    while tasks.join_next().await.is_some() {}
+    let report = app.drain.wait(handover.drain_timeout()).await;
+    event(format_args!(
+        "exit pid={pid} generation={generation} reason={reason} served={} remaining={} drain_ms={:.3}",
+        app.served.load(Ordering::Relaxed),
+        report.remaining,
+        drain_start.elapsed().as_secs_f64() * 1e3
+    ));
+    Ok(())
+}
+
+/// Runs the server with `args` (without the program name).
+pub fn main_with(args: &[OsString]) -> ExitCode {
+    let config = match parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("http_server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = &config.report_fds {
+        if let Err(e) = report_fds(path) {
+            eprintln!("http_server: --report-fds: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("http_server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => {
+            // Do not wait for connection tasks past the drain deadline.
+            rt.shutdown_timeout(Duration::from_millis(100));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("http_server: {e}");
+            event(format_args!("fatal pid={} error={e}", std::process::id()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(dead_code)] // unused when demo.rs includes this file as a module
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    main_with(&args)
+}
