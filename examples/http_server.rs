@@ -117,24 +117,22 @@ fn report_fds(path: &PathBuf) -> std::io::Result<()> {
 
 /// Spawns `ls -l /proc/self/fd` in a loop and reports every helper that
 /// holds a socket: none should, whatever upgrades happen meanwhile.
+static HELPERS: AtomicU64 = AtomicU64::new(0);
+
 fn spawn_helpers() {
     std::thread::spawn(|| {
-        let mut spawned = 0u64;
         loop {
             let out = std::process::Command::new("/bin/sh")
                 .args(["-c", "exec ls -l /proc/self/fd"])
                 .stdin(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .output();
-            spawned += 1;
+            let spawned = HELPERS.fetch_add(1, Ordering::Relaxed) + 1;
             if let Ok(out) = out {
                 let text = String::from_utf8_lossy(&out.stdout);
                 for line in text.lines().filter(|l| l.contains("socket:")) {
                     event(format_args!("helper-leak pid={} helper={spawned} {line}", std::process::id()));
                 }
-            }
-            if spawned % 100 == 0 {
-                event(format_args!("helpers pid={} spawned={spawned}", std::process::id()));
             }
         }
     });
@@ -227,6 +225,10 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Some(a) => Some(tokio::net::UdpSocket::from_std(handover.udp_socket("udp", a)?)?),
         None => None,
     };
+    let udp_s = match &udp {
+        Some(u) => u.local_addr()?.to_string(),
+        None => String::new(),
+    };
     let app = Arc::new(App { pid, generation, served: AtomicU64::new(0), drain: Drain::new() });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -279,12 +281,19 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
+    // The application owns its signals: SIGHUP/SIGUSR2 upgrade, SIGTERM/SIGINT
+    // stop. Install the handlers before ready(): from then on an operator may
+    // signal this process, and SIGHUP's default action would kill it.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
     handover.ready()?;
     if config.spawn_helpers {
         spawn_helpers();
     }
     let unix_s = config.unix.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let udp_s = config.udp.map(|a| a.to_string()).unwrap_or_default();
     event(format_args!(
         "ready pid={pid} generation={generation} addr={} unix={unix_s} udp={udp_s}",
         addrs.join(",")
@@ -298,11 +307,6 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    // The application owns its signals: SIGHUP/SIGUSR2 upgrade, SIGTERM/SIGINT stop.
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let reason = loop {
         tokio::select! {
             _ = hup.recv() => {}
@@ -334,10 +338,11 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     while tasks.join_next().await.is_some() {}
     let report = app.drain.wait(handover.drain_timeout()).await;
     event(format_args!(
-        "exit pid={pid} generation={generation} reason={reason} served={} remaining={} drain_ms={:.3}",
+        "exit pid={pid} generation={generation} reason={reason} served={} remaining={} drain_ms={:.3} helpers={}",
         app.served.load(Ordering::Relaxed),
         report.remaining,
-        drain_start.elapsed().as_secs_f64() * 1e3
+        drain_start.elapsed().as_secs_f64() * 1e3,
+        HELPERS.load(Ordering::Relaxed)
     ));
     Ok(())
 }

@@ -1,0 +1,260 @@
+//! Test harness: runs examples/http_server for real, reads its event lines,
+//! upgrades it with signals, and reaps every generation it started.
+#![allow(dead_code)] // each test file uses a different part
+
+#[path = "../../examples/support/load.rs"]
+pub mod load;
+#[path = "../../examples/support/procs.rs"]
+pub mod procs;
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// Bound on waiting for any one event of the server.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The http_server example, built by `cargo test` (which builds examples).
+pub fn server_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/http_server
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples").join("http_server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test` (which builds the examples) \
+         or `cargo build --examples` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "handover-test-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The value of `key=` in an event line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+pub fn field_u32(line: &str, key: &str) -> u32 {
+    field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+static SUBREAPER: Once = Once::new();
+
+/// A chain of server generations started by this test.
+pub struct Server {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+    /// Lines read but not consumed by a `wait_line`.
+    pending: Vec<String>,
+    /// Every stdout line seen.
+    pub history: Vec<String>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Every generation's pid, in order, and whether it has been reaped.
+    pub generations: Vec<(u32, bool)>,
+    pub ready_line: String,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_program(&server_bin(), args)
+    }
+
+    pub fn start_program(program: &Path, args: &[&str]) -> Server {
+        SUBREAPER.call_once(procs::become_subreaper);
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn http_server");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let err_pipe = child.stderr.take().expect("piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("HANDOVER_TEST_VERBOSE").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut s = Server {
+            child,
+            rx,
+            pending: Vec::new(),
+            history: Vec::new(),
+            stderr,
+            generations: Vec::new(),
+            ready_line: String::new(),
+        };
+        let ready = s.wait_line("ready", None);
+        s.generations.push((field_u32(&ready, "pid"), false));
+        s.ready_line = ready;
+        s
+    }
+
+    /// The first TCP address of the serving generation.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs()[0]
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        field(&self.ready_line, "addr")
+            .expect("addr")
+            .split(',')
+            .map(|a| a.parse().expect("socket address"))
+            .collect()
+    }
+
+    /// The serving generation's pid.
+    pub fn pid(&self) -> u32 {
+        self.generations.last().expect("started").0
+    }
+
+    /// Waits for an event line starting with `prefix` (and `pid=<pid>`).
+    pub fn wait_line(&mut self, prefix: &str, pid: Option<u32>) -> String {
+        self.try_wait_line(prefix, pid, EVENT_TIMEOUT)
+            .unwrap_or_else(|| panic!("no `{prefix}` line for {pid:?} within {EVENT_TIMEOUT:?}; seen: {:#?}\nstderr: {:#?}",
+                self.history, self.stderr_tail()))
+    }
+
+    pub fn try_wait_line(&mut self, prefix: &str, pid: Option<u32>, timeout: Duration) -> Option<String> {
+        let matches = |l: &str| {
+            l.split_whitespace().next() == Some(prefix)
+                && pid.is_none_or(|p| field(l, "pid") == Some(p.to_string().as_str()))
+        };
+        if let Some(i) = self.pending.iter().position(|l| matches(l)) {
+            return Some(self.pending.remove(i));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the server chain closed stdout (every generation exited) while waiting for `{prefix}`; \
+                            seen: {:#?}\nstderr: {:#?}", self.history, self.stderr_tail())
+                }
+            };
+            self.history.push(line.clone());
+            if matches(&line) {
+                return Some(line);
+            }
+            self.pending.push(line);
+        }
+    }
+
+    pub fn stderr_tail(&self) -> Vec<String> {
+        let e = self.stderr.lock().unwrap();
+        e.iter().rev().take(30).rev().cloned().collect()
+    }
+
+    /// SIGHUP to the serving generation; waits for its successor, its exit
+    /// and reaps it (asserting exit status 0). Returns (old, new) pids.
+    pub fn upgrade(&mut self) -> (u32, u32) {
+        let old = self.pid();
+        procs::signal(old, libc::SIGHUP).expect("SIGHUP");
+        let ok = self.wait_line("upgrade-ok", Some(old));
+        let new = field_u32(&ok, "successor");
+        let ready = self.wait_line("ready", Some(new));
+        self.ready_line = ready;
+        self.generations.push((new, false));
+        self.wait_line("exit", Some(old));
+        let status = procs::reap(old, EVENT_TIMEOUT).expect("reap old generation");
+        assert!(status.success(), "old generation {old} exited with {status}");
+        self.mark_reaped(old);
+        (old, new)
+    }
+
+    /// SIGHUP that must fail; returns the `upgrade-failed` line.
+    pub fn failed_upgrade(&mut self) -> String {
+        let pid = self.pid();
+        procs::signal(pid, libc::SIGHUP).expect("SIGHUP");
+        self.wait_line("upgrade-failed", Some(pid))
+    }
+
+    fn mark_reaped(&mut self, pid: u32) {
+        for g in &mut self.generations {
+            if g.0 == pid {
+                g.1 = true;
+            }
+        }
+    }
+
+    /// SIGTERM to the serving generation; waits for it to drain and exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let pid = self.pid();
+        procs::signal(pid, libc::SIGTERM).expect("SIGTERM");
+        self.wait_line("exit", Some(pid));
+        let status = procs::reap(pid, EVENT_TIMEOUT).expect("reap last generation");
+        self.mark_reaped(pid);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Kill only what this test started and has not reaped (so the pid
+        // cannot have been reused): every generation is our child or was
+        // reparented to us, the subreaper.
+        for (pid, reaped) in self.generations.clone() {
+            if !reaped {
+                let _ = procs::signal(pid, libc::SIGKILL);
+                let _ = procs::reap(pid, Duration::from_secs(5));
+            }
+        }
+        let _ = self.child.try_wait();
+    }
+}
+
+/// Waits until `f` returns true, probing every 5 ms; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
