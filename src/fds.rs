@@ -113,7 +113,14 @@ impl Registry {
         create: impl FnOnce() -> io::Result<OwnedFd>,
     ) -> Result<(OwnedFd, bool), Error> {
         env::validate_name(name)?;
-        if self.registered.iter().any(|e| e.name == name && (e.want == want || want == Want::Any || e.want == Want::Any)) {
+        // One name may stand for several sockets of one kind on different
+        // addresses (a systemd .socket unit with several Listen lines gives
+        // them all the unit's name), never for two kinds or one address twice.
+        let conflict = |e: &Entry| {
+            e.name == name
+                && (e.want == want || std::mem::discriminant(&e.want) != std::mem::discriminant(&want) || want == Want::Any)
+        };
+        if self.registered.iter().any(conflict) {
             return Err(Error::AlreadyRegistered { name: name.to_owned() });
         }
         let mut first_err = None;
