@@ -10,13 +10,13 @@
 //! alive, upgrades the server N times with SIGHUP, and ends with a table of
 //! requests, failures and upgrade timings.
 
-#[path = "http_server.rs"]
-#[allow(dead_code)]
-mod server;
 #[path = "support/load.rs"]
 mod load;
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "http_server.rs"]
+#[allow(dead_code)]
+mod server;
 
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -37,17 +37,27 @@ struct Row {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Waits for the next stdout line of the server chain that starts with
 /// `prefix` and has `pid=<pid>` (any pid when `None`).
-fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, pid: Option<u32>, timeout: Duration) -> Result<String, String> {
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    prefix: &str,
+    pid: Option<u32>,
+    timeout: Duration,
+) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).map_err(|_| format!("no `{prefix}` line within {timeout:?}"))?;
-        if line.starts_with(prefix) && pid.is_none_or(|p| field(&line, "pid") == Some(&p.to_string())) {
+        let line = rx
+            .recv_timeout(left)
+            .map_err(|_| format!("no `{prefix}` line within {timeout:?}"))?;
+        if line.starts_with(prefix)
+            && pid.is_none_or(|p| field(&line, "pid") == Some(&p.to_string()))
+        {
             return Ok(line);
         }
         if line.starts_with("fatal") || line.starts_with("upgrade-failed") {
@@ -74,17 +84,29 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
     let ready = wait_line(&rx, "ready", None, Duration::from_secs(30))?;
-    let addr: SocketAddr = field(&ready, "addr").and_then(|a| a.parse().ok()).ok_or("no addr in ready line")?;
-    let mut current: u32 = field(&ready, "pid").and_then(|p| p.parse().ok()).ok_or("no pid")?;
-    println!("server pid {current} listening on {addr}; server log: {}", log.display());
-    println!("load: {clients} clients opening a connection per request + {clients} keep-alive clients");
+    let addr: SocketAddr = field(&ready, "addr")
+        .and_then(|a| a.parse().ok())
+        .ok_or("no addr in ready line")?;
+    let mut current: u32 = field(&ready, "pid")
+        .and_then(|p| p.parse().ok())
+        .ok_or("no pid")?;
+    println!(
+        "server pid {current} listening on {addr}; server log: {}",
+        log.display()
+    );
+    println!(
+        "load: {clients} clients opening a connection per request + {clients} keep-alive clients"
+    );
 
     let load = load::Load::start(addr, clients, clients);
     let warm = Instant::now();
@@ -100,8 +122,12 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
         procs::signal(current, libc::SIGHUP).map_err(|e| e.to_string())?;
         let ok = wait_line(&rx, "upgrade-ok", Some(current), Duration::from_secs(60))?;
         let trigger_to_ready = t0.elapsed();
-        let new: u32 = field(&ok, "successor").and_then(|p| p.parse().ok()).ok_or("no successor")?;
-        let server_ready: f64 = field(&ok, "ready_ms").and_then(|p| p.parse().ok()).unwrap_or(f64::NAN);
+        let new: u32 = field(&ok, "successor")
+            .and_then(|p| p.parse().ok())
+            .ok_or("no successor")?;
+        let server_ready: f64 = field(&ok, "ready_ms")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(f64::NAN);
         wait_line(&rx, "exit", Some(current), Duration::from_secs(60))?;
         let status = procs::reap(current, Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let old_exit = t0.elapsed();
@@ -136,8 +162,17 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
     let zombies = procs::zombies(std::process::id());
 
     println!();
-    println!("{:>3}  {:>8} {:>8}  {:>16} {:>14} {:>15}  {:>9} {:>9}  old exit status", "#", "old pid", "new pid",
-        "trigger->ready", "(server-side)", "trigger->old-exit", "fds old", "fds new");
+    println!(
+        "{:>3}  {:>8} {:>8}  {:>16} {:>14} {:>15}  {:>9} {:>9}  old exit status",
+        "#",
+        "old pid",
+        "new pid",
+        "trigger->ready",
+        "(server-side)",
+        "trigger->old-exit",
+        "fds old",
+        "fds new"
+    );
     for (i, r) in rows.iter().enumerate() {
         println!(
             "{:>3}  {:>8} {:>8}  {:>13.2} ms {:>11.2} ms {:>15.2} ms  {:>9} {:>9}  {}",
@@ -152,13 +187,19 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
             r.old_status
         );
     }
-    let mut ready: Vec<f64> = rows.iter().map(|r| r.trigger_to_ready.as_secs_f64() * 1e3).collect();
+    let mut ready: Vec<f64> = rows
+        .iter()
+        .map(|r| r.trigger_to_ready.as_secs_f64() * 1e3)
+        .collect();
     ready.sort_by(f64::total_cmp);
     let median = ready.get(ready.len() / 2).copied().unwrap_or(f64::NAN);
     println!();
     println!("requests        {:>10}", stats.ok() + stats.failed());
     println!("failed          {:>10}", stats.failed());
-    println!("requests/s      {:>10.0}", (stats.ok() + stats.failed()) as f64 / elapsed.as_secs_f64());
+    println!(
+        "requests/s      {:>10.0}",
+        (stats.ok() + stats.failed()) as f64 / elapsed.as_secs_f64()
+    );
     println!("upgrades        {:>10}", rows.len());
     println!("median ready    {median:>10.2} ms");
     println!("generations seen{:>10}", stats.pids().len());

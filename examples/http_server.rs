@@ -76,7 +76,9 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let v = value.to_str().ok_or("arguments must be UTF-8")?;
         match flag {
-            "--listen" => c.listen.push(v.parse().map_err(|e| format!("--listen {v:?}: {e}"))?),
+            "--listen" => c
+                .listen
+                .push(v.parse().map_err(|e| format!("--listen {v:?}: {e}"))?),
             "--unix" => c.unix = Some(v.into()),
             "--udp" => c.udp = Some(v.parse().map_err(|e| format!("--udp {v:?}: {e}"))?),
             "--pid-file" => c.pid_file = Some(v.into()),
@@ -87,7 +89,8 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
         }
     }
     if c.listen.is_empty() {
-        c.listen.push("127.0.0.1:8080".parse().expect("valid address"));
+        c.listen
+            .push("127.0.0.1:8080".parse().expect("valid address"));
     }
     Ok(c)
 }
@@ -103,7 +106,9 @@ fn report_fds(path: &PathBuf) -> std::io::Result<()> {
     // Read the fd list before anything else opens one; the directory
     // handle itself shows up in the listing and is left out.
     let dir = std::fs::read_dir("/proc/self/fd")?;
-    let mut fds: Vec<i32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let mut fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
     fds.sort_unstable();
     let live: Vec<String> = fds
         .into_iter()
@@ -111,8 +116,16 @@ fn report_fds(path: &PathBuf) -> std::io::Result<()> {
         .map(|fd| fd.to_string())
         .collect();
     let listen_fds = std::env::var("LISTEN_FDS").unwrap_or_default();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "pid={} listen_fds={listen_fds} fds={}", std::process::id(), live.join(","))
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(
+        f,
+        "pid={} listen_fds={listen_fds} fds={}",
+        std::process::id(),
+        live.join(",")
+    )
 }
 
 /// Spawns `ls -l /proc/self/fd` in a loop and reports every helper that
@@ -131,7 +144,10 @@ fn spawn_helpers() {
             if let Ok(out) = out {
                 let text = String::from_utf8_lossy(&out.stdout);
                 for line in text.lines().filter(|l| l.contains("socket:")) {
-                    event(format_args!("helper-leak pid={} helper={spawned} {line}", std::process::id()));
+                    event(format_args!(
+                        "helper-leak pid={} helper={spawned} {line}",
+                        std::process::id()
+                    ));
                 }
             }
         }
@@ -145,7 +161,10 @@ struct App {
     drain: Drain,
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
     let served = app.served.fetch_add(1, Ordering::Relaxed) + 1;
     let body = match path {
@@ -157,7 +176,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000u64);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            format!("generation {} pid {} slept {ms} ms\n", app.generation, app.pid)
+            format!(
+                "generation {} pid {} slept {ms} ms\n",
+                app.generation, app.pid
+            )
         }
         "/stats" => format!(
             "{{\"pid\":{},\"generation\":{},\"served_total\":{served}}}\n",
@@ -169,7 +191,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
     let h = resp.headers_mut();
     h.insert("x-pid", HeaderValue::from(app.pid));
     h.insert("x-generation", HeaderValue::from(app.generation));
-    let ct = if path == "/stats" { "application/json" } else { "text/plain" };
+    let ct = if path == "/stats" {
+        "application/json"
+    } else {
+        "text/plain"
+    };
     h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
     if app.drain.is_draining() {
         // Lame duck: answer, then close. Closing an idle keep-alive connection
@@ -197,7 +223,9 @@ where
     });
 }
 
-async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+/// Reads what was handed over. Runs before the tokio runtime exists: like
+/// `sd_listen_fds`, it must see fds 3.. before anything else opens an fd.
+fn build(config: &Config) -> Result<Handover, handover::Error> {
     let mut builder = Handover::builder();
     if let Some(p) = &config.pid_file {
         builder = builder.pid_file(p);
@@ -208,28 +236,46 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(t) = config.drain_timeout {
         builder = builder.drain_timeout(t);
     }
-    let handover = builder.build()?;
+    builder.build()
+}
+
+async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::error::Error>> {
     let pid = std::process::id();
     let generation = handover.generation();
 
     let mut tcp = Vec::new();
     for (i, addr) in config.listen.iter().enumerate() {
-        let name = if i == 0 { "http".to_owned() } else { format!("http.{i}") };
-        tcp.push(tokio::net::TcpListener::from_std(handover.tcp_listener(&name, addr)?)?);
+        let name = if i == 0 {
+            "http".to_owned()
+        } else {
+            format!("http.{i}")
+        };
+        tcp.push(tokio::net::TcpListener::from_std(
+            handover.tcp_listener(&name, addr)?,
+        )?);
     }
     let unix = match &config.unix {
-        Some(p) => Some(tokio::net::UnixListener::from_std(handover.unix_listener("unix", p)?)?),
+        Some(p) => Some(tokio::net::UnixListener::from_std(
+            handover.unix_listener("unix", p)?,
+        )?),
         None => None,
     };
     let udp = match config.udp {
-        Some(a) => Some(tokio::net::UdpSocket::from_std(handover.udp_socket("udp", a)?)?),
+        Some(a) => Some(tokio::net::UdpSocket::from_std(
+            handover.udp_socket("udp", a)?,
+        )?),
         None => None,
     };
     let udp_s = match &udp {
         Some(u) => u.local_addr()?.to_string(),
         None => String::new(),
     };
-    let app = Arc::new(App { pid, generation, served: AtomicU64::new(0), drain: Drain::new() });
+    let app = Arc::new(App {
+        pid,
+        generation,
+        served: AtomicU64::new(0),
+        drain: Drain::new(),
+    });
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut addrs = Vec::new();
@@ -293,7 +339,11 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if config.spawn_helpers {
         spawn_helpers();
     }
-    let unix_s = config.unix.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let unix_s = config
+        .unix
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     event(format_args!(
         "ready pid={pid} generation={generation} addr={} unix={unix_s} udp={udp_s}",
         addrs.join(",")
@@ -369,14 +419,26 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let handover = match build(&config) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("http_server: {e}");
+            event(format_args!("fatal pid={} error={e}", std::process::id()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("http_server: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config)) {
+    match rt.block_on(run(config, handover)) {
         Ok(()) => {
             // Do not wait for connection tasks past the drain deadline.
             rt.shutdown_timeout(Duration::from_millis(100));

@@ -80,7 +80,9 @@ impl Default for Drain {
 impl Drain {
     /// A drain that has not started, with nothing in flight.
     pub fn new() -> Self {
-        Drain { inner: Arc::new(watch::Sender::new(Counts::default())) }
+        Drain {
+            inner: Arc::new(watch::Sender::new(Counts::default())),
+        }
     }
 
     /// Starts draining: [`draining`](Self::draining) resolves everywhere.
@@ -104,7 +106,9 @@ impl Drain {
     /// Counts one connection as in flight until the guard is dropped.
     pub fn guard(&self) -> DrainGuard {
         self.inner.send_modify(|c| c.in_flight += 1);
-        DrainGuard { inner: self.inner.clone() }
+        DrainGuard {
+            inner: self.inner.clone(),
+        }
     }
 
     /// Connections in flight now.
@@ -117,7 +121,10 @@ impl Drain {
         let start = Instant::now();
         let mut rx = self.inner.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|c| c.in_flight == 0)).await;
-        DrainReport { remaining: self.in_flight(), elapsed: start.elapsed() }
+        DrainReport {
+            remaining: self.in_flight(),
+            elapsed: start.elapsed(),
+        }
     }
 }
 

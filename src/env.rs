@@ -63,7 +63,11 @@ pub(crate) struct Inherited {
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
-    Error::Env { var, value: value.to_string_lossy().into_owned(), reason: reason.into() }
+    Error::Env {
+        var,
+        value: value.to_string_lossy().into_owned(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_num<T: std::str::FromStr>(var: &'static str, value: &OsString) -> Result<T, Error> {
@@ -96,14 +100,23 @@ pub(crate) fn decode(
     })?;
     let count: usize = parse_num(LISTEN_FDS, &count_value)?;
     if count > MAX_FDS {
-        return Err(env_err(LISTEN_FDS, &count_value, format!("more than the limit of {MAX_FDS} fds")));
+        return Err(env_err(
+            LISTEN_FDS,
+            &count_value,
+            format!("more than the limit of {MAX_FDS} fds"),
+        ));
     }
     let names: Vec<String> = match get(LISTEN_FDNAMES) {
         None => vec![UNKNOWN_NAME.to_owned(); count],
         Some(value) => {
-            let s = value.to_str().ok_or_else(|| env_err(LISTEN_FDNAMES, &value, "not UTF-8"))?;
-            let names: Vec<String> =
-                if s.is_empty() { Vec::new() } else { s.split(':').map(str::to_owned).collect() };
+            let s = value
+                .to_str()
+                .ok_or_else(|| env_err(LISTEN_FDNAMES, &value, "not UTF-8"))?;
+            let names: Vec<String> = if s.is_empty() {
+                Vec::new()
+            } else {
+                s.split(':').map(str::to_owned).collect()
+            };
             if names.len() != count {
                 return Err(env_err(
                     LISTEN_FDNAMES,
@@ -112,7 +125,11 @@ pub(crate) fn decode(
                 ));
             }
             if let Some(bad) = names.iter().find(|n| n.is_empty()) {
-                return Err(env_err(LISTEN_FDNAMES, &value, format!("empty name {bad:?}")));
+                return Err(env_err(
+                    LISTEN_FDNAMES,
+                    &value,
+                    format!("empty name {bad:?}"),
+                ));
             }
             names
         }
@@ -143,7 +160,11 @@ pub(crate) fn decode(
             g
         }
     };
-    Ok(Some(Inherited { fds, channel, generation }))
+    Ok(Some(Inherited {
+        fds,
+        channel,
+        generation,
+    }))
 }
 
 /// The variables a successor is started with, except `LISTEN_PID`, which
@@ -172,7 +193,10 @@ pub(crate) fn validate_name(name: &str) -> Result<(), Error> {
     } else {
         return Ok(());
     };
-    Err(Error::InvalidName { name: name.to_owned(), reason })
+    Err(Error::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -181,8 +205,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn getter(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + use<> {
-        let map: HashMap<String, OsString> =
-            vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -199,7 +225,9 @@ mod tests {
 
     #[test]
     fn systemd_style_without_names() {
-        let got = decode(getter(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "2")]), 7).unwrap().unwrap();
+        let got = decode(getter(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "2")]), 7)
+            .unwrap()
+            .unwrap();
         assert_eq!(got.fds, vec![("unknown".into(), 3), ("unknown".into(), 4)]);
         assert_eq!(got.channel, None);
         assert_eq!(got.generation, 1);
@@ -244,13 +272,29 @@ mod tests {
         assert!(err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "-1")]).contains("not a decimal"));
         assert!(err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "+1")]).contains("not a decimal"));
         assert!(err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "99999999")]).contains("limit"));
-        let e = err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "a")]);
+        let e = err(&[
+            ("LISTEN_PID", "7"),
+            ("LISTEN_FDS", "2"),
+            ("LISTEN_FDNAMES", "a"),
+        ]);
         assert!(e.contains("1 names for LISTEN_FDS=2"), "{e}");
-        let e = err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "a:")]);
+        let e = err(&[
+            ("LISTEN_PID", "7"),
+            ("LISTEN_FDS", "2"),
+            ("LISTEN_FDNAMES", "a:"),
+        ]);
         assert!(e.contains("empty name"), "{e}");
-        let e = err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "1"), ("HANDOVER_CHANNEL_FD", "9")]);
+        let e = err(&[
+            ("LISTEN_PID", "7"),
+            ("LISTEN_FDS", "1"),
+            ("HANDOVER_CHANNEL_FD", "9"),
+        ]);
         assert!(e.contains("at fd 4"), "{e}");
-        let e = err(&[("LISTEN_PID", "7"), ("LISTEN_FDS", "1"), ("HANDOVER_GENERATION", "0")]);
+        let e = err(&[
+            ("LISTEN_PID", "7"),
+            ("LISTEN_FDS", "1"),
+            ("HANDOVER_GENERATION", "0"),
+        ]);
         assert!(e.contains("from 1"), "{e}");
     }
 
@@ -259,8 +303,16 @@ mod tests {
         let vars = successor_vars(&["http", "udp"], 3);
         let mut all: Vec<(&str, String)> = vars.clone();
         all.push((LISTEN_PID, "42".into()));
-        let owned: Vec<(String, String)> = all.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        let get = move |k: &str| owned.iter().find(|(n, _)| n == k).map(|(_, v)| OsString::from(v));
+        let owned: Vec<(String, String)> = all
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let get = move |k: &str| {
+            owned
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| OsString::from(v))
+        };
         let got = decode(get, 42).unwrap().unwrap();
         assert_eq!(got.fds, vec![("http".into(), 3), ("udp".into(), 4)]);
         assert_eq!(got.channel, Some(5));

@@ -60,7 +60,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The [`io::ErrorKind`] this error maps to.
@@ -84,10 +87,16 @@ impl fmt::Display for Error {
             }
             Error::InvalidName { name, reason } => write!(f, "invalid fd name {name:?}: {reason}"),
             Error::AlreadyRegistered { name } => {
-                write!(f, "an fd named {name:?} with this address is already registered")
+                write!(
+                    f,
+                    "an fd named {name:?} with this address is already registered"
+                )
             }
             Error::AlreadyTaken => {
-                write!(f, "the inherited fds were already taken by another Handover in this process")
+                write!(
+                    f,
+                    "the inherited fds were already taken by another Handover in this process"
+                )
             }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -182,7 +191,10 @@ pub enum UpgradeError {
 
 impl UpgradeError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        UpgradeError::Io { context: context.into(), source }
+        UpgradeError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Whether a successor process was started (and, the upgrade having
@@ -202,36 +214,71 @@ impl UpgradeError {
 impl fmt::Display for UpgradeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UpgradeError::NotReady => write!(f, "upgrade refused: this generation has not called ready()"),
-            UpgradeError::InProgress => write!(f, "upgrade refused: an upgrade is already in progress"),
+            UpgradeError::NotReady => {
+                write!(f, "upgrade refused: this generation has not called ready()")
+            }
+            UpgradeError::InProgress => {
+                write!(f, "upgrade refused: an upgrade is already in progress")
+            }
             UpgradeError::HandedOver => {
-                write!(f, "upgrade refused: this generation already handed over to a successor")
+                write!(
+                    f,
+                    "upgrade refused: this generation already handed over to a successor"
+                )
             }
             UpgradeError::Locked { path } => {
-                write!(f, "upgrade refused: another process holds the upgrade lock {}", path.display())
+                write!(
+                    f,
+                    "upgrade refused: another process holds the upgrade lock {}",
+                    path.display()
+                )
             }
             UpgradeError::Program { path, source } => {
-                write!(f, "cannot run successor program {}: {source}", path.display())
+                write!(
+                    f,
+                    "cannot run successor program {}: {source}",
+                    path.display()
+                )
             }
             UpgradeError::Exec { path, source } => {
                 write!(f, "successor could not exec {}: {source}", path.display())
             }
-            UpgradeError::Exited { pid, status: Some(status) } => {
-                write!(f, "successor (pid {pid}) exited before it was ready: {status}")
+            UpgradeError::Exited {
+                pid,
+                status: Some(status),
+            } => {
+                write!(
+                    f,
+                    "successor (pid {pid}) exited before it was ready: {status}"
+                )
             }
             UpgradeError::Exited { pid, status: None } => {
-                write!(f, "successor (pid {pid}) exited before it was ready (status unavailable)")
+                write!(
+                    f,
+                    "successor (pid {pid}) exited before it was ready (status unavailable)"
+                )
             }
             UpgradeError::ClosedWithoutReady { pid } => {
-                write!(f, "successor (pid {pid}) closed the readiness channel without reporting ready")
+                write!(
+                    f,
+                    "successor (pid {pid}) closed the readiness channel without reporting ready"
+                )
             }
             UpgradeError::Timeout { pid, after } => {
-                write!(f, "successor (pid {pid}) was not ready within {after:?}; killed")
+                write!(
+                    f,
+                    "successor (pid {pid}) was not ready within {after:?}; killed"
+                )
             }
             UpgradeError::Protocol { pid, reason } => {
-                write!(f, "successor (pid {pid}) broke the handoff protocol: {reason}")
+                write!(
+                    f,
+                    "successor (pid {pid}) broke the handoff protocol: {reason}"
+                )
             }
-            UpgradeError::Io { context, source } => write!(f, "upgrade failed: {context}: {source}"),
+            UpgradeError::Io { context, source } => {
+                write!(f, "upgrade failed: {context}: {source}")
+            }
         }
     }
 }

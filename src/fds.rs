@@ -23,7 +23,11 @@ pub struct ListenOptions {
 
 impl Default for ListenOptions {
     fn default() -> Self {
-        ListenOptions { backlog: 1024, reuse_port: false, only_v6: None }
+        ListenOptions {
+            backlog: 1024,
+            reuse_port: false,
+            only_v6: None,
+        }
     }
 }
 
@@ -98,7 +102,10 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new(inherited: Vec<(String, OwnedFd)>) -> Self {
-        Registry { inherited, registered: Vec::new() }
+        Registry {
+            inherited,
+            registered: Vec::new(),
+        }
     }
 
     /// Returns a copy of the fd named `name`: the inherited one if there is
@@ -118,10 +125,14 @@ impl Registry {
         // them all the unit's name), never for two kinds or one address twice.
         let conflict = |e: &Entry| {
             e.name == name
-                && (e.want == want || std::mem::discriminant(&e.want) != std::mem::discriminant(&want) || want == Want::Any)
+                && (e.want == want
+                    || std::mem::discriminant(&e.want) != std::mem::discriminant(&want)
+                    || want == Want::Any)
         };
         if self.registered.iter().any(conflict) {
-            return Err(Error::AlreadyRegistered { name: name.to_owned() });
+            return Err(Error::AlreadyRegistered {
+                name: name.to_owned(),
+            });
         }
         let mut first_err = None;
         let mut found = None;
@@ -143,7 +154,8 @@ impl Registry {
             (Some(i), _) => (self.inherited.remove(i).1, true),
             (None, Some(e)) => return Err(e),
             (None, None) => {
-                let fd = create().map_err(|e| Error::io(format!("cannot create {}", want.describe()), e))?;
+                let fd = create()
+                    .map_err(|e| Error::io(format!("cannot create {}", want.describe()), e))?;
                 (fd, false)
             }
         };
@@ -154,7 +166,11 @@ impl Registry {
         let copy = fd
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
-        self.registered.push(Entry { name: name.to_owned(), want, fd });
+        self.registered.push(Entry {
+            name: name.to_owned(),
+            want,
+            fd,
+        });
         Ok((copy, inherited))
     }
 
@@ -165,7 +181,10 @@ impl Registry {
 
     /// The fds for a successor, in order, with their names.
     pub(crate) fn handed(&self) -> Vec<(&str, BorrowedFd<'_>)> {
-        self.registered.iter().map(|e| (e.name.as_str(), e.fd.as_fd())).collect()
+        self.registered
+            .iter()
+            .map(|e| (e.name.as_str(), e.fd.as_fd()))
+            .collect()
     }
 
     /// Names of the registered fds.
@@ -181,7 +200,11 @@ impl Registry {
 }
 
 fn invalid(fd: BorrowedFd<'_>, name: &str, reason: String) -> Error {
-    Error::InvalidFd { fd: fd.as_raw_fd(), name: name.to_owned(), reason }
+    Error::InvalidFd {
+        fd: fd.as_raw_fd(),
+        name: name.to_owned(),
+        reason,
+    }
 }
 
 fn family_name(d: Domain) -> String {
@@ -219,7 +242,11 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
         return Err(invalid(
             fd,
             name,
-            format!("expected {}, found {}", want.describe(), sys::describe_mode(mode)),
+            format!(
+                "expected {}, found {}",
+                want.describe(),
+                sys::describe_mode(mode)
+            ),
         ));
     }
     let sock = SockRef::from(&fd);
@@ -230,7 +257,9 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
         Want::UnixDatagram(_) => (Type::DGRAM, Domain::UNIX, false),
         Want::Any => unreachable!("handled above"),
     };
-    let domain = sock.domain().map_err(|e| io_err("getsockopt(SO_DOMAIN)", e))?;
+    let domain = sock
+        .domain()
+        .map_err(|e| io_err("getsockopt(SO_DOMAIN)", e))?;
     if domain != want_domain {
         return Err(invalid(
             fd,
@@ -243,21 +272,36 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
             ),
         ));
     }
-    let ty = sock.r#type().map_err(|e| io_err("getsockopt(SO_TYPE)", e))?;
+    let ty = sock
+        .r#type()
+        .map_err(|e| io_err("getsockopt(SO_TYPE)", e))?;
     if ty != want_type {
         return Err(invalid(
             fd,
             name,
-            format!("expected {}: type {}, found type {}", want.describe(), type_name(want_type), type_name(ty)),
+            format!(
+                "expected {}: type {}, found type {}",
+                want.describe(),
+                type_name(want_type),
+                type_name(ty)
+            ),
         ));
     }
-    if listening && !sock.is_listener().map_err(|e| io_err("getsockopt(SO_ACCEPTCONN)", e))? {
+    if listening
+        && !sock
+            .is_listener()
+            .map_err(|e| io_err("getsockopt(SO_ACCEPTCONN)", e))?
+    {
         let peer = sock.peer_addr().ok().map(|p| describe_sockaddr(&p));
         let state = match peer {
             Some(p) => format!("a connected socket (peer {p})"),
             None => "a socket that is not listening".to_owned(),
         };
-        return Err(invalid(fd, name, format!("expected {}, found {state}", want.describe())));
+        return Err(invalid(
+            fd,
+            name,
+            format!("expected {}, found {state}", want.describe()),
+        ));
     }
     let local = sock.local_addr().map_err(|e| io_err("getsockname", e))?;
     let matches = match want {
@@ -272,7 +316,11 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
         return Err(invalid(
             fd,
             name,
-            format!("expected {}, found one bound to {}", want.describe(), describe_sockaddr(&local)),
+            format!(
+                "expected {}, found one bound to {}",
+                want.describe(),
+                describe_sockaddr(&local)
+            ),
         ));
     }
     Ok(())
@@ -322,7 +370,13 @@ fn unix_sockaddr(path: &Path) -> io::Result<SockAddr> {
 }
 
 /// Binds (and listens on) a new close-on-exec socket.
-fn bind(domain: Domain, ty: Type, addr: &SockAddr, opts: &ListenOptions, listen: bool) -> io::Result<OwnedFd> {
+fn bind(
+    domain: Domain,
+    ty: Type,
+    addr: &SockAddr,
+    opts: &ListenOptions,
+    listen: bool,
+) -> io::Result<OwnedFd> {
     // socket2 creates sockets with SOCK_CLOEXEC on Linux.
     let s = Socket::new(domain, ty, None)?;
     if domain != Domain::UNIX {
@@ -344,11 +398,23 @@ fn bind(domain: Domain, ty: Type, addr: &SockAddr, opts: &ListenOptions, listen:
 }
 
 pub(crate) fn bind_tcp(addr: SocketAddr, opts: &ListenOptions) -> io::Result<OwnedFd> {
-    bind(Domain::for_address(addr), Type::STREAM, &addr.into(), opts, true)
+    bind(
+        Domain::for_address(addr),
+        Type::STREAM,
+        &addr.into(),
+        opts,
+        true,
+    )
 }
 
 pub(crate) fn bind_udp(addr: SocketAddr, opts: &ListenOptions) -> io::Result<OwnedFd> {
-    bind(Domain::for_address(addr), Type::DGRAM, &addr.into(), opts, false)
+    bind(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        &addr.into(),
+        opts,
+        false,
+    )
 }
 
 pub(crate) fn bind_unix(path: &Path, ty: Type, opts: &ListenOptions) -> io::Result<OwnedFd> {
@@ -406,7 +472,8 @@ pub(crate) fn adopt(list: &[(String, RawFd)]) -> Result<Vec<(String, OwnedFd)>, 
         // caller guarantees this runs once per process (see `TAKEN` in
         // handover.rs), so no other owner exists.
         let fd = unsafe { OwnedFd::from_raw_fd(*raw) };
-        sys::set_cloexec(fd.as_fd()).map_err(|e| Error::io(format!("cannot set FD_CLOEXEC on fd {raw}"), e))?;
+        sys::set_cloexec(fd.as_fd())
+            .map_err(|e| Error::io(format!("cannot set FD_CLOEXEC on fd {raw}"), e))?;
         out.push((name.clone(), fd));
     }
     Ok(out)

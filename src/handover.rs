@@ -119,9 +119,13 @@ impl Builder {
         };
         let program = match self.program {
             Some(p) => p,
-            None => spawn::current_exe().map_err(|e| Error::io("cannot find the running binary", e))?,
+            None => {
+                spawn::current_exe().map_err(|e| Error::io("cannot find the running binary", e))?
+            }
         };
-        let args = self.args.unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let args = self
+            .args
+            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
         let from_predecessor = channel.is_some();
         tracing::info!(
             generation,
@@ -151,12 +155,17 @@ impl Builder {
 fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
     let name = env::CHANNEL_FD;
     if let Err(e) = sys::fd_flags(raw) {
-        return Err(Error::InvalidFd { fd: raw, name: name.into(), reason: format!("not open ({e})") });
+        return Err(Error::InvalidFd {
+            fd: raw,
+            name: name.into(),
+            reason: format!("not open ({e})"),
+        });
     }
     // SAFETY: the fd is open, and the protocol (LISTEN_PID names this process)
     // hands it to us; `TAKEN` makes this run once per process.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    sys::set_cloexec(fd.as_fd()).map_err(|e| Error::io("cannot set FD_CLOEXEC on the channel", e))?;
+    sys::set_cloexec(fd.as_fd())
+        .map_err(|e| Error::io("cannot set FD_CLOEXEC on the channel", e))?;
     let mode = sys::file_mode(fd.as_fd()).map_err(|e| Error::io("fstat on the channel", e))?;
     let sock = socket2::SockRef::from(&fd);
     let ok = mode & libc::S_IFMT == libc::S_IFSOCK
@@ -166,7 +175,10 @@ fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
         return Err(Error::InvalidFd {
             fd: raw,
             name: name.into(),
-            reason: format!("expected a Unix stream socket, found {}", sys::describe_mode(mode)),
+            reason: format!(
+                "expected a Unix stream socket, found {}",
+                sys::describe_mode(mode)
+            ),
         });
     }
     Ok(fd)
@@ -214,9 +226,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn one_addr(addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
-    let mut it = addr.to_socket_addrs().map_err(|e| Error::io("cannot resolve the address", e))?;
+    let mut it = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::io("cannot resolve the address", e))?;
     it.next().ok_or_else(|| {
-        Error::io("cannot resolve the address", std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))
+        Error::io(
+            "cannot resolve the address",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"),
+        )
     })
 }
 
@@ -258,7 +275,11 @@ impl Handover {
     /// The listener is non-blocking, ready for `tokio::net::TcpListener::from_std`.
     /// `O_NONBLOCK` belongs to the socket, not the fd: it is shared with the
     /// other generation, which must not switch it back.
-    pub fn tcp_listener(&self, name: &str, addr: impl ToSocketAddrs) -> Result<std::net::TcpListener, Error> {
+    pub fn tcp_listener(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<std::net::TcpListener, Error> {
         self.tcp_listener_with(name, addr, &ListenOptions::default())
     }
 
@@ -277,7 +298,11 @@ impl Handover {
     /// A UDP socket named `name`: the inherited one, or a new one bound to
     /// `addr`. Datagrams queued on an inherited socket are read by this
     /// generation. Non-blocking; see [`tcp_listener`](Self::tcp_listener).
-    pub fn udp_socket(&self, name: &str, addr: impl ToSocketAddrs) -> Result<std::net::UdpSocket, Error> {
+    pub fn udp_socket(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<std::net::UdpSocket, Error> {
         self.udp_socket_with(name, addr, &ListenOptions::default())
     }
 
@@ -334,7 +359,11 @@ impl Handover {
     /// returns (it should be close-on-exec; `handover` makes it so). The
     /// inherited fd is only checked to be open; its mode flags (such as
     /// `O_NONBLOCK`) are left as they are.
-    pub fn fd(&self, name: &str, create: impl FnOnce() -> std::io::Result<OwnedFd>) -> Result<OwnedFd, Error> {
+    pub fn fd(
+        &self,
+        name: &str,
+        create: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> Result<OwnedFd, Error> {
         self.claim(name, Want::Any, || {
             let fd = create()?;
             sys::set_cloexec(fd.as_fd())?;
@@ -349,7 +378,12 @@ impl Handover {
         create: impl FnOnce() -> std::io::Result<OwnedFd>,
     ) -> Result<OwnedFd, Error> {
         let (fd, inherited) = lock(&self.inner.registry).claim(name, want, create)?;
-        tracing::debug!(generation = self.inner.generation, name, inherited, "fd registered");
+        tracing::debug!(
+            generation = self.inner.generation,
+            name,
+            inherited,
+            "fd registered"
+        );
         Ok(fd)
     }
 
@@ -372,15 +406,22 @@ impl Handover {
         match channel.as_ref() {
             Some(ch) => match ready::send_ready(ch.as_fd()) {
                 Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) || e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    tracing::warn!(generation = self.inner.generation, "predecessor is gone; serving alone");
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EPIPE)
+                        || e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    tracing::warn!(
+                        generation = self.inner.generation,
+                        "predecessor is gone; serving alone"
+                    );
                 }
                 Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
             },
             None => {
                 if let Some(path) = &self.inner.pid_file {
-                    pidfile::write(path, std::process::id())
-                        .map_err(|e| Error::io(format!("cannot write pid file {}", path.display()), e))?;
+                    pidfile::write(path, std::process::id()).map_err(|e| {
+                        Error::io(format!("cannot write pid file {}", path.display()), e)
+                    })?;
                 }
             }
         }
@@ -399,7 +440,9 @@ impl Handover {
     pub fn wait_predecessor_exit(&self, timeout: Duration) -> Result<bool, Error> {
         let deadline = Instant::now() + timeout;
         let mut channel = lock(&self.inner.channel);
-        let Some(ch) = channel.as_ref() else { return Ok(true) };
+        let Some(ch) = channel.as_ref() else {
+            return Ok(true);
+        };
         loop {
             let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
                 .map_err(|e| Error::io("poll on the channel", e))?;

@@ -16,16 +16,24 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid file path has no file name"))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "pid file path has no file name",
+        )
+    })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
         // std opens files with O_CLOEXEC.
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(format!("{pid}\n").as_bytes())?;
         f.sync_data()?;
         std::fs::rename(&tmp, path)
@@ -39,9 +47,12 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
 /// Reads a pid file written by [`write`].
 pub fn read(path: &Path) -> io::Result<u32> {
     let s = std::fs::read_to_string(path)?;
-    s.trim()
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{} does not hold a pid: {s:?}", path.display())))
+    s.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} does not hold a pid: {s:?}", path.display()),
+        )
+    })
 }
 
 /// The lock file for `pid_file`: `<pid_file>.lock`.
@@ -60,7 +71,13 @@ pub(crate) struct UpgradeLock {
 
 /// Takes the upgrade lock without waiting. `Ok(None)`: another process holds it.
 pub(crate) fn try_lock(path: &Path) -> io::Result<Option<UpgradeLock>> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)?;
     // flock on an fd we own.
     match syscall!(flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
         Ok(_) => Ok(Some(UpgradeLock { _file: file })),

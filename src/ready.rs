@@ -63,7 +63,10 @@ pub(crate) fn wait_ready(
                 Ok(1) => {
                     return fail(UpgradeError::Protocol {
                         pid,
-                        reason: format!("unexpected byte {:#04x} on the readiness channel", byte[0]),
+                        reason: format!(
+                            "unexpected byte {:#04x} on the readiness channel",
+                            byte[0]
+                        ),
                     });
                 }
                 Ok(_) => {
@@ -81,7 +84,10 @@ pub(crate) fn wait_ready(
             return Err(UpgradeError::Exited { pid, status });
         }
         if Instant::now() >= deadline {
-            return fail(UpgradeError::Timeout { pid, after: timeout });
+            return fail(UpgradeError::Timeout {
+                pid,
+                after: timeout,
+            });
         }
     }
 }

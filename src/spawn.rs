@@ -61,7 +61,10 @@ impl SpawnError {
 
 fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, SpawnError> {
     CString::new(bytes).map_err(|_| {
-        SpawnError::Parent(what, io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+        SpawnError::Parent(
+            what,
+            io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"),
+        )
     })
 }
 
@@ -102,8 +105,11 @@ pub(crate) fn spawn(
     for a in args {
         argv.push(cstring(a.as_bytes(), "argument")?);
     }
-    let argv_ptrs: Vec<*const libc::c_char> =
-        argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
 
     let mut envp: Vec<Vec<u8>> = Vec::new();
     for (k, v) in vars {
@@ -129,8 +135,11 @@ pub(crate) fn spawn(
     // SAFETY: `prefix` is within the entry, whose heap buffer never moves:
     // `envp` is not resized after this point.
     let pid_slot = unsafe { envp[last].as_mut_ptr().add(prefix) };
-    let envp_ptrs: Vec<*const libc::c_char> =
-        envp.iter().map(|e| e.as_ptr().cast()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|e| e.as_ptr().cast())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
 
     let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
     // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
@@ -196,7 +205,10 @@ pub(crate) fn spawn(
             kill_and_reap(&child, deadline);
             return Err(SpawnError::Parent(
                 "waiting for exec",
-                io::Error::new(io::ErrorKind::TimedOut, "exec did not complete before the deadline"),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "exec did not complete before the deadline",
+                ),
             ));
         }
         match sys::read(err_r.as_fd(), &mut report[got..]) {
@@ -222,7 +234,10 @@ pub(crate) fn spawn(
     }
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
-    Err(SpawnError::Child { step, err: io::Error::from_raw_os_error(errno) })
+    Err(SpawnError::Child {
+        step,
+        err: io::Error::from_raw_os_error(errno),
+    })
 }
 
 /// The child between fork and exec.
@@ -325,7 +340,11 @@ unsafe fn child(plan: &mut Plan) -> ! {
         *plan.pid_slot.add(len) = 0;
 
         // 5. Exec.
-        libc::execve(plan.program.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+        libc::execve(
+            plan.program.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
         fail(err_fd, STEP_EXEC)
     }
 }
@@ -342,7 +361,10 @@ pub(crate) fn kill_and_reap(child: &Child, deadline: Instant) {
         Some(pidfd) => {
             let _ = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], grace);
             if let Ok(None) = reap_now(child.pid) {
-                tracing::error!(pid = child.pid, "successor did not die within 5 s of SIGKILL; not reaped");
+                tracing::error!(
+                    pid = child.pid,
+                    "successor did not die within 5 s of SIGKILL; not reaped"
+                );
             }
         }
         None => reap_blocking(child.pid),
@@ -395,14 +417,23 @@ pub(crate) fn current_exe() -> io::Result<PathBuf> {
 pub(crate) fn check_program(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if !path.is_absolute() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an absolute path",
+        ));
     }
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     if meta.permissions().mode() & 0o111 == 0 {
-        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "not executable"));
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not executable",
+        ));
     }
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))?;

@@ -84,7 +84,11 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = fd_flags(fd.as_raw_fd())?;
     if flags & libc::FD_CLOEXEC == 0 {
         // F_SETFD with a flag word on a borrowed, open fd.
-        syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC))?;
+        syscall!(fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFD,
+            flags | libc::FD_CLOEXEC
+        ))?;
     }
     Ok(())
 }
@@ -93,7 +97,11 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // F_GETFL/F_SETFL on a borrowed, open fd.
     let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-    let new = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
     if new != flags {
         syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, new))?;
     }
@@ -132,7 +140,11 @@ pub(crate) fn poll_until(
 ) -> io::Result<Vec<libc::c_short>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
-        .map(|(fd, events)| libc::pollfd { fd: fd.as_raw_fd(), events: *events, revents: 0 })
+        .map(|(fd, events)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: *events,
+            revents: 0,
+        })
         .collect();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -156,7 +168,12 @@ fn timeout_ms(d: Duration) -> libc::c_int {
 pub(crate) fn send_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // buf is a valid slice of buf.len() bytes.
-        match syscall!(send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)) {
+        match syscall!(send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL
+        )) {
             Ok(n) => buf = &buf[n as usize..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -169,7 +186,12 @@ pub(crate) fn send_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
         // buf is a valid, writable slice of buf.len() bytes.
-        match syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags)) {
+        match syscall!(recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags
+        )) {
             Ok(n) => return Ok(n as usize),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),

@@ -125,11 +125,18 @@ impl Handover {
                 State::Serving => *state = State::Upgrading,
             }
         }
-        let mut attempt = Attempt { handover: self, committed: false };
+        let mut attempt = Attempt {
+            handover: self,
+            committed: false,
+        };
         let generation = inner.generation + 1;
         let start = Instant::now();
         let deadline = start + inner.ready_timeout;
-        let span = tracing::info_span!("upgrade", generation = inner.generation, successor_generation = generation);
+        let span = tracing::info_span!(
+            "upgrade",
+            generation = inner.generation,
+            successor_generation = generation
+        );
         let _enter = span.enter();
 
         let _lock = match &inner.pid_file {
@@ -138,7 +145,12 @@ impl Handover {
                 match pidfile::try_lock(&path) {
                     Ok(Some(l)) => Some(l),
                     Ok(None) => return Err(UpgradeError::Locked { path }),
-                    Err(e) => return Err(UpgradeError::io(format!("cannot lock {}", path.display()), e)),
+                    Err(e) => {
+                        return Err(UpgradeError::io(
+                            format!("cannot lock {}", path.display()),
+                            e,
+                        ));
+                    }
                 }
             }
             None => None,
@@ -147,17 +159,22 @@ impl Handover {
         let args = opts.args.as_ref().unwrap_or(&inner.args);
         if let Err(source) = spawn::check_program(program) {
             tracing::warn!(program = %program.display(), error = %source, "successor program cannot run");
-            return Err(UpgradeError::Program { path: program.to_owned(), source });
+            return Err(UpgradeError::Program {
+                path: program.to_owned(),
+                source,
+            });
         }
 
-        let (ours, theirs) = sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
+        let (ours, theirs) =
+            sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
         let child = {
             let registry = lock(&inner.registry);
             let handed = registry.handed();
             let names: Vec<&str> = handed.iter().map(|(n, _)| *n).collect();
             let mut fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
             fds.push(theirs.as_fd());
-            let vars = std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
+            let vars =
+                std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
             let succ_vars = env::successor_vars(&names, generation);
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
             spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
@@ -167,11 +184,17 @@ impl Handover {
             Ok(c) => c,
             Err(SpawnError::Child { step, err }) => {
                 tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
-                return Err(UpgradeError::Exec { path: program.to_owned(), source: err });
+                return Err(UpgradeError::Exec {
+                    path: program.to_owned(),
+                    source: err,
+                });
             }
             Err(SpawnError::Parent(what, err)) if err.kind() == std::io::ErrorKind::TimedOut => {
                 tracing::warn!(what, "successor did not exec before the ready deadline");
-                return Err(UpgradeError::Timeout { pid: 0, after: inner.ready_timeout });
+                return Err(UpgradeError::Timeout {
+                    pid: 0,
+                    after: inner.ready_timeout,
+                });
             }
             Err(SpawnError::Parent(what, err)) => return Err(UpgradeError::io(what, err)),
         };
@@ -206,7 +229,11 @@ impl Handover {
             ready_ms = ready_after.as_secs_f64() * 1e3,
             "successor ready; handed over"
         );
-        Ok(Upgraded { pid, generation, ready_after })
+        Ok(Upgraded {
+            pid,
+            generation,
+            ready_after,
+        })
     }
 
     /// Upgrades with the default program and arguments; the async form of

@@ -29,23 +29,56 @@ fn broken_successors_leave_the_old_generation_serving() {
     let pid_file = dir.path().join("server.pid");
     let mut srv = Server::start_program(
         &bin,
-        &["--listen", "127.0.0.1:0", "--ready-timeout", "2", "--pid-file", pid_file.to_str().unwrap()],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-timeout",
+            "2",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
     );
     let serving = srv.pid();
     assert_eq!(handover::read_pid_file(&pid_file).unwrap(), serving);
     let load = load::Load::start(srv.addr(), 2, 2);
     let stats = load.stats.clone();
-    wait_until("first responses", Duration::from_secs(30), || stats.ok() > 20);
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
 
     // (successor program, file mode, what the error must say)
     let cases: &[(&[u8], u32, &str)] = &[
-        (b"#!/bin/sh\nexit 3\n", 0o755, "exited before it was ready: exit status: 3"),
-        (b"#!/bin/sh\nexit 0\n", 0o755, "exited before it was ready: exit status: 0"),
-        (b"#!/bin/sh\nkill -SEGV $$\n", 0o755, "exited before it was ready: signal: 11 (SIGSEGV)"),
+        (
+            b"#!/bin/sh\nexit 3\n",
+            0o755,
+            "exited before it was ready: exit status: 3",
+        ),
+        (
+            b"#!/bin/sh\nexit 0\n",
+            0o755,
+            "exited before it was ready: exit status: 0",
+        ),
+        (
+            b"#!/bin/sh\nkill -SEGV $$\n",
+            0o755,
+            "exited before it was ready: signal: 11 (SIGSEGV)",
+        ),
         // fd 4 is the channel (LISTEN_FDS=1): close it and live on.
-        (b"#!/bin/sh\nexec 4>&-\nexec sleep 30\n", 0o755, "closed the readiness channel without reporting ready"),
-        (b"#!/bin/sh\nexec sleep 30\n", 0o755, "was not ready within 2s; killed"),
-        (b"#!/bin/sh\nprintf X >&4\nexec sleep 30\n", 0o755, "unexpected byte 0x58"),
+        (
+            b"#!/bin/sh\nexec 4>&-\nexec sleep 30\n",
+            0o755,
+            "closed the readiness channel without reporting ready",
+        ),
+        (
+            b"#!/bin/sh\nexec sleep 30\n",
+            0o755,
+            "was not ready within 2s; killed",
+        ),
+        (
+            b"#!/bin/sh\nprintf X >&4\nexec sleep 30\n",
+            0o755,
+            "unexpected byte 0x58",
+        ),
         (b"\x7fELF but not really", 0o755, "could not exec"),
         (b"#!/bin/sh\nexit 0\n", 0o644, "not executable"),
     ];
@@ -53,7 +86,10 @@ fn broken_successors_leave_the_old_generation_serving() {
         install(&bin, program, *mode);
         let line = srv.failed_upgrade();
         assert!(line.contains(expect), "expected {expect:?} in {line:?}");
-        assert!(procs::zombies(serving).is_empty(), "zombie left by {expect:?}");
+        assert!(
+            procs::zombies(serving).is_empty(),
+            "zombie left by {expect:?}"
+        );
         assert_eq!(handover::read_pid_file(&pid_file).unwrap(), serving);
         let r = load::get(srv.addr(), "/").expect("still serving");
         assert_eq!(r.pid, serving);
@@ -67,7 +103,10 @@ fn broken_successors_leave_the_old_generation_serving() {
         let lock = std::fs::File::create(dir.path().join("server.pid.lock")).unwrap();
         use std::os::fd::AsRawFd;
         // SAFETY: flock on an fd we own.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        assert_eq!(
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
         install(&bin, &good, 0o755);
         let line = srv.failed_upgrade();
         assert!(line.contains("holds the upgrade lock"), "{line}");
@@ -80,9 +119,11 @@ fn broken_successors_leave_the_old_generation_serving() {
 
     // A good binary renamed over the path: the next upgrade runs it.
     let (_, new) = srv.upgrade();
-    wait_until("the new generation to answer", Duration::from_secs(30), || {
-        stats.by_pid.lock().unwrap().contains_key(&new)
-    });
+    wait_until(
+        "the new generation to answer",
+        Duration::from_secs(30),
+        || stats.by_pid.lock().unwrap().contains_key(&new),
+    );
     assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());

@@ -20,7 +20,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn sh(script: &str) -> UpgradeOptions {
-    UpgradeOptions::new().program("/bin/sh").args(["-c", script])
+    UpgradeOptions::new()
+        .program("/bin/sh")
+        .args(["-c", script])
 }
 
 fn child_count() -> usize {
@@ -51,21 +53,33 @@ fn upgrade_before_ready_is_refused_without_spawning() {
 #[test]
 fn concurrent_upgrade_is_refused_without_spawning() {
     let _g = serial();
-    let h = Handover::builder().ready_timeout(Duration::from_secs(3)).build().unwrap();
+    let h = Handover::builder()
+        .ready_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
     h.ready().unwrap();
     let before = child_count();
     let first = std::thread::spawn({
         let h = h.clone();
         move || h.upgrade_blocking_with(sh("exec sleep 30"))
     });
-    wait_until("the first upgrade to spawn", Duration::from_secs(10), || {
-        h.state() == State::Upgrading && child_count() == before + 1
-    });
+    wait_until(
+        "the first upgrade to spawn",
+        Duration::from_secs(10),
+        || h.state() == State::Upgrading && child_count() == before + 1,
+    );
     let e = h.upgrade_blocking_with(sh("exit 0")).unwrap_err();
     assert!(matches!(e, UpgradeError::InProgress), "{e}");
-    assert_eq!(child_count(), before + 1, "the refused call spawned a process");
+    assert_eq!(
+        child_count(),
+        before + 1,
+        "the refused call spawned a process"
+    );
     let e = first.join().unwrap().unwrap_err();
-    assert!(matches!(e, UpgradeError::Timeout { after, .. } if after == Duration::from_secs(3)), "{e}");
+    assert!(
+        matches!(e, UpgradeError::Timeout { after, .. } if after == Duration::from_secs(3)),
+        "{e}"
+    );
     assert_eq!(h.state(), State::Serving);
     assert_eq!(child_count(), before, "the hung successor was not reaped");
 }
@@ -73,29 +87,50 @@ fn concurrent_upgrade_is_refused_without_spawning() {
 #[test]
 fn failures_are_typed_and_reaped() {
     let _g = serial();
-    let h = Handover::builder().ready_timeout(Duration::from_secs(5)).build().unwrap();
+    let h = Handover::builder()
+        .ready_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     h.ready().unwrap();
     let before = child_count();
 
     let e = h.upgrade_blocking_with(sh("exit 7")).unwrap_err();
     match &e {
-        UpgradeError::Exited { status: Some(s), .. } => assert_eq!(s.code(), Some(7)),
+        UpgradeError::Exited {
+            status: Some(s), ..
+        } => assert_eq!(s.code(), Some(7)),
         other => panic!("expected Exited(7), got {other}"),
     }
     assert!(e.spawned());
     let e = h.upgrade_blocking_with(sh("exit 0")).unwrap_err();
-    assert!(matches!(&e, UpgradeError::Exited { status: Some(s), .. } if s.success()), "{e}");
+    assert!(
+        matches!(&e, UpgradeError::Exited { status: Some(s), .. } if s.success()),
+        "{e}"
+    );
     // No fds registered: the channel is fd 3.
-    let e = h.upgrade_blocking_with(sh("exec 3>&-; exec sleep 30")).unwrap_err();
+    let e = h
+        .upgrade_blocking_with(sh("exec 3>&-; exec sleep 30"))
+        .unwrap_err();
     assert!(matches!(e, UpgradeError::ClosedWithoutReady { .. }), "{e}");
-    let e = h.upgrade_blocking_with(sh("printf Z >&3; exec sleep 30")).unwrap_err();
+    let e = h
+        .upgrade_blocking_with(sh("printf Z >&3; exec sleep 30"))
+        .unwrap_err();
     assert!(matches!(e, UpgradeError::Protocol { .. }), "{e}");
-    let e = h.upgrade_blocking_with(UpgradeOptions::new().program("/nonexistent/server")).unwrap_err();
-    assert!(matches!(&e, UpgradeError::Program { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{e}");
+    let e = h
+        .upgrade_blocking_with(UpgradeOptions::new().program("/nonexistent/server"))
+        .unwrap_err();
+    assert!(
+        matches!(&e, UpgradeError::Program { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{e}"
+    );
     assert!(!e.spawned());
-    let e = h.upgrade_blocking_with(UpgradeOptions::new().program("relative/server")).unwrap_err();
+    let e = h
+        .upgrade_blocking_with(UpgradeOptions::new().program("relative/server"))
+        .unwrap_err();
     assert!(matches!(e, UpgradeError::Program { .. }), "{e}");
-    let e = h.upgrade_blocking_with(UpgradeOptions::new().program("/etc")).unwrap_err();
+    let e = h
+        .upgrade_blocking_with(UpgradeOptions::new().program("/etc"))
+        .unwrap_err();
     assert!(matches!(e, UpgradeError::Program { .. }), "{e}");
 
     assert_eq!(h.state(), State::Serving);
@@ -120,7 +155,11 @@ fn fifty_connections_in_the_backlog_are_answered_by_the_successor() {
     }
     let bin = common::server_bin();
     let done = h
-        .upgrade_blocking_with(UpgradeOptions::new().program(&bin).args(["--listen", &addr.to_string()]))
+        .upgrade_blocking_with(
+            UpgradeOptions::new()
+                .program(&bin)
+                .args(["--listen", &addr.to_string()]),
+        )
         .expect("upgrade");
     assert_eq!(done.generation, 2);
     assert_eq!(h.state(), State::HandedOver);
@@ -146,18 +185,25 @@ fn datagrams_queued_before_the_handoff_are_read_by_the_successor() {
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.set_read_timeout(Some(load::IO_TIMEOUT)).unwrap();
     for i in 0..10 {
-        client.send_to(format!("datagram {i}").as_bytes(), addr).unwrap();
+        client
+            .send_to(format!("datagram {i}").as_bytes(), addr)
+            .unwrap();
     }
     let bin = common::server_bin();
     let done = h
-        .upgrade_blocking_with(
-            UpgradeOptions::new().program(&bin).args(["--listen", "127.0.0.1:0", "--udp", &addr.to_string()]),
-        )
+        .upgrade_blocking_with(UpgradeOptions::new().program(&bin).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--udp",
+            &addr.to_string(),
+        ]))
         .expect("upgrade");
     drop(udp);
     for i in 0..10 {
         let mut buf = [0u8; 256];
-        let (n, from) = client.recv_from(&mut buf).expect("reply from the successor");
+        let (n, from) = client
+            .recv_from(&mut buf)
+            .expect("reply from the successor");
         assert_eq!(from, addr);
         let reply = String::from_utf8_lossy(&buf[..n]);
         assert_eq!(reply, format!("pid={} generation=2 datagram {i}", done.pid));
@@ -176,7 +222,9 @@ fn names_are_validated_and_unique() {
     // Two listeners on one address under different names (SO_REUSEPORT).
     let opts = handover::ListenOptions::new().reuse_port(true);
     let x = h.tcp_listener_with("x", "127.0.0.1:0", &opts).unwrap();
-    let y = h.tcp_listener_with("y", x.local_addr().unwrap(), &opts).unwrap();
+    let y = h
+        .tcp_listener_with("y", x.local_addr().unwrap(), &opts)
+        .unwrap();
     assert_eq!(x.local_addr().unwrap(), y.local_addr().unwrap());
     assert_eq!(h.names(), vec!["one", "x", "y"]);
 }
@@ -186,13 +234,21 @@ fn every_fd_handed_out_is_close_on_exec_and_non_blocking() {
     use std::os::fd::AsRawFd;
     let h = Handover::builder().build().unwrap();
     let t = h.tcp_listener("t", "127.0.0.1:0").unwrap();
-    let u = h.udp_socket("u", "[::1]:0").or_else(|_| h.udp_socket("u", "127.0.0.1:0")).unwrap();
+    let u = h
+        .udp_socket("u", "[::1]:0")
+        .or_else(|_| h.udp_socket("u", "127.0.0.1:0"))
+        .unwrap();
     let dir = common::TempDir::new("cloexec");
     let s = h.unix_listener("s", dir.path().join("s.sock")).unwrap();
     let d = h.unix_datagram("d", dir.path().join("d.sock")).unwrap();
     for fd in [t.as_raw_fd(), u.as_raw_fd(), s.as_raw_fd(), d.as_raw_fd()] {
         // SAFETY: fcntl reads flags of fds we own.
-        let (fdfl, fl) = unsafe { (libc::fcntl(fd, libc::F_GETFD), libc::fcntl(fd, libc::F_GETFL)) };
+        let (fdfl, fl) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFD),
+                libc::fcntl(fd, libc::F_GETFL),
+            )
+        };
         assert!(fdfl & libc::FD_CLOEXEC != 0, "fd {fd} not close-on-exec");
         assert!(fl & libc::O_NONBLOCK != 0, "fd {fd} blocking");
     }

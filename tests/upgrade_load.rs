@@ -16,21 +16,29 @@ fn ten_upgrades_under_load_lose_no_request() {
     // 4 clients with a new connection per request, 4 with keep-alive.
     let load = load::Load::start(addr, 4, 4);
     let stats = load.stats.clone();
-    wait_until("first responses", Duration::from_secs(30), || stats.ok() > 50);
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 50
+    });
     let mut pids = vec![srv.pid()];
     for _ in 0..10 {
         let (_old, new) = srv.upgrade();
         pids.push(new);
         // The new generation serves before the next upgrade starts.
-        wait_until("the new generation to answer", Duration::from_secs(30), || {
-            stats.by_pid.lock().unwrap().get(&new).copied().unwrap_or(0) > 10
-        });
+        wait_until(
+            "the new generation to answer",
+            Duration::from_secs(30),
+            || stats.by_pid.lock().unwrap().get(&new).copied().unwrap_or(0) > 10,
+        );
         assert_eq!(srv.addr(), addr, "the address must survive the upgrade");
     }
     let stats = load.stop();
     let errors = stats.errors.lock().unwrap().clone();
     assert_eq!(stats.failed(), 0, "failed requests: {errors:?}");
-    assert!(stats.ok() > 500, "too little load to mean anything: {}", stats.ok());
+    assert!(
+        stats.ok() > 500,
+        "too little load to mean anything: {}",
+        stats.ok()
+    );
     let served: BTreeSet<u32> = stats.pids().into_iter().collect();
     for pid in &pids {
         assert!(served.contains(pid), "generation {pid} never answered");
@@ -41,7 +49,10 @@ fn ten_upgrades_under_load_lose_no_request() {
         assert!(!procs::exists(*pid), "old generation {pid} still exists");
     }
     let last = srv.pid();
-    assert!(procs::zombies(last).is_empty(), "zombies under the serving generation");
+    assert!(
+        procs::zombies(last).is_empty(),
+        "zombies under the serving generation"
+    );
     assert!(srv.stop().success());
 }
 
@@ -54,7 +65,11 @@ fn slow_request_started_before_the_upgrade_completes_on_the_old_generation() {
     let slow = std::thread::spawn(move || load::get(addr, "/slow?ms=1500"));
     // The slow request has reached the handler once the count moved by two
     // (it, and the /stats probe itself).
-    wait_until("the slow request to arrive", Duration::from_secs(10), || served_total(addr) >= before + 3);
+    wait_until(
+        "the slow request to arrive",
+        Duration::from_secs(10),
+        || served_total(addr) >= before + 3,
+    );
     procs::signal(old, libc::SIGHUP).unwrap();
     let ok = srv.wait_line("upgrade-ok", Some(old));
     let new = field_u32(&ok, "successor");
@@ -63,7 +78,10 @@ fn slow_request_started_before_the_upgrade_completes_on_the_old_generation() {
     assert_eq!(r.pid, new);
     let resp = slow.join().unwrap().expect("slow request");
     assert_eq!(resp.status, 200);
-    assert_eq!(resp.pid, old, "the slow request must be answered by the generation that took it");
+    assert_eq!(
+        resp.pid, old,
+        "the slow request must be answered by the generation that took it"
+    );
     assert!(resp.body.contains("slept 1500 ms"), "{}", resp.body);
     let exit = srv.wait_line("exit", Some(old));
     assert_eq!(field(&exit, "remaining"), Some("0"), "{exit}");
@@ -76,8 +94,14 @@ fn slow_request_started_before_the_upgrade_completes_on_the_old_generation() {
 
 fn served_total(addr: std::net::SocketAddr) -> u64 {
     let r = load::get(addr, "/stats").expect("GET /stats");
-    let v = r.body.split("\"served_total\":").nth(1).expect("served_total");
-    v.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("number")
+    let v = r
+        .body
+        .split("\"served_total\":")
+        .nth(1)
+        .expect("served_total");
+    v.trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .expect("number")
 }
 
 #[test]
@@ -101,16 +125,29 @@ fn hundred_upgrades_keep_fds_and_zombies_flat_and_helpers_never_hold_a_listener(
         assert_eq!(load::get(addr, "/").expect("request").pid, new);
         // Helpers are reaped by the thread that spawned them, a moment after
         // they exit; a zombie that stays is a leak.
-        wait_until(&format!("no zombies under {new} after upgrade {i}"), Duration::from_secs(5), || {
-            procs::zombies(new).is_empty()
-        });
-        let exit = srv.history.iter().rev().find(|l| l.starts_with("exit") && field_u32(l, "pid") == old);
+        wait_until(
+            &format!("no zombies under {new} after upgrade {i}"),
+            Duration::from_secs(5),
+            || procs::zombies(new).is_empty(),
+        );
+        let exit = srv
+            .history
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("exit") && field_u32(l, "pid") == old);
         assert!(exit.is_some());
         // Non-pipe fds of the serving generation once its predecessor is gone
         // (pipes come and go with the helper processes).
-        wait_until("the predecessor channel to close", Duration::from_secs(10), || {
-            !procs::fds(new).unwrap_or_default().iter().any(|(fd, _)| *fd == 5)
-        });
+        wait_until(
+            "the predecessor channel to close",
+            Duration::from_secs(10),
+            || {
+                !procs::fds(new)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|(fd, _)| *fd == 5)
+            },
+        );
         // Non-pipe fds of the serving generation once its predecessor is
         // gone. Helper processes open pipes and /dev/null, and our request's
         // connection closes a moment after its response: those come and go,
@@ -134,11 +171,18 @@ fn hundred_upgrades_keep_fds_and_zombies_flat_and_helpers_never_hold_a_listener(
                     false
                 }
             });
-            assert!(settled, "generation {} holds {last} fds, the first held {first}", i + 2);
+            assert!(
+                settled,
+                "generation {} holds {last} fds, the first held {first}",
+                i + 2
+            );
             counts.push(last);
         }
     }
-    assert!(counts.iter().all(|c| *c == counts[0]), "fd count not flat: {counts:?}");
+    assert!(
+        counts.iter().all(|c| *c == counts[0]),
+        "fd count not flat: {counts:?}"
+    );
 
     // Each successor started with exactly 0, 1, 2, the two named sockets
     // (LISTEN_FDS=2) and the channel at 5: nothing else leaked in.
@@ -153,18 +197,32 @@ fn hundred_upgrades_keep_fds_and_zombies_flat_and_helpers_never_hold_a_listener(
     let status = srv.stop();
     assert!(status.success());
     // No helper ever held a socket, and helpers did run in the generations.
-    let leaks: Vec<&String> = srv.history.iter().filter(|l| l.starts_with("helper-leak")).collect();
+    let leaks: Vec<&String> = srv
+        .history
+        .iter()
+        .filter(|l| l.starts_with("helper-leak"))
+        .collect();
     assert!(leaks.is_empty(), "helpers inherited sockets: {leaks:?}");
     let helpers: u64 = srv
         .history
         .iter()
         .filter(|l| l.starts_with("exit"))
-        .map(|l| field(l, "helpers").and_then(|h| h.parse::<u64>().ok()).unwrap_or(0))
+        .map(|l| {
+            field(l, "helpers")
+                .and_then(|h| h.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
         .sum();
-    assert!(helpers >= 100, "only {helpers} helpers ran: the check proved little");
+    assert!(
+        helpers >= 100,
+        "only {helpers} helpers ran: the check proved little"
+    );
     // Every generation exited and was reaped here (the test is their
     // subreaper): none is left, not even as a zombie.
     for (pid, reaped) in &srv.generations {
-        assert!(*reaped && !procs::exists(*pid), "generation {pid} left behind");
+        assert!(
+            *reaped && !procs::exists(*pid),
+            "generation {pid} left behind"
+        );
     }
 }

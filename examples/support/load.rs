@@ -34,7 +34,10 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 /// Writes a GET for `path` on `stream`.
 pub fn send_get(stream: &mut impl Write, path: &str, keep_alive: bool) -> io::Result<()> {
     let conn = if keep_alive { "keep-alive" } else { "close" };
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n"
+    )?;
     stream.flush()
 }
 
@@ -42,18 +45,29 @@ pub fn send_get(stream: &mut impl Write, path: &str, keep_alive: bool) -> io::Re
 pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the status line"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before the status line",
+        ));
     }
     let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
     let (mut len, mut pid, mut close) = (0usize, 0u32, false);
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the headers"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the headers",
+            ));
         }
         let l = line.trim_end();
         if l.is_empty() {
@@ -71,7 +85,12 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
-    Ok(Response { status, pid, close, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Response {
+        status,
+        pid,
+        close,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// One request on a new connection.
@@ -190,7 +209,11 @@ impl Load {
                 }
             }));
         }
-        Load { stats, stop, threads }
+        Load {
+            stats,
+            stop,
+            threads,
+        }
     }
 
     /// Stops the threads and waits for them (each ends within one request,

@@ -13,7 +13,12 @@ pub fn become_subreaper() {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag and
     // touches no memory of ours.
     let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER): {}", io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "prctl(PR_SET_CHILD_SUBREAPER): {}",
+        io::Error::last_os_error()
+    );
 }
 
 /// Reaps `pid` once it has exited and been reparented to us, waiting at
@@ -36,7 +41,10 @@ pub fn reap(pid: u32, timeout: Duration) -> io::Result<ExitStatus> {
             }
         }
         if Instant::now() >= deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("pid {pid} not reaped within {timeout:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("pid {pid} not reaped within {timeout:?}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -52,8 +60,12 @@ pub fn fds(pid: u32) -> io::Result<Vec<(i32, String)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let e = e?;
-        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) else { continue };
-        let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let target = std::fs::read_link(e.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
         out.push((fd, target));
     }
     out.sort();
@@ -68,12 +80,20 @@ pub fn fd_count(pid: u32) -> usize {
 /// `(pid, state)` of every child of `parent`, from /proc/*/stat.
 pub fn children(parent: u32) -> Vec<(u32, char)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The command name may hold spaces and parentheses: parse after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
         let mut fields = rest.split_whitespace();
         let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -86,11 +106,19 @@ pub fn children(parent: u32) -> Vec<(u32, char)> {
 
 /// Zombie children of `parent`.
 pub fn zombies(parent: u32) -> Vec<u32> {
-    children(parent).into_iter().filter(|(_, s)| *s == 'Z').map(|(p, _)| p).collect()
+    children(parent)
+        .into_iter()
+        .filter(|(_, s)| *s == 'Z')
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// Sends `sig` to `pid`.
 pub fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill takes a pid and a signal number and touches no memory.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

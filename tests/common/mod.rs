@@ -23,7 +23,12 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn server_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/examples/http_server
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("examples").join("http_server");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples")
+        .join("http_server");
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test` (which builds the examples) \
@@ -62,11 +67,14 @@ impl Drop for TempDir {
 
 /// The value of `key=` in an event line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 pub fn field_u32(line: &str, key: &str) -> u32 {
-    field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
 static SUBREAPER: Once = Once::new();
@@ -103,7 +111,10 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped");
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -113,7 +124,10 @@ impl Server {
         let err_pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(err_pipe).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(err_pipe)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if std::env::var_os("HANDOVER_TEST_VERBOSE").is_some() {
                     eprintln!("[server] {line}");
                 }
@@ -160,7 +174,12 @@ impl Server {
                 self.history, self.stderr_tail()))
     }
 
-    pub fn try_wait_line(&mut self, prefix: &str, pid: Option<u32>, timeout: Duration) -> Option<String> {
+    pub fn try_wait_line(
+        &mut self,
+        prefix: &str,
+        pid: Option<u32>,
+        timeout: Duration,
+    ) -> Option<String> {
         let matches = |l: &str| {
             l.split_whitespace().next() == Some(prefix)
                 && pid.is_none_or(|p| field(l, "pid") == Some(p.to_string().as_str()))
@@ -175,8 +194,12 @@ impl Server {
                 Ok(l) => l,
                 Err(mpsc::RecvTimeoutError::Timeout) => return None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("the server chain closed stdout (every generation exited) while waiting for `{prefix}`; \
-                            seen: {:#?}\nstderr: {:#?}", self.history, self.stderr_tail())
+                    panic!(
+                        "the server chain closed stdout (every generation exited) while waiting for `{prefix}`; \
+                            seen: {:#?}\nstderr: {:#?}",
+                        self.history,
+                        self.stderr_tail()
+                    )
                 }
             };
             self.history.push(line.clone());
@@ -204,7 +227,10 @@ impl Server {
         self.generations.push((new, false));
         self.wait_line("exit", Some(old));
         let status = procs::reap(old, EVENT_TIMEOUT).expect("reap old generation");
-        assert!(status.success(), "old generation {old} exited with {status}");
+        assert!(
+            status.success(),
+            "old generation {old} exited with {status}"
+        );
         self.mark_reaped(old);
         (old, new)
     }
@@ -254,7 +280,30 @@ impl Drop for Server {
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it if
+/// it is still running after `timeout`.
+pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("wait")
 }
