@@ -37,6 +37,7 @@ use tokio::sync::watch;
 /// let report = drain.wait(std::time::Duration::from_secs(30)).await;
 /// # let _ = report;
 /// # }
+/// # fn main() { let _ = example; }
 /// ```
 #[derive(Debug, Clone)]
 pub struct Drain {

@@ -266,10 +266,11 @@ unsafe fn child(plan: &mut Plan) -> ! {
         }
     }
 
-    // SAFETY (whole body): only fcntl, dup2, close_range (syscall), close,
-    // sigaction, pthread_sigmask, getpid, write, execve and _exit are called:
-    // all async-signal-safe. Every pointer used points into `plan`, allocated
-    // before fork and not freed in the child.
+    // SAFETY: only fcntl, dup2, close_range (syscall), close, sigaction,
+    // pthread_sigmask, getpid, write, execve and _exit are called: all
+    // async-signal-safe. Every pointer used points into `plan`, allocated
+    // before fork and not freed in the child; `pid_slot` has room for
+    // PID_DIGITS digits and a NUL.
     unsafe {
         // 1. Move the error pipe and every source above the target range.
         let err_fd = libc::fcntl(plan.err_fd, libc::F_DUPFD_CLOEXEC, floor);

@@ -210,3 +210,53 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn fds_are_born_close_on_exec() {
+        let (a, b) = socketpair_cloexec().unwrap();
+        let (r, w) = pipe_cloexec().unwrap();
+        for fd in [a.as_fd(), b.as_fd(), r.as_fd(), w.as_fd()] {
+            assert!(is_cloexec(fd).unwrap());
+        }
+        let pidfd = pidfd_open(std::process::id() as libc::pid_t).expect("pidfd_open");
+        assert!(is_cloexec(pidfd.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn set_cloexec_sets_the_flag() {
+        let (r, _w) = pipe_cloexec().unwrap();
+        // F_SETFD to clear the flag, as an inherited fd would arrive.
+        syscall!(fcntl(r.as_raw_fd(), libc::F_SETFD, 0)).unwrap();
+        assert!(!is_cloexec(r.as_fd()).unwrap());
+        set_cloexec(r.as_fd()).unwrap();
+        assert!(is_cloexec(r.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn poll_times_out_and_sees_data() {
+        let (a, b) = socketpair_cloexec().unwrap();
+        let t = Instant::now();
+        let r = poll_until(&[(a.as_fd(), libc::POLLIN)], t + Duration::from_millis(20)).unwrap();
+        assert_eq!(r, vec![0]);
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        send_all(b.as_fd(), b"x").unwrap();
+        let r = poll_until(
+            &[(a.as_fd(), libc::POLLIN)],
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_ne!(r[0] & libc::POLLIN, 0);
+        drop(a);
+        let e = send_all(b.as_fd(), b"y").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPIPE),
+            "a closed peer is EPIPE, not SIGPIPE"
+        );
+    }
+}

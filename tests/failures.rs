@@ -103,10 +103,8 @@ fn broken_successors_leave_the_old_generation_serving() {
         let lock = std::fs::File::create(dir.path().join("server.pid.lock")).unwrap();
         use std::os::fd::AsRawFd;
         // SAFETY: flock on an fd we own.
-        assert_eq!(
-            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-            0
-        );
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
         install(&bin, &good, 0o755);
         let line = srv.failed_upgrade();
         assert!(line.contains("holds the upgrade lock"), "{line}");
