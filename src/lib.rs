@@ -112,6 +112,11 @@ mod upgrade;
 #[cfg(feature = "tokio")]
 mod drain;
 
+/// The README's example, compiled as a doctest.
+#[cfg(all(doctest, feature = "tokio"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use drain::{Drain, DrainGuard, DrainReport};
