@@ -351,7 +351,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     if handover.from_predecessor() {
         let h = handover.clone();
         tokio::spawn(async move {
-            if let Ok(true) = h.predecessor_exited(Duration::from_secs(3600)).await {
+            if h.predecessor_exited().await.is_ok() {
                 tracing::info!("predecessor exited");
             }
         });

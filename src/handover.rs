@@ -152,6 +152,20 @@ impl Builder {
     }
 }
 
+/// Reads what is pending on the channel without blocking; `true` once the
+/// peer has closed it.
+fn channel_closed(ch: &OwnedFd) -> bool {
+    let mut buf = [0u8; 64];
+    loop {
+        match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
 fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
     let name = env::CHANNEL_FD;
     if let Err(e) = sys::fd_flags(raw) {
@@ -439,8 +453,7 @@ impl Handover {
     /// one. Call it after [`ready`](Self::ready).
     pub fn wait_predecessor_exit(&self, timeout: Duration) -> Result<bool, Error> {
         let deadline = Instant::now() + timeout;
-        let mut channel = lock(&self.inner.channel);
-        let Some(ch) = channel.as_ref() else {
+        let Some(ch) = self.channel_copy()? else {
             return Ok(true);
         };
         loop {
@@ -449,25 +462,58 @@ impl Handover {
             if rev[0] == 0 {
                 return Ok(false);
             }
-            let mut buf = [0u8; 64];
-            match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            if channel_closed(&ch) {
+                break;
+            }
+        }
+        lock(&self.inner.channel).take();
+        Ok(true)
+    }
+
+    /// The async form of [`wait_predecessor_exit`](Self::wait_predecessor_exit),
+    /// without a timeout: wrap it in `tokio::time::timeout` for one.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn predecessor_exited(&self) -> Result<(), Error> {
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(());
+        };
+        // The channel is a Unix stream socket. tokio needs it non-blocking:
+        // the flag is shared with the original fd, which only ever sends the
+        // one-byte ready message (before this) with a retry on EINTR.
+        let stream = std::os::unix::net::UnixStream::from(ch);
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("making the channel non-blocking", e))?;
+        let stream = tokio::net::UnixStream::from_std(stream)
+            .map_err(|e| Error::io("registering the channel with tokio", e))?;
+        let mut buf = [0u8; 64];
+        loop {
+            stream
+                .readable()
+                .await
+                .map_err(|e| Error::io("waiting on the channel", e))?;
+            match stream.try_read(&mut buf) {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             }
         }
-        *channel = None;
-        Ok(true)
+        lock(&self.inner.channel).take();
+        Ok(())
     }
 
-    /// The async form of [`wait_predecessor_exit`](Self::wait_predecessor_exit).
-    #[cfg(feature = "tokio")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn predecessor_exited(&self, timeout: Duration) -> Result<bool, Error> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.wait_predecessor_exit(timeout))
-            .await
-            .map_err(|e| Error::io("predecessor wait task", std::io::Error::other(e)))?
+    /// A copy of the channel to the predecessor, so that waiting on it holds
+    /// no lock.
+    fn channel_copy(&self) -> Result<Option<OwnedFd>, Error> {
+        let channel = lock(&self.inner.channel);
+        match channel.as_ref() {
+            None => Ok(None),
+            Some(ch) => ch
+                .try_clone()
+                .map(Some)
+                .map_err(|e| Error::io("duplicating the channel", e)),
+        }
     }
 }

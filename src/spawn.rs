@@ -48,6 +48,8 @@ pub(crate) enum SpawnError {
     Parent(&'static str, io::Error),
     /// The child reported a failure in `step` and exited; it was reaped.
     Child { step: u32, err: io::Error },
+    /// The child had not exec'd by the deadline; it was killed and reaped.
+    ExecTimeout { pid: libc::pid_t },
 }
 
 impl SpawnError {
@@ -203,13 +205,7 @@ pub(crate) fn spawn(
             // The deadline passed while the child was still before exec
             // (e.g. a hung filesystem). Kill it; the caller reports a timeout.
             kill_and_reap(&child, deadline);
-            return Err(SpawnError::Parent(
-                "waiting for exec",
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "exec did not complete before the deadline",
-                ),
-            ));
+            return Err(SpawnError::ExecTimeout { pid: child.pid });
         }
         match sys::read(err_r.as_fd(), &mut report[got..]) {
             Ok(0) => break,

@@ -189,10 +189,13 @@ impl Handover {
                     source: err,
                 });
             }
-            Err(SpawnError::Parent(what, err)) if err.kind() == std::io::ErrorKind::TimedOut => {
-                tracing::warn!(what, "successor did not exec before the ready deadline");
+            Err(SpawnError::ExecTimeout { pid }) => {
+                tracing::warn!(
+                    pid,
+                    "successor did not exec before the ready deadline; killed"
+                );
                 return Err(UpgradeError::Timeout {
-                    pid: 0,
+                    pid: pid as u32,
                     after: inner.ready_timeout,
                 });
             }
