@@ -352,7 +352,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         let h = handover.clone();
         tokio::spawn(async move {
             if h.predecessor_exited().await.is_ok() {
-                tracing::info!("predecessor exited");
+                event(format_args!("predecessor-exited pid={pid}"));
             }
         });
     }

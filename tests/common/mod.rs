@@ -232,6 +232,8 @@ impl Server {
             "old generation {old} exited with {status}"
         );
         self.mark_reaped(old);
+        // The successor learns of it from EOF on the channel.
+        self.wait_line("predecessor-exited", Some(new));
         (old, new)
     }
 
