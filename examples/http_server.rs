@@ -239,6 +239,31 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     builder.build()
 }
 
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Accepts until the drain starts, then drops the listener: that stops
+/// accepting, while the socket lives on in the successor. Never shutdown()
+/// a shared socket: it would break it for the successor too.
+async fn accept_loop(app: Arc<App>, listener: Listener) {
+    loop {
+        let accepted = async {
+            match &listener {
+                Listener::Tcp(l) => l.accept().await.map(|(s, _)| serve_conn(&app, s)),
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| serve_conn(&app, s)),
+            }
+        };
+        tokio::select! {
+            result = accepted => if let Err(e) = result {
+                tracing::warn!(error = %e, "accept failed");
+            },
+            _ = app.drain.draining() => break,
+        }
+    }
+}
+
 async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::error::Error>> {
     let pid = std::process::id();
     let generation = handover.generation();
@@ -281,34 +306,10 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     let mut addrs = Vec::new();
     for listener in tcp {
         addrs.push(listener.local_addr()?.to_string());
-        let app = app.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => serve_conn(&app, stream),
-                        Err(e) => tracing::warn!(error = %e, "accept failed"),
-                    },
-                    _ = app.drain.draining() => break,
-                }
-            }
-            // Dropping the listener stops accepting; the socket lives on in
-            // the successor. Never shutdown() a shared socket.
-        });
+        tasks.spawn(accept_loop(app.clone(), Listener::Tcp(listener)));
     }
     if let Some(listener) = unix {
-        let app = app.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => serve_conn(&app, stream),
-                        Err(e) => tracing::warn!(error = %e, "accept failed"),
-                    },
-                    _ = app.drain.draining() => break,
-                }
-            }
-        });
+        tasks.spawn(accept_loop(app.clone(), Listener::Unix(listener)));
     }
     if let Some(sock) = udp {
         let app = app.clone();
