@@ -15,6 +15,8 @@
 //! - `--pid-file PATH`, `--ready-timeout SECS`, `--drain-timeout SECS`
 //! - `--report-fds PATH`: first thing at start, append this process's open fds
 //!   to PATH (a test aid: proves what a successor inherits)
+//! - `--fd-store`: under systemd, keep the listeners in the fd store too, so
+//!   that `systemctl restart` refuses no connection (`FileDescriptorStoreMax=`)
 //! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
 //!   report any helper that inherited a socket (a test aid)
 //!
@@ -55,6 +57,7 @@ struct Config {
     drain_timeout: Option<Duration>,
     report_fds: Option<PathBuf>,
     spawn_helpers: bool,
+    fd_store: bool,
 }
 
 fn parse(args: &[OsString]) -> Result<Config, String> {
@@ -71,6 +74,10 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
         let flag = flag.to_str().ok_or("arguments must be UTF-8")?;
         if flag == "--spawn-helpers" {
             c.spawn_helpers = true;
+            continue;
+        }
+        if flag == "--fd-store" {
+            c.fd_store = true;
             continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -236,7 +243,7 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     if let Some(t) = config.drain_timeout {
         builder = builder.drain_timeout(t);
     }
-    builder.build()
+    builder.fd_store(config.fd_store).build()
 }
 
 enum Listener {
@@ -349,6 +356,18 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         "ready pid={pid} generation={generation} addr={} unix={unix_s} udp={udp_s}",
         addrs.join(",")
     ));
+    if let Some(interval) = handover.notifier().watchdog_interval() {
+        // Ping while this generation is (or is about to become) the main
+        // process; after handing over, the successor pings.
+        let h = handover.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 3);
+            while h.state() != handover::State::HandedOver {
+                tick.tick().await;
+                let _ = h.notifier().watchdog();
+            }
+        });
+    }
     if handover.from_predecessor() {
         let h = handover.clone();
         tokio::spawn(async move {
@@ -384,6 +403,11 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         }
     };
 
+    if reason == "stop" {
+        // A real stop: the whole service stops. A generation that drains
+        // after a handover never says so.
+        let _ = handover.stopping();
+    }
     let drain_start = Instant::now();
     app.drain.start();
     while tasks.join_next().await.is_some() {}

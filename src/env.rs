@@ -31,6 +31,8 @@ pub(crate) const GENERATION: &str = "HANDOVER_GENERATION";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
+/// `WATCHDOG_USEC` is passed on without `WATCHDOG_PID`, so that the
+/// successor pings the watchdog once it is the main process.
 pub(crate) const NOT_INHERITED: &[&str] = &[
     LISTEN_FDS,
     LISTEN_PID,
@@ -38,7 +40,6 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     CHANNEL_FD,
     GENERATION,
     "WATCHDOG_PID",
-    "WATCHDOG_USEC",
 ];
 
 /// The first passed fd (`SD_LISTEN_FDS_START`).

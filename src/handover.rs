@@ -18,6 +18,7 @@ use crate::pidfile;
 use crate::ready;
 use crate::spawn;
 use crate::sys;
+use crate::systemd::Notifier;
 use crate::upgrade::State;
 
 /// Set once the inherited fds are owned by a `Handover`: they can be owned
@@ -33,6 +34,7 @@ pub struct Builder {
     pid_file: Option<PathBuf>,
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
+    fd_store: bool,
 }
 
 impl Default for Builder {
@@ -43,6 +45,7 @@ impl Default for Builder {
             pid_file: None,
             program: None,
             args: None,
+            fd_store: false,
         }
     }
 }
@@ -94,6 +97,19 @@ impl Builder {
         self
     }
 
+    /// FD-store mode: when a first generation (one not started by a
+    /// predecessor) calls [`Handover::ready`], it also stores every
+    /// registered fd in systemd's fd store under its name (`FDSTORE=1`,
+    /// `FDNAME=`), so that even `systemctl restart` — stop, then start —
+    /// hands the same sockets to the next start through `LISTEN_FDNAMES`,
+    /// and no queued connection is refused. The unit needs
+    /// `FileDescriptorStoreMax=` (at least the number of fds). Without
+    /// `NOTIFY_SOCKET` it does nothing. Default: off.
+    pub fn fd_store(mut self, on: bool) -> Self {
+        self.fd_store = on;
+        self
+    }
+
     /// Reads what a predecessor or systemd handed to this process and
     /// builds the [`Handover`].
     ///
@@ -102,6 +118,7 @@ impl Builder {
     /// close-on-exec at once. Errors name the variable or fd that is wrong.
     pub fn build(self) -> Result<Handover, Error> {
         let own_pid = std::process::id();
+        let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
         let (fds, channel, generation) = match inherited {
             None => (Vec::new(), None, 1),
@@ -147,6 +164,8 @@ impl Builder {
                 registry: Mutex::new(Registry::new(fds)),
                 state: Mutex::new(State::Starting),
                 channel: Mutex::new(channel),
+                notifier,
+                fd_store: self.fd_store,
             }),
         })
     }
@@ -221,6 +240,8 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     /// The channel to the predecessor, while it may still be alive.
     pub(crate) channel: Mutex<Option<OwnedFd>>,
+    pub(crate) notifier: Notifier,
+    pub(crate) fd_store: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -272,6 +293,18 @@ impl Handover {
     /// The drain timeout configured with [`Builder::drain_timeout`].
     pub fn drain_timeout(&self) -> Duration {
         self.inner.drain_timeout
+    }
+
+    /// The sd_notify client of this process (disabled without `NOTIFY_SOCKET`).
+    pub fn notifier(&self) -> &Notifier {
+        &self.inner.notifier
+    }
+
+    /// Tells the service manager that the whole service is stopping
+    /// (`STOPPING=1`). Call it on a real stop (SIGTERM), never while draining
+    /// after a handover: systemd would stop the unit the successor serves.
+    pub fn stopping(&self) -> std::io::Result<()> {
+        self.inner.notifier.stopping()
     }
 
     /// The names of the fds this generation will hand to a successor.
@@ -437,6 +470,23 @@ impl Handover {
                         Error::io(format!("cannot write pid file {}", path.display()), e)
                     })?;
                 }
+                // A successor is not the main process yet: its old generation
+                // tells systemd on its behalf (MAINPID=, READY=1).
+                let n = &self.inner.notifier;
+                if self.inner.fd_store {
+                    let registry = lock(&self.inner.registry);
+                    for (name, fd) in registry.handed() {
+                        n.fd_store(name, &[fd]).map_err(|e| {
+                            Error::io(format!("cannot store fd {name:?} in the fd store"), e)
+                        })?;
+                    }
+                }
+                let msg = format!(
+                    "READY=1\nSTATUS=serving (generation {})",
+                    self.inner.generation
+                );
+                n.notify(&msg)
+                    .map_err(|e| Error::io("cannot notify the service manager", e))?;
             }
         }
         *state = State::Serving;

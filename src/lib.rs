@@ -107,6 +107,7 @@ mod pidfile;
 mod ready;
 mod spawn;
 mod sys;
+pub mod systemd;
 mod upgrade;
 
 #[cfg(feature = "tokio")]

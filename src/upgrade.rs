@@ -73,16 +73,29 @@ pub struct Upgraded {
     pub ready_after: Duration,
 }
 
-/// Resets the state to Serving unless the upgrade committed.
+/// Resets the state to Serving unless the upgrade committed, and tells the
+/// service manager that this generation still serves.
 struct Attempt<'a> {
     handover: &'a Handover,
     committed: bool,
+    reloading_sent: bool,
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        if !self.committed {
-            *lock(&self.handover.inner.state) = State::Serving;
+        if self.committed {
+            return;
+        }
+        let inner = &self.handover.inner;
+        *lock(&inner.state) = State::Serving;
+        if self.reloading_sent {
+            let msg = format!(
+                "READY=1\nSTATUS=upgrade failed; serving (generation {})",
+                inner.generation
+            );
+            if let Err(e) = inner.notifier.notify(&msg) {
+                tracing::warn!(error = %e, "cannot notify the service manager");
+            }
         }
     }
 }
@@ -128,6 +141,7 @@ impl Handover {
         let mut attempt = Attempt {
             handover: self,
             committed: false,
+            reloading_sent: false,
         };
         let generation = inner.generation + 1;
         let start = Instant::now();
@@ -155,6 +169,19 @@ impl Handover {
             }
             None => None,
         };
+        // Type=notify-reload needs RELOADING=1 with MONOTONIC_USEC; other
+        // types take it as a status. The reload may take as long as the
+        // ready timeout allows.
+        let n = &inner.notifier;
+        let msg = format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS=upgrading to generation {generation}",
+            crate::systemd::monotonic_usec(),
+            (inner.ready_timeout + Duration::from_secs(5)).as_micros()
+        );
+        match n.notify(&msg) {
+            Ok(()) => attempt.reloading_sent = n.is_enabled(),
+            Err(e) => tracing::warn!(error = %e, "cannot notify the service manager"),
+        }
         let program: &Path = opts.program.as_deref().unwrap_or(&inner.program);
         let args = opts.args.as_ref().unwrap_or(&inner.args);
         if let Err(source) = spawn::check_program(program) {
@@ -215,6 +242,19 @@ impl Handover {
         if let Some(path) = &inner.pid_file {
             if let Err(e) = pidfile::write(path, pid) {
                 tracing::error!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+        // The old main process names its successor main and ready, and waits
+        // until the manager has taken that in before it drains, so the
+        // manager never sees the main process exit.
+        let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
+        match n
+            .notify(&msg)
+            .and_then(|()| n.barrier(Duration::from_secs(5)))
+        {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot notify the service manager of the new main pid")
             }
         }
         *lock(&inner.state) = State::HandedOver;

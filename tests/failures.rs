@@ -6,19 +6,10 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Server, TempDir, load, procs, wait_until};
-
-/// Replaces `path` atomically (write beside it, rename over it), as a deploy does.
-fn install(path: &Path, contents: &[u8], mode: u32) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
+use common::{Server, TempDir, install, load, procs, wait_until};
 
 #[test]
 fn broken_successors_leave_the_old_generation_serving() {

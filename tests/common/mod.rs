@@ -99,10 +99,15 @@ impl Server {
     }
 
     pub fn start_program(program: &Path, args: &[&str]) -> Server {
+        Server::start_env(program, args, &[])
+    }
+
+    pub fn start_env(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         SUBREAPER.call_once(procs::become_subreaper);
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -288,6 +293,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Replaces `path` atomically (write beside it, rename over it), as a deploy does.
+pub fn install(path: &Path, contents: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Runs `cmd` to completion with stdout and stderr captured, killing it if
