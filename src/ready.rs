@@ -1,6 +1,7 @@
 //! Readiness over the channel: the successor reports ready with one byte;
-//! the old generation waits for it, for the successor's exit (pidfd), or for
-//! the deadline, and kills and reaps a successor that failed.
+//! the old generation waits for it, for the successor's exit (reported by the
+//! intermediate process, see `spawn`), or for the deadline, and kills and
+//! reaps a successor that failed.
 //!
 //! The channel is a close-on-exec `AF_UNIX` stream pair rather than a pipe:
 //! `send(MSG_NOSIGNAL)` makes a vanished peer an `EPIPE` error instead of a
@@ -9,11 +10,11 @@
 //! exactly when its predecessor is gone.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use crate::error::UpgradeError;
-use crate::spawn::{self, Child};
+use crate::spawn::Child;
 use crate::sys;
 
 /// The one message of the channel: "ready".
@@ -27,100 +28,60 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// killed (if still running) and reaped before this returns.
 pub(crate) fn wait_ready(
     channel: BorrowedFd<'_>,
-    child: &Child,
+    child: &mut Child,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), UpgradeError> {
     let pid = child.pid as u32;
-    let fail = |e: UpgradeError| {
-        spawn::kill_and_reap(child, Instant::now());
+    let fail = |child: &mut Child, e: UpgradeError| {
+        child.kill_and_reap();
         Err(e)
     };
     loop {
-        // Without a pidfd, wake up every 50 ms to look for an exit.
-        let slice = match child.pidfd {
-            Some(_) => deadline,
-            None => deadline.min(Instant::now() + Duration::from_millis(50)),
-        };
-        let mut fds = vec![(channel, libc::POLLIN)];
-        if let Some(pidfd) = &child.pidfd {
-            fds.push((pidfd.as_fd(), libc::POLLIN));
-        }
-        let revents = match sys::poll_until(&fds, slice) {
+        let revents = match sys::poll_until(
+            &[(channel, libc::POLLIN), (child.exit_fd(), libc::POLLIN)],
+            deadline,
+        ) {
             Ok(r) => r,
-            Err(e) => return fail(UpgradeError::io("poll on the readiness channel", e)),
+            Err(e) => return fail(child, UpgradeError::io("poll on the readiness channel", e)),
         };
         if revents[0] != 0 {
             let mut byte = [0u8; 1];
             match sys::recv(channel, &mut byte, libc::MSG_DONTWAIT) {
                 Ok(1) if byte[0] == MSG_READY => {
                     // Ready, unless it died right after saying so.
-                    return match exited(child) {
+                    return match child.exited() {
                         Some(status) => Err(UpgradeError::Exited { pid, status }),
                         None => Ok(()),
                     };
                 }
                 Ok(1) => {
-                    return fail(UpgradeError::Protocol {
-                        pid,
-                        reason: format!(
-                            "unexpected byte {:#04x} on the readiness channel",
-                            byte[0]
-                        ),
-                    });
+                    let reason =
+                        format!("unexpected byte {:#04x} on the readiness channel", byte[0]);
+                    return fail(child, UpgradeError::Protocol { pid, reason });
                 }
                 Ok(_) => {
                     // EOF: it exited, or closed the channel and lives on.
-                    if let Some(status) = wait_exit(child, Instant::now() + EXIT_GRACE) {
+                    if let Some(status) = child.wait_exit(Instant::now() + EXIT_GRACE) {
                         return Err(UpgradeError::Exited { pid, status });
                     }
-                    return fail(UpgradeError::ClosedWithoutReady { pid });
+                    return fail(child, UpgradeError::ClosedWithoutReady { pid });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return fail(UpgradeError::io("reading the readiness channel", e)),
+                Err(e) => return fail(child, UpgradeError::io("reading the readiness channel", e)),
             }
         }
-        if let Some(status) = exited(child) {
+        if let Some(status) = child.exited() {
             return Err(UpgradeError::Exited { pid, status });
         }
         if Instant::now() >= deadline {
-            return fail(UpgradeError::Timeout {
-                pid,
-                after: timeout,
-            });
-        }
-    }
-}
-
-/// `Some(status)` (reaped) if the child has exited; `Some(None)` if it is
-/// gone but was reaped elsewhere.
-fn exited(child: &Child) -> Option<Option<std::process::ExitStatus>> {
-    match spawn::reap_now(child.pid) {
-        Ok(None) => None,
-        Ok(Some(status)) => Some(Some(status)),
-        Err(_) => Some(None),
-    }
-}
-
-/// Waits until the child exits or `until` passes.
-fn wait_exit(child: &Child, until: Instant) -> Option<Option<std::process::ExitStatus>> {
-    loop {
-        if let Some(s) = exited(child) {
-            return Some(s);
-        }
-        let now = Instant::now();
-        if now >= until {
-            return None;
-        }
-        match &child.pidfd {
-            Some(pidfd) => {
-                let _ = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], until);
-            }
-            None => {
-                // No pidfd on this kernel: a short, bounded wait for the
-                // next look.
-                let _ = sys::poll_until(&[], now + Duration::from_millis(10).min(until - now));
-            }
+            return fail(
+                child,
+                UpgradeError::Timeout {
+                    pid,
+                    after: timeout,
+                },
+            );
         }
     }
 }

@@ -21,7 +21,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use crate::env;
 use crate::sys::{self, syscall};
@@ -32,13 +33,115 @@ const PID_DIGITS: usize = 20;
 /// The steps of the child that can fail, as reported over the error pipe.
 const STEP_FDS: u32 = 1;
 const STEP_EXEC: u32 = 2;
+const STEP_FORK: u32 = 3;
 
 /// A started successor.
+///
+/// It is started through an intermediate process (a double fork): the
+/// intermediate forks the successor, reports its pid, and then either
+/// forwards the successor's wait status (if it exits first) or exits when
+/// released. Released after a successful upgrade, it leaves the successor
+/// an orphan, reparented at once to the nearest subreaper — the service
+/// manager under systemd — so that the successor is never a child of the
+/// old generation when it becomes the main process.
 #[derive(Debug)]
 pub(crate) struct Child {
+    /// The successor's pid.
     pub pid: libc::pid_t,
-    /// A pidfd, where the kernel has them.
-    pub pidfd: Option<OwnedFd>,
+    intermediate: libc::pid_t,
+    /// The successor's wait status, 4 bytes, written by the intermediate.
+    status: OwnedFd,
+    /// Closing it lets the intermediate exit.
+    release: Option<OwnedFd>,
+}
+
+impl Child {
+    /// Whether the successor has exited, without waiting: `Some(status)`
+    /// (`None` inside if its status was lost).
+    pub(crate) fn exited(&mut self) -> Option<Option<ExitStatus>> {
+        self.wait_exit(Instant::now())
+    }
+
+    /// Waits until the successor exits or `until` passes.
+    pub(crate) fn wait_exit(&mut self, until: Instant) -> Option<Option<ExitStatus>> {
+        let rev = sys::poll_until(&[(self.status.as_fd(), libc::POLLIN)], until).ok()?;
+        if rev[0] == 0 {
+            return None;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let mut buf = [0u8; 4];
+        let status = match read_full(self.status.as_fd(), &mut buf) {
+            Ok(true) => Some(ExitStatus::from_raw(i32::from_ne_bytes(buf))),
+            _ => None,
+        };
+        reap_blocking(self.intermediate);
+        self.intermediate = 0;
+        Some(status)
+    }
+
+    /// The fd that becomes readable when the successor exits.
+    pub(crate) fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.status.as_fd()
+    }
+
+    /// Kills the successor and waits (bounded) until it is reaped.
+    pub(crate) fn kill_and_reap(&mut self) {
+        if self.intermediate == 0 {
+            return; // already reported and reaped
+        }
+        // SAFETY: kill with the pid of a successor the intermediate has not
+        // reaped: it reaps only when reporting, which we have not read yet.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        if self
+            .wait_exit(Instant::now() + Duration::from_secs(5))
+            .is_none()
+        {
+            tracing::error!(
+                pid = self.pid,
+                "successor did not die within 5 s of SIGKILL"
+            );
+            // SAFETY: kill with the pid of our own, unreaped intermediate.
+            unsafe {
+                libc::kill(self.intermediate, libc::SIGKILL);
+            }
+            reap_blocking(self.intermediate);
+            self.intermediate = 0;
+        }
+    }
+
+    /// Lets the successor go: the intermediate exits and is reaped, and the
+    /// successor is reparented to the nearest subreaper (or init).
+    pub(crate) fn release(mut self) {
+        self.release.take();
+        if self.intermediate != 0 {
+            reap_blocking(self.intermediate);
+            self.intermediate = 0;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // Never leave the intermediate behind; a successor that was not
+        // released is killed with it.
+        if self.release.is_some() {
+            self.kill_and_reap();
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on an early EOF.
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read(fd, &mut buf[got..])? {
+            0 => return Ok(false),
+            n => got += n,
+        }
+    }
+    Ok(true)
 }
 
 /// Why a spawn failed.
@@ -56,6 +159,7 @@ impl SpawnError {
     pub(crate) fn describe_step(step: u32) -> &'static str {
         match step {
             STEP_FDS => "arranging the handed fds",
+            STEP_FORK => "fork",
             _ => "execve",
         }
     }
@@ -176,13 +280,17 @@ pub(crate) fn spawn(
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: the child branch only runs `child`, which makes
+    let (status_r, status_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
+    let (release_r, release_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
+    let (status_fd, release_fd) = (status_w.as_raw_fd(), release_r.as_raw_fd());
+    let release_w_fd = release_w.as_raw_fd();
+    // SAFETY: the child branch only runs `intermediate`, which makes
     // async-signal-safe calls on memory allocated before fork and never
     // returns; the parent branch continues normally.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: we are the child of fork; see `child`.
-        unsafe { child(&mut plan) }
+        // SAFETY: we are the child of fork; see `intermediate`.
+        unsafe { intermediate(&mut plan, status_fd, release_fd, release_w_fd) }
     }
     // SAFETY: `old` was filled in by pthread_sigmask above.
     unsafe {
@@ -191,9 +299,38 @@ pub(crate) fn spawn(
     if pid < 0 {
         return Err(SpawnError::Parent("fork", io::Error::last_os_error()));
     }
-    drop(err_w);
-    let pidfd = sys::pidfd_open(pid);
-    let child = Child { pid, pidfd };
+    drop((err_w, status_w, release_r));
+
+    // The intermediate reports the successor's pid, or fails to fork it.
+    let mut pid_buf = [0u8; 4];
+    let got_pid = sys::poll_until(&[(status_r.as_fd(), libc::POLLIN)], deadline)
+        .map_err(|e| SpawnError::Parent("poll", e))?[0]
+        != 0
+        && read_full(status_r.as_fd(), &mut pid_buf).unwrap_or(false);
+    let mut child = Child {
+        pid: i32::from_ne_bytes(pid_buf),
+        intermediate: pid,
+        status: status_r,
+        release: Some(release_w),
+    };
+    if !got_pid {
+        // It failed to fork (and wrote why to the error pipe), or hung.
+        // SAFETY: kill with the pid of our own, unreaped intermediate.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        reap_blocking(pid);
+        child.intermediate = 0;
+        child.release = None;
+        let mut report = [0u8; 8];
+        if let Ok(true) = read_full(err_r.as_fd(), &mut report) {
+            return Err(child_error(&report));
+        }
+        return Err(SpawnError::Parent(
+            "fork",
+            io::Error::other("the intermediate process failed"),
+        ));
+    }
 
     // Wait for exec: EOF on the error pipe, or an 8-byte report.
     let mut report = [0u8; 8];
@@ -204,7 +341,8 @@ pub(crate) fn spawn(
         if revents[0] == 0 {
             // The deadline passed while the child was still before exec
             // (e.g. a hung filesystem). Kill it; the caller reports a timeout.
-            kill_and_reap(&child, deadline);
+            child.kill_and_reap();
+            child.release = None;
             return Err(SpawnError::ExecTimeout { pid: child.pid });
         }
         match sys::read(err_r.as_fd(), &mut report[got..]) {
@@ -221,19 +359,96 @@ pub(crate) fn spawn(
     if got == 0 {
         return Ok(child);
     }
-    reap_blocking(child.pid);
+    // The successor reported and _exit()ed: collect its status.
+    child.wait_exit(Instant::now() + Duration::from_secs(5));
+    child.kill_and_reap();
+    child.release = None;
     if got < report.len() {
         return Err(SpawnError::Parent(
             "reading the exec error pipe",
             io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
         ));
     }
+    Err(child_error(&report))
+}
+
+fn child_error(report: &[u8; 8]) -> SpawnError {
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
-    Err(SpawnError::Child {
+    SpawnError::Child {
         step,
         err: io::Error::from_raw_os_error(errno),
-    })
+    }
+}
+
+/// The intermediate process: forks the successor, reports its pid, then
+/// forwards its wait status or exits when released.
+///
+/// # Safety
+/// Must only be called in the child of `fork`, with `plan` built by `spawn`.
+/// It makes only async-signal-safe calls and never returns.
+unsafe fn intermediate(
+    plan: &mut Plan,
+    status_fd: RawFd,
+    release_fd: RawFd,
+    release_w: RawFd,
+) -> ! {
+    // SAFETY: fork, close, write, poll, waitpid, syscall(pidfd_open) and
+    // _exit are async-signal-safe; every buffer is on this stack or in
+    // `plan`, allocated before the first fork.
+    unsafe {
+        // Only the old generation may hold the release pipe's write end:
+        // its closing is the signal to exit.
+        libc::close(release_w);
+        let pid = libc::fork();
+        if pid == 0 {
+            child(plan)
+        }
+        if pid < 0 {
+            let errno = *libc::__errno_location();
+            let mut buf = [0u8; 8];
+            buf[..4].copy_from_slice(&STEP_FORK.to_ne_bytes());
+            buf[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(plan.err_fd, buf.as_ptr().cast(), buf.len());
+            libc::_exit(127);
+        }
+        // Our copies of the error pipe and of the channel must not keep
+        // them open once the successor has closed them.
+        libc::close(plan.err_fd);
+        if let Some(channel) = plan.sources.last() {
+            libc::close(*channel);
+        }
+        let bytes = pid.to_ne_bytes();
+        if libc::write(status_fd, bytes.as_ptr().cast(), 4) != 4 {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: release_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let (n, timeout) = if pidfd >= 0 { (2, -1) } else { (1, 10) };
+            libc::poll(fds.as_mut_ptr(), n, timeout);
+            if fds[0].revents != 0 {
+                libc::_exit(0); // released (or the old generation is gone)
+            }
+            let mut status = 0;
+            if libc::waitpid(pid, &mut status, libc::WNOHANG) == pid {
+                let bytes = status.to_ne_bytes();
+                libc::write(status_fd, bytes.as_ptr().cast(), 4);
+                libc::_exit(0);
+            }
+        }
+    }
 }
 
 /// The child between fork and exec.
@@ -343,45 +558,6 @@ unsafe fn child(plan: &mut Plan) -> ! {
             plan.envp_ptrs.as_ptr(),
         );
         fail(err_fd, STEP_EXEC)
-    }
-}
-
-/// Sends SIGKILL and reaps, waiting at most until `deadline` plus a grace
-/// period for the kernel to tear the process down.
-pub(crate) fn kill_and_reap(child: &Child, deadline: Instant) {
-    // SAFETY: kill with a pid we started and have not reaped yet.
-    unsafe {
-        libc::kill(child.pid, libc::SIGKILL);
-    }
-    let grace = deadline.max(Instant::now()) + std::time::Duration::from_secs(5);
-    match &child.pidfd {
-        Some(pidfd) => {
-            let _ = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], grace);
-            if let Ok(None) = reap_now(child.pid) {
-                tracing::error!(
-                    pid = child.pid,
-                    "successor did not die within 5 s of SIGKILL; not reaped"
-                );
-            }
-        }
-        None => reap_blocking(child.pid),
-    }
-}
-
-/// Reaps `pid` if it has exited: `Ok(Some(status))`; `Ok(None)` while it
-/// runs; `Err` if it is not our child any more (e.g. `SIGCHLD` is ignored and
-/// the kernel reaped it).
-pub(crate) fn reap_now(pid: libc::pid_t) -> io::Result<Option<std::process::ExitStatus>> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut status = 0;
-    loop {
-        // waitpid writes the status into the int it is given.
-        match syscall!(waitpid(pid, &mut status, libc::WNOHANG)) {
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(std::process::ExitStatus::from_raw(status))),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
     }
 }
 

@@ -55,18 +55,6 @@ pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (own(fds[0]), own(fds[1])) })
 }
 
-/// A pidfd for `pid` (Linux 5.3+), close-on-exec. `None` where the kernel lacks it.
-pub(crate) fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the syscall returned a new fd, owned by us alone. pidfds are
-    // always created close-on-exec.
-    Some(unsafe { own(fd as RawFd) })
-}
-
 /// `fcntl(F_GETFD)`: whether the fd is open, and its close-on-exec flag.
 pub(crate) fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
     // F_GETFD reads a flag word; any fd number is a valid argument.
@@ -223,8 +211,6 @@ mod tests {
         for fd in [a.as_fd(), b.as_fd(), r.as_fd(), w.as_fd()] {
             assert!(is_cloexec(fd).unwrap());
         }
-        let pidfd = pidfd_open(std::process::id() as libc::pid_t).expect("pidfd_open");
-        assert!(is_cloexec(pidfd.as_fd()).unwrap());
     }
 
     #[test]

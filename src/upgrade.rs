@@ -207,7 +207,7 @@ impl Handover {
             spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
         };
         drop(theirs);
-        let child = match child {
+        let mut child = match child {
             Ok(c) => c,
             Err(SpawnError::Child { step, err }) => {
                 tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
@@ -232,11 +232,15 @@ impl Handover {
         let exec_ms = start.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(pid, exec_ms, "successor exec'd");
 
-        if let Err(e) = ready::wait_ready(ours.as_fd(), &child, deadline, inner.ready_timeout) {
+        if let Err(e) = ready::wait_ready(ours.as_fd(), &mut child, deadline, inner.ready_timeout) {
             tracing::warn!(pid, error = %e, elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "upgrade failed; still serving");
             return Err(e);
         }
         let ready_after = start.elapsed();
+        // Let the successor go: its intermediate exits, and it is reparented
+        // to the nearest subreaper (the service manager under systemd) before
+        // anyone is told it is the main process.
+        child.release();
 
         // Commit: from here on the successor serves.
         if let Some(path) = &inner.pid_file {

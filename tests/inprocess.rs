@@ -16,6 +16,8 @@ use handover::{Handover, State, UpgradeError, UpgradeOptions};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A released successor is reparented to the nearest subreaper: us.
+    procs::become_subreaper();
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 

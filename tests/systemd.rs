@@ -1,0 +1,427 @@
+//! Against a real systemd user manager: reloads under load keep MainPID on
+//! the serving generation and the unit active; the watchdog follows the main
+//! process; a dead new main is restarted; socket activation and the fd store
+//! carry the sockets.
+//!
+//! Each test runs `systemd --user` in a private mount namespace with a tmpfs
+//! on /run/systemd holding the marker /run/systemd/system, in cgroups of its
+//! own, and talks to it with `systemctl --user` through `nsenter`. Where that
+//! cannot run (not root, no systemd, no writable cgroup hierarchy) the tests
+//! say so and skip.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{TempDir, field, load, procs, wait_until};
+
+const SYSTEMD: &str = "/lib/systemd/systemd";
+
+/// One manager at a time: they are heavy for a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Manager {
+    child: Child,
+    dir: TempDir,
+    cgroup: String,
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root: cannot unshare a mount namespace".into());
+    }
+    if !Path::new(SYSTEMD).exists() {
+        return Some(format!("{SYSTEMD} is missing"));
+    }
+    for h in ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"] {
+        if !Path::new(h).join("cgroup.procs").exists() {
+            return Some(format!("no cgroup hierarchy at {h}"));
+        }
+    }
+    for tool in ["unshare", "nsenter", "systemctl"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} is missing"));
+        }
+    }
+    None
+}
+
+macro_rules! manager_or_skip {
+    () => {
+        match Manager::start() {
+            Ok(m) => m,
+            Err(why) => {
+                eprintln!("SKIPPED: a systemd user manager cannot run here: {why}");
+                return;
+            }
+        }
+    };
+}
+
+impl Manager {
+    fn start() -> Result<Manager, String> {
+        if let Some(why) = skip_reason() {
+            return Err(why);
+        }
+        let dir = TempDir::new("systemd");
+        let runtime = dir.path().join("runtime");
+        let config = dir.path().join("config");
+        std::fs::create_dir_all(config.join("systemd/user")).unwrap();
+        std::fs::create_dir_all(&runtime).unwrap();
+        std::fs::set_permissions(
+            &runtime,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let cgroup = format!(
+            "handover-test-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let script = format!(
+            "set -e
+             mount -t tmpfs tmpfs /run/systemd
+             mkdir -p /run/systemd/system
+             for h in systemd unified; do
+               mkdir -p /sys/fs/cgroup/$h/{cgroup}
+               echo $$ > /sys/fs/cgroup/$h/{cgroup}/cgroup.procs
+             done
+             exec {SYSTEMD} --user --log-target=kmsg"
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("XDG_CONFIG_HOME", &config)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("manager.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("manager.err")).unwrap())
+            .spawn()
+            .map_err(|e| format!("unshare: {e}"))?;
+        let m = Manager { child, dir, cgroup };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = m.systemctl(&["is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if state == "running" || state == "degraded" {
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                let err =
+                    std::fs::read_to_string(m.dir.path().join("manager.err")).unwrap_or_default();
+                return Err(format!(
+                    "the manager did not start (state {state:?}): {err}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn systemctl(&self, args: &[&str]) -> std::process::Output {
+        let pid = self.child.id().to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &pid, "-m", "--", "systemctl", "--user", "--no-pager"])
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.path().join("runtime"));
+        common::output_bounded(&mut cmd, Duration::from_secs(60))
+    }
+
+    fn ok(&self, args: &[&str]) {
+        let out = self.systemctl(args);
+        assert!(
+            out.status.success(),
+            "systemctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn unit(&self, name: &str, text: &str) {
+        std::fs::write(self.path().join("config/systemd/user").join(name), text).unwrap();
+    }
+
+    fn prop(&self, unit: &str, prop: &str) -> String {
+        let out = self.systemctl(&["show", "-P", prop, unit]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn main_pid(&self, unit: &str) -> u32 {
+        self.prop(unit, "MainPID").parse().unwrap_or(0)
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.systemctl(&["stop", "handover-test.service", "handover-test.socket"]);
+        let _ = procs::signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for h in ["systemd", "unified"] {
+            let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{h}/{}", self.cgroup));
+        }
+    }
+}
+
+/// A free loopback port, from the kernel.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn server_bin() -> PathBuf {
+    common::server_bin()
+}
+
+/// The address in the newest `ready` line of the unit's stdout file.
+fn wait_ready_addr(out: &Path, pid: u32) -> SocketAddr {
+    let mut addr = None;
+    wait_until(
+        &format!("ready line of {pid}"),
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(out).unwrap_or_default();
+            addr = text
+                .lines()
+                .filter(|l| l.starts_with("ready") && field(l, "pid") == Some(&pid.to_string()))
+                .find_map(|l| field(l, "addr").and_then(|a| a.split(',').next()?.parse().ok()));
+            addr.is_some()
+        },
+    );
+    addr.unwrap()
+}
+
+/// Reloads `n` times under load; asserts MainPID follows and nothing fails.
+fn reloads_under_load(m: &Manager, unit: &str, n: usize, reload: &[&str]) -> Vec<u32> {
+    let out = m.path().join("out");
+    let first = m.main_pid(unit);
+    assert_ne!(first, 0, "no main pid");
+    let addr = wait_ready_addr(&out, first);
+    let load = load::Load::start(addr, 2, 2);
+    let stats = load.stats.clone();
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
+    let mut pids = vec![first];
+    for _ in 0..n {
+        let old = *pids.last().unwrap();
+        m.ok(reload);
+        wait_until(
+            "MainPID to move to the successor",
+            Duration::from_secs(30),
+            || {
+                let p = m.main_pid(unit);
+                p != 0 && p != old
+            },
+        );
+        let new = m.main_pid(unit);
+        wait_until("the successor to answer", Duration::from_secs(30), || {
+            stats.by_pid.lock().unwrap().contains_key(&new)
+        });
+        wait_until(
+            "the old generation to exit",
+            Duration::from_secs(30),
+            || !procs::exists(old),
+        );
+        assert_eq!(m.prop(unit, "ActiveState"), "active");
+        pids.push(new);
+    }
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    assert_eq!(m.prop(unit, "NRestarts"), "0");
+    pids
+}
+
+fn service(extra_service: &str, args: &str, out: &Path) -> String {
+    format!(
+        "[Service]
+Type=notify
+ExecStart={bin} {args}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+StandardOutput=append:{out}
+StandardError=journal
+{extra_service}
+",
+        bin = server_bin().display(),
+        out = out.display()
+    )
+}
+
+#[test]
+fn type_notify_reloads_under_load_follow_the_main_pid() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    m.unit(
+        "handover-test.service",
+        &service("", "--listen 127.0.0.1:0", &out),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-test.service"]);
+    let pids = reloads_under_load(
+        &m,
+        "handover-test.service",
+        3,
+        &["reload", "handover-test.service"],
+    );
+    assert_eq!(pids.len(), 4);
+    m.ok(&["stop", "handover-test.service"]);
+    assert_eq!(m.prop("handover-test.service", "ActiveState"), "inactive");
+    // The last generation drained and exited 0: systemd waited for it, as for
+    // its own child (the successor was reparented to the manager before it
+    // was named main, so it is never an "alien" main process).
+    assert_eq!(m.prop("handover-test.service", "Result"), "success");
+    let last = pids.last().unwrap().to_string();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let exit = text.lines().find(|l| l.starts_with("exit") && field(l, "pid") == Some(last.as_str()));
+    assert!(exit.is_some_and(|l| l.contains("reason=stop")), "{text}");
+}
+
+#[test]
+fn the_watchdog_follows_the_main_process() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    m.unit(
+        "handover-test.service",
+        &service("WatchdogSec=2", "--listen 127.0.0.1:0", &out),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-test.service"]);
+    let pids = reloads_under_load(
+        &m,
+        "handover-test.service",
+        3,
+        &["reload", "handover-test.service"],
+    );
+    // Two full watchdog periods with the last generation as main: a missed
+    // ping would restart the unit.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert_eq!(
+            m.main_pid("handover-test.service"),
+            *pids.last().unwrap(),
+            "watchdog restart"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(m.prop("handover-test.service", "NRestarts"), "0");
+    assert_eq!(m.prop("handover-test.service", "ActiveState"), "active");
+}
+
+#[test]
+fn killing_the_new_main_after_a_reload_triggers_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    m.unit(
+        "handover-test.service",
+        &service("RestartSec=100ms", "--listen 127.0.0.1:0", &out),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-test.service"]);
+    let pids = reloads_under_load(
+        &m,
+        "handover-test.service",
+        1,
+        &["reload", "handover-test.service"],
+    );
+    let new = pids[1];
+    procs::signal(new, libc::SIGKILL).unwrap();
+    wait_until("Restart=on-failure", Duration::from_secs(30), || {
+        m.prop("handover-test.service", "NRestarts") == "1"
+            && m.prop("handover-test.service", "ActiveState") == "active"
+            && m.main_pid("handover-test.service") != new
+    });
+}
+
+#[test]
+fn socket_activation_is_carried_through_reloads() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    let port = free_port();
+    m.unit(
+        "handover-test.socket",
+        &format!("[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName=http\n"),
+    );
+    m.unit(
+        "handover-test.service",
+        &service("", &format!("--listen 127.0.0.1:{port}"), &out),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-test.socket"]);
+    // The first request starts the service.
+    let r = load::get(format!("127.0.0.1:{port}").parse().unwrap(), "/")
+        .expect("socket-activated request");
+    assert_eq!(r.status, 200);
+    assert_eq!(m.main_pid("handover-test.service"), r.pid);
+    reloads_under_load(
+        &m,
+        "handover-test.service",
+        3,
+        &["reload", "handover-test.service"],
+    );
+}
+
+#[test]
+fn fd_store_keeps_the_socket_across_restart() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    m.unit(
+        "handover-test.service",
+        &service(
+            "FileDescriptorStoreMax=4",
+            "--listen 127.0.0.1:0 --fd-store --drain-timeout 5",
+            &out,
+        ),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-test.service"]);
+    let first = m.main_pid("handover-test.service");
+    let addr = wait_ready_addr(&out, first);
+    let load = load::Load::start(addr, 2, 2);
+    let stats = load.stats.clone();
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
+    let mut pid = first;
+    for _ in 0..2 {
+        m.ok(&["restart", "handover-test.service"]);
+        let new = m.main_pid("handover-test.service");
+        assert_ne!(new, pid);
+        // Same socket, same address, taken from the fd store.
+        assert_eq!(wait_ready_addr(&out, new), addr);
+        wait_until(
+            "the restarted service to answer",
+            Duration::from_secs(30),
+            || stats.by_pid.lock().unwrap().contains_key(&new),
+        );
+        pid = new;
+    }
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+}
