@@ -8,6 +8,11 @@
 //! own, and talks to it with `systemctl --user` through `nsenter`. Where that
 //! cannot run (not root, no systemd, no writable cgroup hierarchy) the tests
 //! say so and skip.
+//!
+//! The units are those of examples/systemd/. `HANDOVER_SYSTEMD_ROOT` names an
+//! unpacked systemd package (`dpkg -x`) to use instead of the system's, e.g.
+//! 254 from bookworm-backports for `Type=notify-reload`; .ci/run runs these
+//! tests with both.
 
 mod common;
 
@@ -19,7 +24,60 @@ use std::time::{Duration, Instant};
 
 use common::{TempDir, field, load, procs, wait_until};
 
-const SYSTEMD: &str = "/lib/systemd/systemd";
+/// The systemd to run: the system's, or an unpacked package's.
+struct Systemd {
+    manager: PathBuf,
+    systemctl: PathBuf,
+    libs: Option<PathBuf>,
+}
+
+fn systemd() -> Systemd {
+    match std::env::var_os("HANDOVER_SYSTEMD_ROOT") {
+        Some(root) => {
+            let root = PathBuf::from(root);
+            Systemd {
+                manager: root.join("lib/systemd/systemd"),
+                systemctl: root.join("bin/systemctl"),
+                libs: Some(root.join("usr/lib/x86_64-linux-gnu/systemd")),
+            }
+        }
+        None => Systemd {
+            manager: "/lib/systemd/systemd".into(),
+            systemctl: "systemctl".into(),
+            libs: None,
+        },
+    }
+}
+
+/// The major version of the systemd in use.
+fn systemd_version() -> u32 {
+    let sd = systemd();
+    let mut cmd = Command::new(&sd.systemctl);
+    cmd.arg("--version");
+    if let Some(l) = &sd.libs {
+        cmd.env("LD_LIBRARY_PATH", l);
+    }
+    let out = common::output_bounded(&mut cmd, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A unit of examples/systemd/ with its placeholders filled in and `extra`
+/// lines appended to its last section ([Service] or [Socket]).
+fn example_unit(name: &str, out: &Path, port: u16, extra: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/systemd")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = text
+        .replace("@BIN@", &common::server_bin().display().to_string())
+        .replace("@OUT@", &out.display().to_string())
+        .replace("@PORT@", &port.to_string());
+    format!("{text}{extra}\n")
+}
 
 /// One manager at a time: they are heavy for a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -35,15 +93,16 @@ fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: cannot unshare a mount namespace".into());
     }
-    if !Path::new(SYSTEMD).exists() {
-        return Some(format!("{SYSTEMD} is missing"));
+    let sd = systemd();
+    if !sd.manager.exists() {
+        return Some(format!("{} is missing", sd.manager.display()));
     }
     for h in ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"] {
         if !Path::new(h).join("cgroup.procs").exists() {
             return Some(format!("no cgroup hierarchy at {h}"));
         }
     }
-    for tool in ["unshare", "nsenter", "systemctl"] {
+    for tool in ["unshare", "nsenter"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
@@ -94,9 +153,14 @@ impl Manager {
                mkdir -p /sys/fs/cgroup/$h/{cgroup}
                echo $$ > /sys/fs/cgroup/$h/{cgroup}/cgroup.procs
              done
-             exec {SYSTEMD} --user --log-target=kmsg"
+             exec {manager} --user --log-target=kmsg",
+            manager = systemd().manager.display()
         );
-        let child = Command::new("unshare")
+        let mut cmd = Command::new("unshare");
+        if let Some(l) = systemd().libs {
+            cmd.env("LD_LIBRARY_PATH", l);
+        }
+        let child = cmd
             .args(["-m", "--propagation", "private", "sh", "-c", &script])
             .env("XDG_RUNTIME_DIR", &runtime)
             .env("XDG_CONFIG_HOME", &config)
@@ -131,8 +195,14 @@ impl Manager {
 
     fn systemctl(&self, args: &[&str]) -> std::process::Output {
         let pid = self.child.id().to_string();
+        let sd = systemd();
         let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &pid, "-m", "--", "systemctl", "--user", "--no-pager"])
+        if let Some(l) = &sd.libs {
+            cmd.env("LD_LIBRARY_PATH", l);
+        }
+        cmd.args(["-t", &pid, "-m", "--"])
+            .arg(&sd.systemctl)
+            .args(["--user", "--no-pager"])
             .args(args)
             .env("XDG_RUNTIME_DIR", self.path().join("runtime"));
         common::output_bounded(&mut cmd, Duration::from_secs(60))
@@ -188,10 +258,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn server_bin() -> PathBuf {
-    common::server_bin()
 }
 
 /// The address in the newest `ready` line of the unit's stdout file.
@@ -253,22 +319,6 @@ fn reloads_under_load(m: &Manager, unit: &str, n: usize, reload: &[&str]) -> Vec
     pids
 }
 
-fn service(extra_service: &str, args: &str, out: &Path) -> String {
-    format!(
-        "[Service]
-Type=notify
-ExecStart={bin} {args}
-ExecReload=/bin/kill -HUP $MAINPID
-Restart=on-failure
-StandardOutput=append:{out}
-StandardError=journal
-{extra_service}
-",
-        bin = server_bin().display(),
-        out = out.display()
-    )
-}
-
 #[test]
 fn type_notify_reloads_under_load_follow_the_main_pid() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -276,7 +326,7 @@ fn type_notify_reloads_under_load_follow_the_main_pid() {
     let out = m.path().join("out");
     m.unit(
         "handover-test.service",
-        &service("", "--listen 127.0.0.1:0", &out),
+        &example_unit("handover-notify.service", &out, 0, ""),
     );
     m.ok(&["daemon-reload"]);
     m.ok(&["start", "handover-test.service"]);
@@ -295,7 +345,9 @@ fn type_notify_reloads_under_load_follow_the_main_pid() {
     assert_eq!(m.prop("handover-test.service", "Result"), "success");
     let last = pids.last().unwrap().to_string();
     let text = std::fs::read_to_string(&out).unwrap();
-    let exit = text.lines().find(|l| l.starts_with("exit") && field(l, "pid") == Some(last.as_str()));
+    let exit = text
+        .lines()
+        .find(|l| l.starts_with("exit") && field(l, "pid") == Some(last.as_str()));
     assert!(exit.is_some_and(|l| l.contains("reason=stop")), "{text}");
 }
 
@@ -306,7 +358,7 @@ fn the_watchdog_follows_the_main_process() {
     let out = m.path().join("out");
     m.unit(
         "handover-test.service",
-        &service("WatchdogSec=2", "--listen 127.0.0.1:0", &out),
+        &example_unit("handover-notify.service", &out, 0, "WatchdogSec=2"),
     );
     m.ok(&["daemon-reload"]);
     m.ok(&["start", "handover-test.service"]);
@@ -338,7 +390,7 @@ fn killing_the_new_main_after_a_reload_triggers_restart() {
     let out = m.path().join("out");
     m.unit(
         "handover-test.service",
-        &service("RestartSec=100ms", "--listen 127.0.0.1:0", &out),
+        &example_unit("handover-notify.service", &out, 0, "RestartSec=100ms"),
     );
     m.ok(&["daemon-reload"]);
     m.ok(&["start", "handover-test.service"]);
@@ -365,11 +417,11 @@ fn socket_activation_is_carried_through_reloads() {
     let port = free_port();
     m.unit(
         "handover-test.socket",
-        &format!("[Socket]\nListenStream=127.0.0.1:{port}\nFileDescriptorName=http\n"),
+        &example_unit("handover-socket.socket", &out, port, ""),
     );
     m.unit(
         "handover-test.service",
-        &service("", &format!("--listen 127.0.0.1:{port}"), &out),
+        &example_unit("handover-socket.service", &out, port, ""),
     );
     m.ok(&["daemon-reload"]);
     m.ok(&["start", "handover-test.socket"]);
@@ -393,11 +445,7 @@ fn fd_store_keeps_the_socket_across_restart() {
     let out = m.path().join("out");
     m.unit(
         "handover-test.service",
-        &service(
-            "FileDescriptorStoreMax=4",
-            "--listen 127.0.0.1:0 --fd-store --drain-timeout 5",
-            &out,
-        ),
+        &example_unit("handover-fdstore.service", &out, 0, ""),
     );
     m.ok(&["daemon-reload"]);
     m.ok(&["start", "handover-test.service"]);
@@ -424,4 +472,58 @@ fn fd_store_keeps_the_socket_across_restart() {
     }
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+}
+
+#[test]
+fn type_notify_reload_returns_only_after_the_handoff() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let version = systemd_version();
+    if version < 253 {
+        eprintln!(
+            "SKIPPED: Type=notify-reload needs systemd 253+, this is {version}; \
+             set HANDOVER_SYSTEMD_ROOT to an unpacked newer systemd (see .ci/run)"
+        );
+        return;
+    }
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    let unit = "handover-test.service";
+    m.unit(
+        unit,
+        &example_unit("handover-notify-reload.service", &out, 0, ""),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", unit]);
+    let first = m.main_pid(unit);
+    let addr = wait_ready_addr(&out, first);
+    let load = load::Load::start(addr, 2, 2);
+    let stats = load.stats.clone();
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
+    let mut pid = first;
+    for _ in 0..3 {
+        m.ok(&["reload", unit]);
+        // No waiting: when reload returns, the successor is already main.
+        let new = m.main_pid(unit);
+        assert_ne!(new, pid, "reload returned before the handoff");
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("upgrade-ok")
+                    && field(l, "successor") == Some(&new.to_string())),
+            "{text}"
+        );
+        assert_eq!(m.prop(unit, "ActiveState"), "active");
+        pid = new;
+    }
+    wait_until(
+        "the last generation to answer",
+        Duration::from_secs(30),
+        || stats.by_pid.lock().unwrap().contains_key(&pid),
+    );
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    m.ok(&["stop", unit]);
+    assert_eq!(m.prop(unit, "Result"), "success");
 }
