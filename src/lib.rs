@@ -72,8 +72,9 @@
 //! therefore serves a process started by its old generation, by systemd, or
 //! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
 //! channel and `HANDOVER_GENERATION` the generation. Stale `LISTEN_*`,
-//! `HANDOVER_*`, `WATCHDOG_PID` and `WATCHDOG_USEC` are never passed on, and
-//! the process environment is never modified.
+//! `HANDOVER_*` and `WATCHDOG_PID` are never passed on, and the process
+//! environment is never modified. Under systemd, [`systemd::Notifier`] tells
+//! the manager about each upgrade (see the README's "Running under systemd").
 //!
 //! # Fd hygiene
 //!
@@ -90,9 +91,9 @@
 //!   loop that closes fds one by one.
 //! - `O_NONBLOCK` is a property of the shared socket: both generations see
 //!   the same value. Listeners are handed out non-blocking.
-//! - After a successful handover the successor stays a child of the old
-//!   generation until that exits; if it dies while the old one drains, it is
-//!   a zombie until then.
+//! - The successor is started through a short-lived intermediate process and,
+//!   once ready, reparented to the nearest subreaper (the service manager
+//!   under systemd) or init.
 //! - The library installs no signal handlers: the application decides which
 //!   signal triggers an upgrade.
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -125,8 +125,12 @@ impl Handover {
     /// On success the pid file names the successor, this generation drops its
     /// own copies of the fds (the application drops its listeners itself),
     /// and the channel stays open until this process exits, so the successor
-    /// learns when its predecessor is gone. The successor is not reaped: it
-    /// is reparented when this process exits.
+    /// learns when its predecessor is gone. The successor is never this
+    /// process's child: it is started through an intermediate process, which
+    /// exits on success so that the successor is reparented to the nearest
+    /// subreaper (the service manager under systemd) or init. Under systemd
+    /// the manager is told `MAINPID=<successor>` and `READY=1` (see
+    /// [`systemd`](crate::systemd)).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         let inner = &self.inner;
         {
