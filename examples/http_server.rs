@@ -17,8 +17,15 @@
 //!   to PATH (a test aid: proves what a successor inherits)
 //! - `--fd-store`: under systemd, keep the listeners in the fd store too, so
 //!   that `systemctl restart` refuses no connection (`FileDescriptorStoreMax=`)
+//! - `--control PATH`: a control socket (mode 0600) for `reload` and `status`
+//! - `--preflight`: before each upgrade, run the new binary with these
+//!   arguments plus `--check`, and upgrade only if that exits 0
 //! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
 //!   report any helper that inherited a socket (a test aid)
+//!
+//! `http_server reload --control PATH [--binary PATH]` asks a running server
+//! to upgrade (to another binary, e.g. to roll back) and exits 0 only if the
+//! upgrade succeeded, else 1 with the reason on stderr.
 //!
 //! SIGHUP or SIGUSR2 upgrades; SIGTERM or SIGINT drains and exits. Every
 //! response carries `X-Pid` and `X-Generation`; while draining, responses
@@ -58,6 +65,9 @@ struct Config {
     report_fds: Option<PathBuf>,
     spawn_helpers: bool,
     fd_store: bool,
+    control: Option<PathBuf>,
+    preflight: bool,
+    check: bool,
 }
 
 fn parse(args: &[OsString]) -> Result<Config, String> {
@@ -80,6 +90,14 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             c.fd_store = true;
             continue;
         }
+        if flag == "--preflight" {
+            c.preflight = true;
+            continue;
+        }
+        if flag == "--check" {
+            c.check = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let v = value.to_str().ok_or("arguments must be UTF-8")?;
         match flag {
@@ -92,6 +110,7 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--ready-timeout" => c.ready_timeout = Some(secs(v, flag)?),
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
             "--report-fds" => c.report_fds = Some(v.into()),
+            "--control" => c.control = Some(v.into()),
             _ => return Err(format!("unknown flag {flag:?}")),
         }
     }
@@ -243,6 +262,13 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     if let Some(t) = config.drain_timeout {
         builder = builder.drain_timeout(t);
     }
+    if config.preflight {
+        // Like `nginx -t`: the new binary must accept this process's
+        // arguments before it is started for real.
+        let mut check: Vec<OsString> = std::env::args_os().skip(1).collect();
+        check.push("--check".into());
+        builder = builder.preflight(check);
+    }
     builder.fd_store(config.fd_store).build()
 }
 
@@ -335,6 +361,13 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         });
     }
 
+    let control = match &config.control {
+        Some(p) => Some(tokio::net::UnixListener::from_std(
+            handover::control::bind(&handover, p)?,
+        )?),
+        None => None,
+    };
+
     // The application owns its signals: SIGHUP/SIGUSR2 upgrade, SIGTERM/SIGINT
     // stop. Install the handlers before ready(): from then on an operator may
     // signal this process, and SIGHUP's default action would kill it.
@@ -377,15 +410,25 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         });
     }
 
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(1);
+    let control_task = control.map(|listener| {
+        let h = handover.clone();
+        tokio::spawn(async move {
+            let _ = ctl_tx
+                .send(handover::control::serve(h, listener).await)
+                .await;
+        })
+    });
     let reason = loop {
-        tokio::select! {
-            _ = hup.recv() => {}
-            _ = usr2.recv() => {}
+        let trigger = Instant::now();
+        let result = tokio::select! {
+            _ = hup.recv() => handover.upgrade().await,
+            _ = usr2.recv() => handover.upgrade().await,
+            Some(done) = ctl_rx.recv() => Ok(done),
             _ = term.recv() => break "stop",
             _ = int.recv() => break "stop",
-        }
-        let trigger = Instant::now();
-        match handover.upgrade().await {
+        };
+        match result {
             Ok(done) => {
                 event(format_args!(
                     "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} trigger_ms={:.3}",
@@ -403,6 +446,9 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         }
     };
 
+    if let Some(t) = control_task {
+        t.abort(); // stop answering control requests: the successor does
+    }
     if reason == "stop" {
         // A real stop: the whole service stops. A generation that drains
         // after a handover never says so.
@@ -422,8 +468,49 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     Ok(())
 }
 
+/// `reload --control PATH [--binary PATH] [--timeout SECS]`: asks the running
+/// server to upgrade and exits 0 once it has, or 1 with the reason on stderr
+/// — so `ExecReload=` makes `systemctl reload` fail when the upgrade fails.
+fn reload(args: &[OsString]) -> ExitCode {
+    let (mut control, mut binary, mut timeout) = (None, None, Duration::from_secs(120));
+    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(flag) = it.next() {
+        let value = it.next();
+        match (flag.as_str(), value) {
+            ("--control", Some(v)) => control = Some(PathBuf::from(v)),
+            ("--binary", Some(v)) => binary = Some(PathBuf::from(v)),
+            ("--timeout", Some(v)) if v.parse::<f64>().is_ok_and(|t| t > 0.0) => {
+                timeout = Duration::from_secs_f64(v.parse().expect("checked"))
+            }
+            _ => {
+                eprintln!(
+                    "usage: http_server reload --control PATH [--binary PATH] [--timeout SECS]"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(control) = control else {
+        eprintln!("http_server reload: --control PATH is required");
+        return ExitCode::from(2);
+    };
+    match handover::control::reload(&control, binary.as_deref(), timeout) {
+        Ok(reply) => {
+            println!("upgraded: {reply}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("http_server reload: upgrade failed: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the server with `args` (without the program name).
 pub fn main_with(args: &[OsString]) -> ExitCode {
+    if args.first().is_some_and(|a| a == "reload") {
+        return reload(&args[1..]);
+    }
     let config = match parse(args) {
         Ok(c) => c,
         Err(e) => {
@@ -431,6 +518,12 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.check {
+        // Preflight: the arguments parse; a real service would load and
+        // validate its configuration here.
+        println!("http_server: configuration ok");
+        return ExitCode::SUCCESS;
+    }
     if let Some(path) = &config.report_fds {
         if let Err(e) = report_fds(path) {
             eprintln!("http_server: --report-fds: {e}");

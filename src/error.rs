@@ -143,6 +143,14 @@ pub enum UpgradeError {
         /// What the check found.
         source: io::Error,
     },
+    /// The preflight check of the new program failed (or did not finish
+    /// within the ready timeout); no successor was started.
+    Preflight {
+        /// Its exit status; `None` if it was killed at the deadline.
+        status: Option<ExitStatus>,
+        /// Its standard output and error (at most 64 KiB).
+        output: String,
+    },
     /// The child could not exec the program (`execve` failed), or could not
     /// set up its fds first.
     Exec {
@@ -239,6 +247,13 @@ impl fmt::Display for UpgradeError {
                     "cannot run successor program {}: {source}",
                     path.display()
                 )
+            }
+            UpgradeError::Preflight { status, output } => {
+                let status = match status {
+                    Some(s) => s.to_string(),
+                    None => "timed out".to_owned(),
+                };
+                write!(f, "preflight check failed ({status}): {}", output.trim())
             }
             UpgradeError::Exec { path, source } => {
                 write!(f, "successor could not exec {}: {source}", path.display())

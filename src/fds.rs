@@ -72,6 +72,9 @@ pub(crate) enum Want {
     Udp(SocketAddr),
     UnixListener(PathBuf),
     UnixDatagram(PathBuf),
+    /// A Unix stream listener whose bound name may differ from its path
+    /// (bound elsewhere, then renamed into place).
+    UnixListenerAt(PathBuf),
     Any,
 }
 
@@ -82,6 +85,7 @@ impl Want {
             Want::Udp(a) => format!("a UDP socket on {a}"),
             Want::UnixListener(p) => format!("a Unix stream listener on {}", p.display()),
             Want::UnixDatagram(p) => format!("a Unix datagram socket on {}", p.display()),
+            Want::UnixListenerAt(p) => format!("a Unix stream listener for {}", p.display()),
             Want::Any => "an open fd".to_owned(),
         }
     }
@@ -253,7 +257,7 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
     let (want_type, want_domain, listening) = match want {
         Want::TcpListener(a) => (Type::STREAM, Domain::for_address(*a), true),
         Want::Udp(a) => (Type::DGRAM, Domain::for_address(*a), false),
-        Want::UnixListener(_) => (Type::STREAM, Domain::UNIX, true),
+        Want::UnixListener(_) | Want::UnixListenerAt(_) => (Type::STREAM, Domain::UNIX, true),
         Want::UnixDatagram(_) => (Type::DGRAM, Domain::UNIX, false),
         Want::Any => unreachable!("handled above"),
     };
@@ -310,7 +314,7 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
             None => false,
         },
         Want::UnixListener(p) | Want::UnixDatagram(p) => unix_addr_matches(&local, p),
-        Want::Any => true,
+        Want::UnixListenerAt(_) | Want::Any => true,
     };
     if !matches {
         return Err(invalid(

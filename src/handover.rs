@@ -35,6 +35,7 @@ pub struct Builder {
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
     fd_store: bool,
+    preflight: Option<Vec<OsString>>,
 }
 
 impl Default for Builder {
@@ -46,6 +47,7 @@ impl Default for Builder {
             program: None,
             args: None,
             fd_store: false,
+            preflight: None,
         }
     }
 }
@@ -94,6 +96,19 @@ impl Builder {
         S: Into<OsString>,
     {
         self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Preflight: before every upgrade, run the successor's program with
+    /// these arguments (like `nginx -t`) and abort the upgrade, with the
+    /// check's output in the error, unless it exits 0 within the ready
+    /// timeout. Default: none.
+    pub fn preflight<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.preflight = Some(args.into_iter().map(Into::into).collect());
         self
     }
 
@@ -166,6 +181,8 @@ impl Builder {
                 channel: Mutex::new(channel),
                 notifier,
                 fd_store: self.fd_store,
+                preflight: self.preflight,
+                last_upgrade: Mutex::new(None),
             }),
         })
     }
@@ -242,6 +259,8 @@ pub(crate) struct Inner {
     pub(crate) channel: Mutex<Option<OwnedFd>>,
     pub(crate) notifier: Notifier,
     pub(crate) fd_store: bool,
+    pub(crate) preflight: Option<Vec<OsString>>,
+    pub(crate) last_upgrade: Mutex<Option<crate::upgrade::UpgradeRecord>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -418,7 +437,7 @@ impl Handover {
         })
     }
 
-    fn claim(
+    pub(crate) fn claim(
         &self,
         name: &str,
         want: Want,

@@ -100,6 +100,7 @@
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
 
+pub mod control;
 mod env;
 mod error;
 mod fds;
@@ -126,4 +127,4 @@ pub use error::{Error, UpgradeError};
 pub use fds::ListenOptions;
 pub use handover::{Builder, Handover};
 pub use pidfile::read as read_pid_file;
-pub use upgrade::{State, UpgradeOptions, Upgraded};
+pub use upgrade::{State, UpgradeOptions, UpgradeRecord, Upgraded};

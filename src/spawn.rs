@@ -614,3 +614,64 @@ pub(crate) fn check_program(path: &Path) -> io::Result<()> {
     syscall!(access(c.as_ptr(), libc::X_OK))?;
     Ok(())
 }
+
+/// Runs `program args` as a check, with its output captured (64 KiB at
+/// most), killed at `deadline`. `Err((status, output))` unless it exits 0.
+pub(crate) fn preflight(
+    program: &Path,
+    args: &[OsString],
+    deadline: Instant,
+) -> Result<(), (Option<ExitStatus>, String)> {
+    use std::process::{Command, Stdio};
+    const LIMIT: usize = 64 * 1024;
+    let fail = |e: io::Error| (None, format!("cannot run the check: {e}"));
+    let (r, w) = sys::pipe_cloexec().map_err(fail)?;
+    let w2 = w.try_clone().map_err(fail)?;
+    // Every fd of this process is close-on-exec: the check inherits only
+    // 0, 1 and 2.
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::from(w2))
+        .spawn()
+        .map_err(fail)?;
+    let mut output = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut timed_out = false;
+    loop {
+        match sys::poll_until(&[(r.as_fd(), libc::POLLIN)], deadline) {
+            Ok(rev) if rev[0] == 0 => {
+                timed_out = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        match sys::read(r.as_fd(), &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = LIMIT.saturating_sub(output.len());
+                output.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    // A check that closed its output may still run: wait for it, bounded.
+    while !timed_out && matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() >= deadline {
+            timed_out = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if timed_out {
+        let _ = child.kill();
+    }
+    let status = child.wait().ok();
+    let text = String::from_utf8_lossy(&output).into_owned();
+    match status {
+        Some(s) if s.success() && !timed_out => Ok(()),
+        _ if timed_out => Err((None, text)),
+        s => Err((s, text)),
+    }
+}

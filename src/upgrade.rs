@@ -35,6 +35,7 @@ pub enum State {
 pub struct UpgradeOptions {
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
+    preflight: Option<Vec<OsString>>,
 }
 
 impl UpgradeOptions {
@@ -46,6 +47,17 @@ impl UpgradeOptions {
     /// Run this program instead (e.g. a kept previous binary, to roll back).
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.program = Some(path.into());
+        self
+    }
+
+    /// Run this preflight check instead of the builder's (see
+    /// [`Builder::preflight`](crate::Builder::preflight)).
+    pub fn preflight<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.preflight = Some(args.into_iter().map(Into::into).collect());
         self
     }
 
@@ -71,6 +83,18 @@ pub struct Upgraded {
     pub generation: u64,
     /// From the start of the upgrade to the successor's ready message.
     pub ready_after: Duration,
+}
+
+/// The outcome of the last upgrade this generation attempted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpgradeRecord {
+    /// The successor's pid, if it became ready.
+    pub successor: Option<u32>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// From the start of the attempt to its end.
+    pub duration: Duration,
 }
 
 /// Resets the state to Serving unless the upgrade committed, and tells the
@@ -132,6 +156,25 @@ impl Handover {
     /// the manager is told `MAINPID=<successor>` and `READY=1` (see
     /// [`systemd`](crate::systemd)).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+        let start = Instant::now();
+        let result = self.run_upgrade(opts);
+        if !matches!(result, Err(UpgradeError::InProgress)) {
+            let record = UpgradeRecord {
+                successor: result.as_ref().ok().map(|u| u.pid),
+                error: result.as_ref().err().map(|e| e.to_string()),
+                duration: start.elapsed(),
+            };
+            *lock(&self.inner.last_upgrade) = Some(record);
+        }
+        result
+    }
+
+    /// The outcome of the last upgrade attempt of this generation.
+    pub fn last_upgrade(&self) -> Option<UpgradeRecord> {
+        lock(&self.inner.last_upgrade).clone()
+    }
+
+    fn run_upgrade(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         let inner = &self.inner;
         {
             let mut state = lock(&inner.state);
@@ -194,6 +237,17 @@ impl Handover {
                 path: program.to_owned(),
                 source,
             });
+        }
+        if let Some(check) = opts.preflight.as_ref().or(inner.preflight.as_ref()) {
+            let t = Instant::now();
+            spawn::preflight(program, check, deadline).map_err(|(status, output)| {
+                tracing::warn!(?status, "preflight check failed");
+                UpgradeError::Preflight { status, output }
+            })?;
+            tracing::info!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "preflight check passed"
+            );
         }
 
         let (ours, theirs) =

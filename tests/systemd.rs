@@ -68,14 +68,24 @@ fn systemd_version() -> u32 {
 /// A unit of examples/systemd/ with its placeholders filled in and `extra`
 /// lines appended to its last section ([Service] or [Socket]).
 fn example_unit(name: &str, out: &Path, port: u16, extra: &str) -> String {
+    example_unit_with(name, &common::server_bin(), out, port, extra)
+}
+
+/// [`example_unit`] with `bin` as the service's binary (@BIN@).
+fn example_unit_with(name: &str, bin: &Path, out: &Path, port: u16, extra: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples/systemd")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let text = text
-        .replace("@BIN@", &common::server_bin().display().to_string())
+        .replace("@BIN@", &bin.display().to_string())
         .replace("@OUT@", &out.display().to_string())
-        .replace("@PORT@", &port.to_string());
+        .replace("@PORT@", &port.to_string())
+        .replace("@CLIENT@", &common::server_bin().display().to_string())
+        .replace(
+            "@CTL@",
+            &out.with_file_name("control").display().to_string(),
+        );
     format!("{text}{extra}\n")
 }
 
@@ -526,4 +536,50 @@ fn type_notify_reload_returns_only_after_the_handoff() {
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
     m.ok(&["stop", unit]);
     assert_eq!(m.prop(unit, "Result"), "success");
+}
+
+#[test]
+fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    let unit = "handover-test.service";
+    // The deployed binary is a copy that the test breaks and repairs.
+    let bin = m.path().join("deployed");
+    let good = std::fs::read(common::server_bin()).unwrap();
+    common::install(&bin, &good, 0o755);
+    let text = example_unit_with("handover-control.service", &bin, &out, 0, "");
+    m.unit(unit, &text);
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", unit]);
+    let first = m.main_pid(unit);
+    let addr = wait_ready_addr(&out, first);
+    let load = load::Load::start(addr, 2, 2);
+    let stats = load.stats.clone();
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
+
+    common::install(&bin, b"#!/bin/sh\nexit 3\n", 0o755);
+    let r = m.systemctl(&["reload", unit]);
+    assert!(!r.status.success(), "reload of a broken binary succeeded");
+    assert_eq!(m.prop(unit, "ActiveState"), "active");
+    assert_eq!(
+        m.main_pid(unit),
+        first,
+        "the old generation must still be main"
+    );
+
+    common::install(&bin, &good, 0o755);
+    m.ok(&["reload", unit]);
+    let new = m.main_pid(unit);
+    assert_ne!(
+        new, first,
+        "MainPID must name the successor when reload returns"
+    );
+    wait_until("the successor to answer", Duration::from_secs(30), || {
+        stats.by_pid.lock().unwrap().contains_key(&new)
+    });
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
 }

@@ -1,0 +1,227 @@
+//! The control socket and the `reload` command: 0600 and same-uid only, an
+//! exit code that tells the truth, one upgrade for a burst of requests,
+//! preflight, and rollback to a kept binary.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::{Server, TempDir, install, load, wait_until};
+
+/// Runs `<client> reload --control <ctl> [--binary B]`: (exit code, stdout, stderr).
+fn reload(ctl: &Path, binary: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(common::server_bin());
+    cmd.arg("reload")
+        .arg("--control")
+        .arg(ctl)
+        .args(["--timeout", "60"]);
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = common::output_bounded(&mut cmd, Duration::from_secs(90));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_control_socket_is_0600_and_refuses_other_users() {
+    let dir = TempDir::new("ctl-perm");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctl = dir.path().join("ctl");
+    let mut srv = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let status =
+        handover::control::request(&ctl, "status", Duration::from_secs(10)).expect("status");
+    assert!(
+        status.contains(&format!("\"pid\":{}", srv.pid())),
+        "{status}"
+    );
+    assert!(status.contains("\"state\":\"serving\""), "{status}");
+
+    // Open the file up, so that only the peer-credential check stands in
+    // the way of another uid.
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = common::output_bounded(
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(common::server_bin())
+            .arg("reload")
+            .arg("--control")
+            .arg(&ctl),
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied: uid 65534"), "{err}");
+    assert_eq!(
+        srv.history
+            .iter()
+            .filter(|l| l.starts_with("upgrade"))
+            .count(),
+        0
+    );
+    assert!(srv.stop().success());
+}
+
+#[test]
+fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
+    let dir = TempDir::new("ctl-reload");
+    let bin = dir.path().join("server");
+    let kept = dir.path().join("server.previous");
+    let good = std::fs::read(common::server_bin()).unwrap();
+    install(&bin, &good, 0o755);
+    install(&kept, &good, 0o755);
+    let ctl = dir.path().join("ctl");
+    let mut srv = Server::start_program(
+        &bin,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            ctl.to_str().unwrap(),
+            "--preflight",
+            "--ready-timeout",
+            "2",
+        ],
+    );
+    let load = load::Load::start(srv.addr(), 2, 2);
+    let stats = load.stats.clone();
+    wait_until("first responses", Duration::from_secs(30), || {
+        stats.ok() > 20
+    });
+    let serving = srv.pid();
+
+    let check_ok = "case \"$*\" in *--check*) exit 0;; esac\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "#!/bin/sh\necho 'config broken: line 3' >&2\nexit 1\n".into(),
+            "preflight check failed (exit status: 1): config broken: line 3",
+        ),
+        (
+            format!("#!/bin/sh\n{check_ok}exit 3\n"),
+            "exited before it was ready: exit status: 3",
+        ),
+        (
+            format!("#!/bin/sh\n{check_ok}exec sleep 30\n"),
+            "was not ready within 2s",
+        ),
+    ];
+    for (script, expect) in &cases {
+        install(&bin, script.as_bytes(), 0o755);
+        let (code, _, err) = reload(&ctl, None);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(expect), "expected {expect:?} in {err:?}");
+    }
+    std::fs::remove_file(&bin).unwrap();
+    let (code, _, err) = reload(&ctl, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    assert_eq!(
+        stats.pids(),
+        vec![serving],
+        "only the old generation may have answered"
+    );
+    let status = handover::control::request(&ctl, "status", Duration::from_secs(10)).unwrap();
+    assert!(
+        status.contains("\"ok\":false") && status.contains("No such file"),
+        "{status}"
+    );
+
+    // A good binary: exit 0, and the successor serves.
+    install(&bin, &good, 0o755);
+    let (code, out, err) = reload(&ctl, None);
+    assert_eq!(code, 0, "{err}");
+    let new: u32 = out
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_until(
+        "the new generation to answer",
+        Duration::from_secs(30),
+        || stats.by_pid.lock().unwrap().contains_key(&new),
+    );
+    // Roll back to the kept binary, the blue/green flip back.
+    let (code, out, err) = reload(&ctl, Some(&kept));
+    assert_eq!(code, 0, "{err}");
+    let third: u32 = out
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_until(
+        "the rolled-back generation to answer",
+        Duration::from_secs(30),
+        || stats.by_pid.lock().unwrap().contains_key(&third),
+    );
+    let cmdline = std::fs::read(format!("/proc/{third}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).starts_with(kept.to_str().unwrap()));
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    srv.generations.push((new, false));
+    srv.generations.push((third, false));
+    srv.wait_line("ready", Some(third));
+    assert!(srv.stop().success());
+}
+
+#[test]
+fn a_burst_of_ten_reloads_makes_one_upgrade() {
+    let dir = TempDir::new("ctl-burst");
+    let ctl = dir.path().join("ctl");
+    let mut srv = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    let old = srv.pid();
+    let barrier = Arc::new(Barrier::new(10));
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let (b, ctl) = (barrier.clone(), ctl.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                handover::control::reload(&ctl, None, Duration::from_secs(60))
+            })
+        })
+        .collect();
+    let replies: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for r in &replies {
+        assert!(r.is_ok(), "{replies:?}");
+    }
+    let ok = srv.wait_line("upgrade-ok", Some(old));
+    let new = common::field_u32(&ok, "successor");
+    srv.generations.push((new, false));
+    srv.wait_line("exit", Some(old));
+    // Every reply names the same successor: one upgrade, shared.
+    for r in &replies {
+        assert!(
+            r.as_ref().unwrap().contains(&format!("\"pid\":{new}")),
+            "{replies:?}"
+        );
+    }
+    assert!(
+        srv.try_wait_line("upgrade-ok", Some(new), Duration::from_millis(500))
+            .is_none(),
+        "a second upgrade ran"
+    );
+    assert!(srv.stop().success());
+}
