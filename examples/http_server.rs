@@ -20,6 +20,11 @@
 //! - `--control PATH`: a control socket (mode 0600) for `reload` and `status`
 //! - `--preflight`: before each upgrade, run the new binary with these
 //!   arguments plus `--check`, and upgrade only if that exits 0
+//! - `--state-version N` (default 1): the state format this build reads. The
+//!   server hands `served_total` to its successor as state version N (8
+//!   bytes); a successor reading another version rejects it, and the upgrade
+//!   fails. Version 2 is read as an opaque blob and only counted (a test and
+//!   benchmark aid).
 //! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
 //!   report any helper that inherited a socket (a test aid)
 //!
@@ -68,6 +73,7 @@ struct Config {
     control: Option<PathBuf>,
     preflight: bool,
     check: bool,
+    state_version: u32,
 }
 
 fn parse(args: &[OsString]) -> Result<Config, String> {
@@ -111,8 +117,14 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
             "--report-fds" => c.report_fds = Some(v.into()),
             "--control" => c.control = Some(v.into()),
+            "--state-version" => {
+                c.state_version = v.parse().map_err(|_| format!("--state-version {v:?}"))?
+            }
             _ => return Err(format!("unknown flag {flag:?}")),
         }
+    }
+    if c.state_version == 0 {
+        c.state_version = 1;
     }
     if c.listen.is_empty() {
         c.listen
@@ -184,6 +196,8 @@ struct App {
     pid: u32,
     generation: u64,
     served: AtomicU64,
+    /// Bytes of an opaque (version 2) state received at start.
+    state_bytes: u64,
     drain: Drain,
 }
 
@@ -208,8 +222,8 @@ async fn handle(
             )
         }
         "/stats" => format!(
-            "{{\"pid\":{},\"generation\":{},\"served_total\":{served}}}\n",
-            app.pid, app.generation
+            "{{\"pid\":{},\"generation\":{},\"served_total\":{served},\"state_bytes\":{}}}\n",
+            app.pid, app.generation, app.state_bytes
         ),
         _ => format!("generation {} pid {}\n", app.generation, app.pid),
     };
@@ -272,6 +286,58 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     builder.fd_store(config.fd_store).build()
 }
 
+/// The state from the old generation: `served_total` (version 1, 8 bytes),
+/// or an opaque blob that is only counted (version 2). Another version than
+/// this build reads is rejected, which fails the old generation's upgrade.
+fn receive_state(
+    handover: &Handover,
+    expect: u32,
+) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    use std::io::Read;
+    let Some(mut state) = handover.take_state()? else {
+        return Ok((0, 0));
+    };
+    let pid = std::process::id();
+    if state.version() != expect {
+        let reason = format!(
+            "state version {}, but this build reads version {expect}",
+            state.version()
+        );
+        handover.reject_state(&reason)?;
+        return Err(reason.into());
+    }
+    let t = Instant::now();
+    if expect == 2 {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            match state.read(&mut buf)? {
+                0 => break,
+                n => bytes += n as u64,
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        event(format_args!(
+            "state pid={pid} version=2 bytes={bytes} ms={:.3}",
+            secs * 1e3
+        ));
+        return Ok((0, bytes));
+    }
+    let mut v = [0u8; 8];
+    state.read_exact(&mut v)?;
+    let served = u64::from_le_bytes(v);
+    event(format_args!(
+        "state pid={pid} version={expect} served_total={served}"
+    ));
+    Ok((served, 0))
+}
+
+/// The options of every upgrade: `served_total` goes to the successor.
+fn upgrade_options(app: &App, version: u32) -> handover::UpgradeOptions {
+    let served = app.served.load(Ordering::Relaxed);
+    handover::UpgradeOptions::new().state(version, std::io::Cursor::new(served.to_le_bytes()))
+}
+
 enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -328,10 +394,12 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         Some(u) => u.local_addr()?.to_string(),
         None => String::new(),
     };
+    let (served, state_bytes) = receive_state(&handover, config.state_version)?;
     let app = Arc::new(App {
         pid,
         generation,
-        served: AtomicU64::new(0),
+        served: AtomicU64::new(served),
+        state_bytes,
         drain: Drain::new(),
     });
 
@@ -410,6 +478,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         });
     }
 
+    let state_version = config.state_version;
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(1);
     let control_task = control.map(|listener| {
         let h = handover.clone();
@@ -422,8 +491,8 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     let reason = loop {
         let trigger = Instant::now();
         let result = tokio::select! {
-            _ = hup.recv() => handover.upgrade().await,
-            _ = usr2.recv() => handover.upgrade().await,
+            _ = hup.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
+            _ = usr2.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
             Some(done) = ctl_rx.recv() => Ok(done),
             _ = term.recv() => break "stop",
             _ = int.recv() => break "stop",

@@ -150,7 +150,7 @@ impl Request {
 }
 
 #[cfg(feature = "tokio")]
-pub use server::serve;
+pub use server::{serve, serve_with};
 
 #[cfg(feature = "tokio")]
 mod server {
@@ -170,15 +170,32 @@ mod server {
     /// connection is bounded: one request line of at most 4 KiB within 10 s.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve(handover: Handover, listener: tokio::net::UnixListener) -> Upgraded {
+        serve_with(handover, listener, UpgradeOptions::new).await
+    }
+
+    /// [`serve`] with the options of each upgrade made by `options` (for
+    /// instance with a [state](UpgradeOptions::state)); a program named in
+    /// the request replaces theirs.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn serve_with<F>(
+        handover: Handover,
+        listener: tokio::net::UnixListener,
+        options: F,
+    ) -> Upgraded
+    where
+        F: Fn() -> UpgradeOptions + Send + Sync + 'static,
+    {
+        let options = Arc::new(options);
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Upgraded>(1);
         let shared: Shared = Arc::new(Mutex::new(None));
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
-                    let (h, tx, shared) = (handover.clone(), done_tx.clone(), shared.clone());
+                    let (h, tx, shared, o) = (handover.clone(), done_tx.clone(), shared.clone(), options.clone());
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(600), connection(h, stream, tx, shared)).await;
+                        let opts = move || o();
+                        let _ = tokio::time::timeout(Duration::from_secs(600), connection(h, stream, tx, shared, opts)).await;
                     });
                 }
                 Some(done) = done_rx.recv() => return done,
@@ -191,6 +208,7 @@ mod server {
         stream: tokio::net::UnixStream,
         done: tokio::sync::mpsc::Sender<Upgraded>,
         shared: Shared,
+        options: impl Fn() -> UpgradeOptions,
     ) -> io::Result<()> {
         let own = rustix_euid();
         let (r, mut w) = stream.into_split();
@@ -212,7 +230,7 @@ mod server {
         let reply = match Request::parse(line.trim_end_matches('\n')) {
             Err(e) => format!("error {e}\n"),
             Ok(Request::Status) => format!("ok {}\n", status_json(&h)),
-            Ok(Request::Upgrade(program)) => upgrade(&h, program, &done, &shared).await,
+            Ok(Request::Upgrade(program)) => upgrade(&h, program, &done, &shared, options).await,
         };
         w.write_all(reply.as_bytes()).await?;
         w.shutdown().await
@@ -223,6 +241,7 @@ mod server {
         program: Option<PathBuf>,
         done: &tokio::sync::mpsc::Sender<Upgraded>,
         shared: &Shared,
+        options: impl Fn() -> UpgradeOptions,
     ) -> String {
         // Join the upgrade in progress, if there is one.
         let tx = {
@@ -243,7 +262,7 @@ mod server {
             *slot = Some(rx);
             tx
         };
-        let mut opts = UpgradeOptions::new();
+        let mut opts = options();
         if let Some(p) = program {
             opts = opts.program(p);
         }

@@ -28,6 +28,8 @@ pub(crate) const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub(crate) const CHANNEL_FD: &str = "HANDOVER_CHANNEL_FD";
 /// This process's generation, 1 for the first (ours).
 pub(crate) const GENERATION: &str = "HANDOVER_GENERATION";
+/// `1` when the old generation streams a state over the channel (ours).
+pub(crate) const STATE: &str = "HANDOVER_STATE";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
@@ -39,6 +41,7 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     LISTEN_FDNAMES,
     CHANNEL_FD,
     GENERATION,
+    STATE,
     "WATCHDOG_PID",
 ];
 
@@ -61,6 +64,8 @@ pub(crate) struct Inherited {
     pub channel: Option<RawFd>,
     /// This process's generation.
     pub generation: u64,
+    /// Whether a state follows on the channel.
+    pub state: bool,
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
@@ -161,22 +166,42 @@ pub(crate) fn decode(
             g
         }
     };
+    let state = match get(STATE) {
+        None => false,
+        Some(v) if v == "1" && channel.is_some() => true,
+        Some(v) => {
+            return Err(env_err(
+                STATE,
+                &v,
+                "must be 1, and only with HANDOVER_CHANNEL_FD",
+            ));
+        }
+    };
     Ok(Some(Inherited {
         fds,
         channel,
         generation,
+        state,
     }))
 }
 
 /// The variables a successor is started with, except `LISTEN_PID`, which
 /// the child fills in with its own pid after fork.
-pub(crate) fn successor_vars(names: &[&str], generation: u64) -> Vec<(&'static str, String)> {
-    vec![
+pub(crate) fn successor_vars(
+    names: &[&str],
+    generation: u64,
+    state: bool,
+) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
         (LISTEN_FDS, names.len().to_string()),
         (LISTEN_FDNAMES, names.join(":")),
         (CHANNEL_FD, (FDS_START as usize + names.len()).to_string()),
         (GENERATION, generation.to_string()),
-    ]
+    ];
+    if state {
+        vars.push((STATE, "1".to_owned()));
+    }
+    vars
 }
 
 /// Checks that `name` can travel in `LISTEN_FDNAMES`: the rules of
@@ -301,7 +326,7 @@ mod tests {
 
     #[test]
     fn successor_vars_round_trip() {
-        let vars = successor_vars(&["http", "udp"], 3);
+        let vars = successor_vars(&["http", "udp"], 3, true);
         let mut all: Vec<(&str, String)> = vars.clone();
         all.push((LISTEN_PID, "42".into()));
         let owned: Vec<(String, String)> = all
@@ -318,6 +343,7 @@ mod tests {
         assert_eq!(got.fds, vec![("http".into(), 3), ("udp".into(), 4)]);
         assert_eq!(got.channel, Some(5));
         assert_eq!(got.generation, 3);
+        assert!(got.state);
     }
 
     #[test]

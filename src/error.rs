@@ -181,6 +181,14 @@ pub enum UpgradeError {
         /// The timeout that passed.
         after: Duration,
     },
+    /// The successor rejected the state it was sent (e.g. an unknown
+    /// format version). It was killed and reaped.
+    StateRejected {
+        /// Its pid.
+        pid: u32,
+        /// Its reason.
+        reason: String,
+    },
     /// The successor wrote something other than the protocol's messages.
     Protocol {
         /// Its pid.
@@ -215,6 +223,7 @@ impl UpgradeError {
                 | UpgradeError::ClosedWithoutReady { .. }
                 | UpgradeError::Timeout { .. }
                 | UpgradeError::Protocol { .. }
+                | UpgradeError::StateRejected { .. }
         )
     }
 }
@@ -284,6 +293,9 @@ impl fmt::Display for UpgradeError {
                     f,
                     "successor (pid {pid}) was not ready within {after:?}; killed"
                 )
+            }
+            UpgradeError::StateRejected { pid, reason } => {
+                write!(f, "successor (pid {pid}) rejected the state: {reason}")
             }
             UpgradeError::Protocol { pid, reason } => {
                 write!(

@@ -135,8 +135,8 @@ impl Builder {
         let own_pid = std::process::id();
         let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
-        let (fds, channel, generation) = match inherited {
-            None => (Vec::new(), None, 1),
+        let (fds, channel, generation, state_expected) = match inherited {
+            None => (Vec::new(), None, 1, false),
             Some(inh) => {
                 if TAKEN.swap(true, Ordering::SeqCst) {
                     return Err(Error::AlreadyTaken);
@@ -146,7 +146,7 @@ impl Builder {
                     Some(raw) => Some(adopt_channel(raw)?),
                     None => None,
                 };
-                (fds, channel, inh.generation)
+                (fds, channel, inh.generation, inh.state)
             }
         };
         let program = match self.program {
@@ -183,6 +183,9 @@ impl Builder {
                 fd_store: self.fd_store,
                 preflight: self.preflight,
                 last_upgrade: Mutex::new(None),
+                state_expected,
+                state_taken: AtomicBool::new(false),
+                state_progress: Arc::default(),
             }),
         })
     }
@@ -261,6 +264,10 @@ pub(crate) struct Inner {
     pub(crate) fd_store: bool,
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) last_upgrade: Mutex<Option<crate::upgrade::UpgradeRecord>>,
+    /// A state follows on the channel (HANDOVER_STATE=1).
+    pub(crate) state_expected: bool,
+    pub(crate) state_taken: AtomicBool,
+    pub(crate) state_progress: Arc<Mutex<crate::state::Progress>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -312,6 +319,63 @@ impl Handover {
     /// The drain timeout configured with [`Builder::drain_timeout`].
     pub fn drain_timeout(&self) -> Duration {
         self.inner.drain_timeout
+    }
+
+    /// The state the old generation streams to this one, if it sends one:
+    /// its format version and its bytes. Call it once, before
+    /// [`ready`](Self::ready); whatever is left unread is discarded by
+    /// `ready()`. Check the version and call
+    /// [`reject_state`](Self::reject_state) for one this build cannot read.
+    pub fn take_state(&self) -> Result<Option<crate::state::StateReader>, Error> {
+        if !self.inner.state_expected || self.inner.state_taken.swap(true, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(None);
+        };
+        crate::state::set_timeout(ch.as_fd(), libc::SO_RCVTIMEO, self.inner.ready_timeout)
+            .map_err(|e| Error::io("setting the state stream timeout", e))?;
+        crate::state::StateReader::open(ch, self.inner.state_progress.clone())
+            .map(Some)
+            .map_err(|e| Error::io("reading the state stream header", e))
+    }
+
+    /// Tells the old generation that its state cannot be used: its upgrade
+    /// fails with `reason` and it keeps serving; this process is killed.
+    pub fn reject_state(&self, reason: &str) -> Result<(), Error> {
+        let channel = lock(&self.inner.channel);
+        let Some(ch) = channel.as_ref() else {
+            return Ok(());
+        };
+        let mut msg = vec![crate::state::MSG_REJECT];
+        msg.extend(reason.replace('\n', " ").bytes().take(1000));
+        msg.push(b'\n');
+        sys::send_all(ch.as_fd(), &msg).map_err(|e| Error::io("cannot send the rejection", e))
+    }
+
+    /// Reads and discards what is left of the state stream.
+    fn drain_state(&self) -> Result<(), Error> {
+        if !self.inner.state_expected {
+            return Ok(());
+        }
+        let reader = self.take_state()?;
+        if lock(&self.inner.state_progress).done {
+            return Ok(());
+        }
+        let fd = match reader {
+            Some(r) => r.into_fd(),
+            None => match self.channel_copy()? {
+                Some(fd) => fd,
+                None => return Ok(()),
+            },
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut progress = lock(&self.inner.state_progress);
+        while crate::state::read_chunked(fd.as_fd(), &mut progress, &mut buf)
+            .map_err(|e| Error::io("discarding the unread state", e))?
+            > 0
+        {}
+        Ok(())
     }
 
     /// The sd_notify client of this process (disabled without `NOTIFY_SOCKET`).
@@ -468,6 +532,7 @@ impl Handover {
         if !unclaimed.is_empty() {
             tracing::warn!(generation = self.inner.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
         }
+        self.drain_state()?;
         let channel = lock(&self.inner.channel);
         match channel.as_ref() {
             Some(ch) => match ready::send_ready(ch.as_fd()) {

@@ -55,13 +55,24 @@ pub(crate) fn wait_ready(
                         None => Ok(()),
                     };
                 }
+                Ok(1) if byte[0] == crate::state::MSG_REJECT => {
+                    let reason = read_line(channel, Instant::now() + Duration::from_secs(1));
+                    return fail(child, UpgradeError::StateRejected { pid, reason });
+                }
                 Ok(1) => {
                     let reason =
                         format!("unexpected byte {:#04x} on the readiness channel", byte[0]);
                     return fail(child, UpgradeError::Protocol { pid, reason });
                 }
+                // EOF: it exited, or closed the channel and lives on. A reset
+                // is the same, when it left state bytes unread.
                 Ok(_) => {
-                    // EOF: it exited, or closed the channel and lives on.
+                    if let Some(status) = child.wait_exit(Instant::now() + EXIT_GRACE) {
+                        return Err(UpgradeError::Exited { pid, status });
+                    }
+                    return fail(child, UpgradeError::ClosedWithoutReady { pid });
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
                     if let Some(status) = child.wait_exit(Instant::now() + EXIT_GRACE) {
                         return Err(UpgradeError::Exited { pid, status });
                     }
@@ -84,6 +95,23 @@ pub(crate) fn wait_ready(
             );
         }
     }
+}
+
+/// Reads a reason line (at most 1 KiB) until `until`.
+fn read_line(channel: BorrowedFd<'_>, until: Instant) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.len() < 1024 {
+        match sys::poll_until(&[(channel, libc::POLLIN)], until) {
+            Ok(r) if r[0] != 0 => {}
+            _ => break,
+        }
+        match sys::recv(channel, &mut byte, libc::MSG_DONTWAIT) {
+            Ok(1) if byte[0] != b'\n' => out.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The successor's side: tells the old generation it is ready.

@@ -2,8 +2,10 @@
 //! failure) or HandedOver (on success). One upgrade at a time.
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::os::fd::{AsFd, IntoRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::env;
@@ -29,13 +31,27 @@ pub enum State {
     HandedOver,
 }
 
+type StateSource = Arc<Mutex<Option<(u32, Box<dyn Read + Send>)>>>;
+
 /// Options for one upgrade.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 #[must_use]
 pub struct UpgradeOptions {
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
     preflight: Option<Vec<OsString>>,
+    state: Option<StateSource>,
+}
+
+impl std::fmt::Debug for UpgradeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpgradeOptions")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("preflight", &self.preflight)
+            .field("state", &self.state.is_some())
+            .finish()
+    }
 }
 
 impl UpgradeOptions {
@@ -47,6 +63,17 @@ impl UpgradeOptions {
     /// Run this program instead (e.g. a kept previous binary, to roll back).
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.program = Some(path.into());
+        self
+    }
+
+    /// Streams `source` to the successor as its state, with format
+    /// `version`, before it reports ready (see
+    /// [`Handover::take_state`](crate::Handover::take_state)). The stream is
+    /// chunked and never held whole in memory; it must be delivered within
+    /// the ready timeout. A successor that rejects the version fails the
+    /// upgrade with [`UpgradeError::StateRejected`].
+    pub fn state(mut self, version: u32, source: impl Read + Send + 'static) -> Self {
+        self.state = Some(Arc::new(Mutex::new(Some((version, Box::new(source))))));
         self
     }
 
@@ -260,7 +287,7 @@ impl Handover {
             fds.push(theirs.as_fd());
             let vars =
                 std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
-            let succ_vars = env::successor_vars(&names, generation);
+            let succ_vars = env::successor_vars(&names, generation, opts.state.is_some());
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
             spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
         };
@@ -287,10 +314,50 @@ impl Handover {
             Err(SpawnError::Parent(what, err)) => return Err(UpgradeError::io(what, err)),
         };
         let pid = child.pid as u32;
+        let state_source = opts.state.as_ref().and_then(|s| lock(s).take());
+        let writer = match state_source {
+            None => None,
+            Some((version, mut source)) => {
+                let fd = ours
+                    .try_clone()
+                    .map_err(|e| UpgradeError::io("duplicating the channel", e))?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                crate::state::set_timeout(fd.as_fd(), libc::SO_SNDTIMEO, left)
+                    .map_err(|e| UpgradeError::io("setting the state timeout", e))?;
+                Some(std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let result = crate::state::write(fd.as_fd(), version, &mut source);
+                    if result.is_err() {
+                        // A broken source must not leave the successor
+                        // waiting for bytes that never come.
+                        // SAFETY: shutdown on a socket we hold.
+                        unsafe {
+                            libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SHUT_WR);
+                        }
+                    }
+                    (result, t.elapsed())
+                }))
+            }
+        };
         let exec_ms = start.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(pid, exec_ms, "successor exec'd");
 
-        if let Err(e) = ready::wait_ready(ours.as_fd(), &mut child, deadline, inner.ready_timeout) {
+        let ready = ready::wait_ready(ours.as_fd(), &mut child, deadline, inner.ready_timeout);
+        if let Some(w) = writer {
+            // Bounded: the writer's sends time out at the ready deadline,
+            // and fail at once when the successor is gone.
+            match w.join() {
+                Ok((Ok(bytes), took)) => tracing::info!(
+                    bytes,
+                    ms = took.as_secs_f64() * 1e3,
+                    mb_per_s = bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6,
+                    "state streamed"
+                ),
+                Ok((Err(e), _)) => tracing::warn!(error = %e, "state stream failed"),
+                Err(_) => tracing::error!("state writer panicked"),
+            }
+        }
+        if let Err(e) = ready {
             tracing::warn!(pid, error = %e, elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "upgrade failed; still serving");
             return Err(e);
         }

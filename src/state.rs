@@ -1,0 +1,174 @@
+//! The state stream from the old generation to its successor.
+//!
+//! Over the channel, before the successor reports ready, the old generation
+//! sends: the magic `HOST`, a format version (u32, little endian), then
+//! chunks of `[u32 length][bytes]`, ended by a chunk of length 0. Chunking
+//! lets any [`Read`] stream through without knowing its size or being held
+//! whole in memory on either side. The successor accepts the version or
+//! rejects it ([`Handover::reject_state`](crate::Handover::reject_state)),
+//! which fails the upgrade with the old generation serving.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::sys;
+
+pub(crate) const MAGIC: [u8; 4] = *b"HOST";
+const CHUNK: usize = 256 * 1024;
+
+/// Message byte from the successor: the state is rejected; a reason line follows.
+pub(crate) const MSG_REJECT: u8 = b'E';
+
+/// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` on a socket.
+pub(crate) fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) -> io::Result<()> {
+    let d = d.max(Duration::from_millis(1));
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // setsockopt reads one timeval from a valid pointer.
+    sys::syscall!(setsockopt(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        libc::SOL_SOCKET,
+        opt,
+        (&tv as *const libc::timeval).cast(),
+        std::mem::size_of::<libc::timeval>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// Streams `source` with `version` over `fd` (the old generation's side).
+/// Returns the number of payload bytes sent.
+pub(crate) fn write(fd: BorrowedFd<'_>, version: u32, source: &mut dyn Read) -> io::Result<u64> {
+    let mut header = [0u8; 8];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4..].copy_from_slice(&version.to_le_bytes());
+    sys::send_all(fd, &header)?;
+    let mut buf = vec![0u8; CHUNK + 4];
+    let mut total = 0u64;
+    loop {
+        let n = match source.read(&mut buf[4..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        sys::send_all(fd, &buf[..4 + n])?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Where the successor is in the stream; shared between the
+/// [`StateReader`] and `ready()`, which drains what the application left.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Bytes left in the current chunk.
+    in_chunk: u32,
+    /// The end chunk has been read.
+    pub(crate) done: bool,
+}
+
+/// The state handed over by the old generation: its format version, and
+/// its bytes through [`Read`]. Reads block until data arrives, at most the
+/// ready timeout each.
+#[derive(Debug)]
+pub struct StateReader {
+    version: u32,
+    fd: OwnedFd,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl StateReader {
+    /// The format version the old generation announced.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    pub(crate) fn open(fd: OwnedFd, progress: Arc<Mutex<Progress>>) -> io::Result<StateReader> {
+        let mut header = [0u8; 8];
+        read_exact(fd.as_fd(), &mut header)?;
+        if header[..4] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the state stream starts with {:02x?}, not the magic \"HOST\"",
+                    &header[..4]
+                ),
+            ));
+        }
+        let version = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        Ok(StateReader {
+            version,
+            fd,
+            progress,
+        })
+    }
+}
+
+fn read_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match sys::recv(fd, buf, 0)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the state stream ended early",
+                ));
+            }
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// Reads from the stream at `progress` into `buf`; 0 at the end.
+pub(crate) fn read_chunked(
+    fd: BorrowedFd<'_>,
+    progress: &mut Progress,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    while progress.in_chunk == 0 {
+        if progress.done {
+            return Ok(0);
+        }
+        let mut len = [0u8; 4];
+        read_exact(fd, &mut len)?;
+        let len = u32::from_le_bytes(len);
+        if len as usize > CHUNK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("state chunk of {len} bytes"),
+            ));
+        }
+        progress.in_chunk = len;
+        progress.done = len == 0;
+    }
+    let want = buf.len().min(progress.in_chunk as usize);
+    let n = sys::recv(fd, &mut buf[..want], 0)?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the state stream ended early",
+        ));
+    }
+    progress.in_chunk -= n as u32;
+    Ok(n)
+}
+
+impl Read for StateReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        read_chunked(self.fd.as_fd(), &mut p, buf)
+    }
+}
