@@ -1,6 +1,7 @@
 //! The named fd registry: inherit-or-bind, validation of inherited fds, and
 //! the list of fds handed to a successor.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -98,17 +99,26 @@ struct Entry {
 }
 
 /// The fds of this generation: those inherited and not yet claimed, and
-/// those registered (claimed or bound) that a successor will get.
+/// those registered (claimed or bound) that a successor will get. Look-ups
+/// by name are hashed, so registering thousands of fds stays linear.
 pub(crate) struct Registry {
-    inherited: Vec<(String, OwnedFd)>,
+    /// Unclaimed inherited fds by name, in the order they came.
+    inherited: HashMap<String, VecDeque<OwnedFd>>,
     registered: Vec<Entry>,
+    /// Indices into `registered` by name.
+    by_name: HashMap<String, Vec<usize>>,
 }
 
 impl Registry {
     pub(crate) fn new(inherited: Vec<(String, OwnedFd)>) -> Self {
+        let mut map: HashMap<String, VecDeque<OwnedFd>> = HashMap::new();
+        for (name, fd) in inherited {
+            map.entry(name).or_default().push_back(fd);
+        }
         Registry {
-            inherited,
+            inherited: map,
             registered: Vec::new(),
+            by_name: HashMap::new(),
         }
     }
 
@@ -128,34 +138,41 @@ impl Registry {
         // addresses (a systemd .socket unit with several Listen lines gives
         // them all the unit's name), never for two kinds or one address twice.
         let conflict = |e: &Entry| {
-            e.name == name
-                && (e.want == want
-                    || std::mem::discriminant(&e.want) != std::mem::discriminant(&want)
-                    || want == Want::Any)
+            e.want == want
+                || std::mem::discriminant(&e.want) != std::mem::discriminant(&want)
+                || want == Want::Any
         };
-        if self.registered.iter().any(conflict) {
-            return Err(Error::AlreadyRegistered {
-                name: name.to_owned(),
-            });
+        if let Some(idx) = self.by_name.get(name) {
+            if idx.iter().any(|&i| conflict(&self.registered[i])) {
+                return Err(Error::AlreadyRegistered {
+                    name: name.to_owned(),
+                });
+            }
         }
         let mut first_err = None;
         let mut found = None;
-        for (i, (n, fd)) in self.inherited.iter().enumerate() {
-            if n != name {
-                continue;
-            }
-            match check(fd.as_fd(), name, &want) {
-                Ok(()) => {
-                    found = Some(i);
-                    break;
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
+        if let Some(candidates) = self.inherited.get(name) {
+            for (i, fd) in candidates.iter().enumerate() {
+                match check(fd.as_fd(), name, &want) {
+                    Ok(()) => {
+                        found = Some(i);
+                        break;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
         }
         let (fd, inherited) = match (found, first_err) {
-            (Some(i), _) => (self.inherited.remove(i).1, true),
+            (Some(i), _) => {
+                let list = self.inherited.get_mut(name).expect("found above");
+                let fd = list.remove(i).expect("index from the scan");
+                if list.is_empty() {
+                    self.inherited.remove(name);
+                }
+                (fd, true)
+            }
             (None, Some(e)) => return Err(e),
             (None, None) => {
                 let fd = create()
@@ -170,6 +187,10 @@ impl Registry {
         let copy = fd
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
+        self.by_name
+            .entry(name.to_owned())
+            .or_default()
+            .push(self.registered.len());
         self.registered.push(Entry {
             name: name.to_owned(),
             want,
@@ -180,7 +201,13 @@ impl Registry {
 
     /// Closes the inherited fds nobody claimed; returns their names.
     pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
-        self.inherited.drain(..).map(|(name, _fd)| name).collect()
+        let mut names: Vec<String> = self
+            .inherited
+            .drain()
+            .flat_map(|(name, fds)| std::iter::repeat_n(name, fds.len()))
+            .collect();
+        names.sort();
+        names
     }
 
     /// The fds for a successor, in order, with their names.
@@ -200,6 +227,7 @@ impl Registry {
     pub(crate) fn clear(&mut self) {
         self.inherited.clear();
         self.registered.clear();
+        self.by_name.clear();
     }
 }
 

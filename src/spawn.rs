@@ -4,10 +4,11 @@
 //! allocated before `fork(2)`. Between fork and exec the child only makes
 //! async-signal-safe system calls on that memory:
 //!
-//! 1. moves the error pipe and every handed fd above the target range with
-//!    `fcntl(F_DUPFD_CLOEXEC)`, then `dup2`s each to `3, 4, ...` (`dup2` of two
-//!    distinct fds clears `FD_CLOEXEC` on the target; `dup2(fd, fd)` would not,
-//!    which is why an fd already at its target is moved too);
+//! 1. moves the error pipe above the target range, then `dup2`s each handed
+//!    fd to `3, 4, ...` in order (`dup2` of two distinct fds clears
+//!    `FD_CLOEXEC` on the target), first moving aside a later fd that sits on
+//!    the target, and closing each old copy at once; an fd already at its
+//!    target only has `FD_CLOEXEC` cleared, since `dup2(fd, fd)` would keep it;
 //! 2. marks every fd above the layout close-on-exec (`close_range` with
 //!    `CLOSE_RANGE_CLOEXEC`, or a loop of `fcntl` on older kernels);
 //! 3. resets signal dispositions to default and unblocks all signals;
@@ -185,8 +186,9 @@ struct Plan {
     pid_slot: *mut u8,
     /// Source fds, in target order (target of `sources[i]` is `3 + i`).
     sources: Vec<RawFd>,
-    /// Scratch space for the moved copies, one per source.
-    scratch: Vec<RawFd>,
+    /// For each fd number below the end of the layout: the index of the
+    /// source that sits there, or -1.
+    owner: Vec<i32>,
     err_fd: RawFd,
     /// `RLIMIT_NOFILE`, for the fallback close loop.
     max_fd: RawFd,
@@ -263,7 +265,16 @@ pub(crate) fn spawn(
         envp_ptrs,
         pid_slot,
         sources: fds.iter().map(|f| f.as_raw_fd()).collect(),
-        scratch: vec![-1; fds.len()],
+        owner: {
+            let end = env::FDS_START as usize + fds.len();
+            let mut owner = vec![-1i32; end];
+            for (i, f) in fds.iter().enumerate() {
+                if (f.as_raw_fd() as usize) < end {
+                    owner[f.as_raw_fd() as usize] = i as i32;
+                }
+            }
+            owner
+        },
         err_fd: err_w.as_raw_fd(),
         max_fd,
         max_signal: libc::SIGRTMAX(),
@@ -483,24 +494,44 @@ unsafe fn child(plan: &mut Plan) -> ! {
     // before fork and not freed in the child; `pid_slot` has room for
     // PID_DIGITS digits and a NUL.
     unsafe {
-        // 1. Move the error pipe and every source above the target range.
+        // 1. Move the error pipe above the target range. Then place each
+        // source at its target, in target order, without needing room for a
+        // second copy of every fd (RLIMIT_NOFILE may be barely above the
+        // number of fds): a source already at its target only loses
+        // FD_CLOEXEC (dup2(fd, fd) would keep it); a target still holding a
+        // later entry's source is vacated first, by moving that source above
+        // the range; every placed source's old copy is closed at once.
         let err_fd = libc::fcntl(plan.err_fd, libc::F_DUPFD_CLOEXEC, floor);
         if err_fd < 0 {
             libc::_exit(126);
         }
         for i in 0..plan.sources.len() {
-            let moved = libc::fcntl(plan.sources[i], libc::F_DUPFD_CLOEXEC, floor);
-            if moved < 0 {
+            let target = env::FDS_START + i as RawFd;
+            let src = plan.sources[i];
+            if src == target {
+                if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
+                    fail(err_fd, STEP_FDS);
+                }
+                plan.owner[target as usize] = -1;
+                continue;
+            }
+            let occupant = plan.owner[target as usize];
+            if occupant >= 0 && occupant as usize != i {
+                let moved = libc::fcntl(target, libc::F_DUPFD_CLOEXEC, floor);
+                if moved < 0 {
+                    fail(err_fd, STEP_FDS);
+                }
+                plan.sources[occupant as usize] = moved;
+                plan.owner[target as usize] = -1;
+            }
+            // dup2 of two distinct fds clears FD_CLOEXEC on the target.
+            if libc::dup2(src, target) < 0 {
                 fail(err_fd, STEP_FDS);
             }
-            plan.scratch[i] = moved;
-        }
-        // Each scratch fd is >= floor > its target, so dup2 makes a new,
-        // inheritable fd (FD_CLOEXEC is cleared on the target).
-        for i in 0..plan.scratch.len() {
-            if libc::dup2(plan.scratch[i], env::FDS_START + i as RawFd) < 0 {
-                fail(err_fd, STEP_FDS);
+            if (src as usize) < plan.owner.len() {
+                plan.owner[src as usize] = -1;
             }
+            libc::close(src);
         }
         // 2. Everything above the layout closes at exec, the scratch copies
         // and the error pipe included.

@@ -1,0 +1,309 @@
+//! Benchmarks, each measured side by side in one run, medians of repeated
+//! runs. Results go to BENCHMARKS.md with the command that made them.
+//!
+//! ```text
+//! cargo build --release --examples
+//! cargo run --release --example bench -- ready [--runs 30]
+//! cargo run --release --example bench -- fds [--runs 5]
+//! cargo run --release --example bench -- upgrades [--count 1000]
+//! ```
+//!
+//! - `ready`: trigger → successor ready for examples/http_server, against the
+//!   floor: a bare fork+exec of the same binary that writes one byte to a
+//!   pipe as soon as it starts.
+//! - `fds`: handoff time for 4, 400, 4,000 and 10,000 named fds.
+//! - `upgrades`: RSS and fd count of the serving process over N upgrades.
+
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use handover::{Handover, UpgradeOptions};
+
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --examples` first",
+        p.display()
+    );
+    p
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// One floor run: fork+exec `server floor-byte`, wait for its byte on fd 3.
+fn floor_once(server: &PathBuf) -> Duration {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned two new fds that we own.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wfd = w.as_raw_fd();
+    let mut cmd = Command::new(server);
+    cmd.arg("floor-byte").stdin(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(wfd, 3) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+    let t = Instant::now();
+    let mut child = cmd.spawn().expect("spawn floor");
+    drop(w);
+    let mut b = [0u8; 1];
+    // SAFETY: read into a one-byte buffer from a pipe we own.
+    let n = unsafe { libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+    let took = t.elapsed();
+    assert_eq!(n, 1, "no byte from the floor child");
+    child.wait().expect("wait");
+    took
+}
+
+/// One crate run: this process is the old generation of http_server.
+fn crate_once(server: &PathBuf) -> Duration {
+    let h = Handover::builder().build().expect("build");
+    let l = h.tcp_listener("http", "127.0.0.1:0").expect("listener");
+    let addr = l.local_addr().unwrap().to_string();
+    h.ready().expect("ready");
+    let opts = UpgradeOptions::new()
+        .program(server)
+        .args(["--listen", &addr]);
+    let t = Instant::now();
+    let done = h.upgrade_blocking_with(opts).expect("upgrade");
+    let took = t.elapsed();
+    drop(l);
+    procs::signal(done.pid, libc::SIGTERM).unwrap();
+    procs::reap(done.pid, Duration::from_secs(30)).expect("reap");
+    took
+}
+
+fn ready(runs: usize) {
+    let server = sibling("http_server");
+    procs::become_subreaper();
+    let (mut floor, mut ours) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        floor_once(&server);
+        crate_once(&server);
+    }
+    for _ in 0..runs {
+        floor.push(ms(floor_once(&server)));
+        ours.push(ms(crate_once(&server)));
+    }
+    let (f, c) = (median(&mut floor), median(&mut ours));
+    println!("trigger -> ready, {runs} runs each, interleaved");
+    println!("| | median | min | max |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| floor: fork+exec, one byte on a pipe | {f:.3} ms | {:.3} ms | {:.3} ms |",
+        floor[0],
+        floor[runs - 1]
+    );
+    println!(
+        "| handover: examples/http_server ready | {c:.3} ms | {:.3} ms | {:.3} ms |",
+        ours[0],
+        ours[runs - 1]
+    );
+    println!("| difference | {:.3} ms | | |", c - f);
+    println!("| ratio | {:.2}x | | |", c / f);
+}
+
+fn raise_nofile() {
+    // SAFETY: plain C struct, filled in by getrlimit.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        // Handing n fds needs fd numbers up to about 2n (see the README's
+        // limitations); root may raise the hard limit, others use theirs.
+        let want: libc::rlim_t = 65536;
+        let raised = libc::rlimit {
+            rlim_cur: want.max(rl.rlim_cur),
+            rlim_max: want.max(rl.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes an initial value and flags.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The successor of the `fds` benchmark: claims every fd by name, reports
+/// ready, then waits to be killed.
+fn fds_child(n: usize) -> ExitCode {
+    let h = Handover::builder().build().expect("build");
+    for i in 0..n {
+        // The registry keeps its copy for the next generation; ours goes.
+        drop(
+            h.fd(&format!("f{i}"), || {
+                Err(std::io::Error::other("not inherited"))
+            })
+            .expect("claim"),
+        );
+    }
+    h.ready().expect("ready");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn fds(runs: usize) {
+    raise_nofile();
+    procs::become_subreaper();
+    let me = std::env::current_exe().unwrap();
+    println!("| named fds | handoff (spawn → successor ready), median of {runs} | min | max |");
+    println!("| --- | --- | --- | --- |");
+    for n in [4usize, 400, 4000, 10000] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let h = Handover::builder().build().expect("build");
+            for i in 0..n {
+                drop(h.fd(&format!("f{i}"), eventfd).expect("register"));
+            }
+            h.ready().unwrap();
+            let opts = UpgradeOptions::new()
+                .program(&me)
+                .args(["fds-child".to_owned(), n.to_string()]);
+            let done = h.upgrade_blocking_with(opts).expect("upgrade");
+            times.push(ms(done.ready_after));
+            procs::signal(done.pid, libc::SIGKILL).unwrap();
+            procs::reap(done.pid, Duration::from_secs(30)).expect("reap");
+        }
+        let m = median(&mut times);
+        println!(
+            "| {n} | {m:.3} ms | {:.3} ms | {:.3} ms |",
+            times[0],
+            times[runs - 1]
+        );
+    }
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn upgrades(count: usize) {
+    procs::become_subreaper();
+    let server = sibling("http_server");
+    let mut child = Command::new(&server)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = |prefix: &str, pid: u32| -> String {
+        for line in lines.by_ref() {
+            let line = line.expect("stdout");
+            let pid_field = format!("pid={pid}");
+            if line.starts_with(prefix) && line.split_whitespace().any(|w| w == pid_field) {
+                return line;
+            }
+        }
+        panic!("the server chain ended before `{prefix}` of {pid}");
+    };
+    let mut pid = child.id();
+    next("ready", pid);
+    println!("| upgrades done | serving pid | VmRSS | fds |");
+    println!("| --- | --- | --- | --- |");
+    let t = Instant::now();
+    for i in 0..=count {
+        if i % (count / 10).max(1) == 0 {
+            // Let the predecessor's exit settle before counting.
+            println!(
+                "| {i} | {pid} | {} kB | {} |",
+                status_kb(pid, "VmRSS:"),
+                procs::fd_count(pid)
+            );
+        }
+        if i == count {
+            break;
+        }
+        procs::signal(pid, libc::SIGHUP).unwrap();
+        let ok = next("upgrade-ok", pid);
+        let new: u32 = ok
+            .split("successor=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        next("exit", pid);
+        procs::reap(pid, Duration::from_secs(30)).expect("reap old");
+        next("predecessor-exited", new);
+        pid = new;
+    }
+    println!("{count} upgrades in {:.1} s", t.elapsed().as_secs_f64());
+    procs::signal(pid, libc::SIGTERM).unwrap();
+    let _ = procs::reap(pid, Duration::from_secs(30));
+    // The first generation was reaped above; this only settles the handle.
+    let _ = child.wait();
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let num = |flag: &str, default: usize| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(default)
+    };
+    match args.first().map(String::as_str) {
+        Some("ready") => ready(num("--runs", 30)),
+        Some("fds") => fds(num("--runs", 5)),
+        Some("fds-child") => return fds_child(args[1].parse().expect("count")),
+        Some("upgrades") => upgrades(num("--count", 1000)),
+        _ => {
+            eprintln!("usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N]");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
