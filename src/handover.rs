@@ -321,6 +321,26 @@ impl Handover {
         self.inner.drain_timeout
     }
 
+    /// Once the predecessor is gone, this generation serves: make sure the
+    /// pid file says so, even if the predecessor died before writing it.
+    fn claim_pid_file(&self) {
+        let Some(path) = &self.inner.pid_file else {
+            return;
+        };
+        // Held across the write: no upgrade can start (and write the file
+        // with its successor's pid) meanwhile.
+        let state = lock(&self.inner.state);
+        if !matches!(*state, State::Serving) {
+            return;
+        }
+        let me = std::process::id();
+        if pidfile::read(path).ok() != Some(me) {
+            if let Err(e) = pidfile::write(path, me) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+    }
+
     /// The state the old generation streams to this one, if it sends one:
     /// its format version and its bytes. Call it once, before
     /// [`ready`](Self::ready); whatever is left unread is discarded by
@@ -524,6 +544,7 @@ impl Handover {
     /// Until this is called, [`upgrade`](Self::upgrade_blocking) refuses to
     /// run. Calling it again is a no-op.
     pub fn ready(&self) -> Result<(), Error> {
+        let mut alone = false;
         let mut state = lock(&self.inner.state);
         if *state != State::Starting {
             return Ok(());
@@ -545,6 +566,7 @@ impl Handover {
                         generation = self.inner.generation,
                         "predecessor is gone; serving alone"
                     );
+                    alone = true;
                 }
                 Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
             },
@@ -574,6 +596,11 @@ impl Handover {
             }
         }
         *state = State::Serving;
+        drop(channel);
+        drop(state);
+        if alone {
+            self.claim_pid_file();
+        }
         tracing::info!(
             generation = self.inner.generation,
             since_start_ms = self.inner.started.elapsed().as_secs_f64() * 1e3,
@@ -601,6 +628,7 @@ impl Handover {
             }
         }
         lock(&self.inner.channel).take();
+        self.claim_pid_file();
         Ok(true)
     }
 
@@ -635,6 +663,7 @@ impl Handover {
             }
         }
         lock(&self.inner.channel).take();
+        self.claim_pid_file();
         Ok(())
     }
 
