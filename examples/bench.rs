@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- ready [--runs 30]
 //! cargo run --release --example bench -- fds [--runs 5]
 //! cargo run --release --example bench -- upgrades [--count 1000]
+//! cargo run --release --example bench -- load [--secs 10]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -13,6 +14,8 @@
 //!   pipe as soon as it starts.
 //! - `fds`: handoff time for 4, 400, 4,000 and 10,000 named fds.
 //! - `upgrades`: RSS and fd count of the serving process over N upgrades.
+//! - `load`: examples/http_server under wrk (Debian's `wrk`) without upgrades
+//!   and with an upgrade every 200 ms, one after the other in one run.
 
 #[path = "support/procs.rs"]
 mod procs;
@@ -277,6 +280,133 @@ fn upgrades(count: usize) {
     let _ = child.wait();
 }
 
+/// One wrk run's figures.
+#[derive(Debug, Default)]
+struct Wrk {
+    rps: f64,
+    p50: String,
+    p99: String,
+    max: String,
+    requests: u64,
+    errors: u64,
+}
+
+fn wrk(addr: &str, secs: u64) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c32",
+            &format!("-d{secs}s"),
+            "--latency",
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut w = Wrk::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Latency", _avg, _stdev, max, ..] => w.max = max.to_string(),
+            ["50%", v] => w.p50 = v.to_string(),
+            ["99%", v] => w.p99 = v.to_string(),
+            ["Requests/sec:", v] => w.rps = v.parse().unwrap_or(0.0),
+            [n, "requests", "in", ..] => w.requests = n.parse().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                w.errors += rest
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => w.errors += n.parse::<u64>().unwrap_or(0),
+            _ => {}
+        }
+    }
+    w
+}
+
+fn load(secs: u64) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+    procs::become_subreaper();
+    let server = sibling("http_server");
+    let mut child = Command::new(&server)
+        .args(["--listen", "127.0.0.1:0", "--drain-timeout", "10"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("ready line").expect("stdout");
+    let addr = first
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let current = Arc::new(AtomicU32::new(child.id()));
+    let upgrades = Arc::new(AtomicU64::new(0));
+    // Track the serving generation and reap the old ones.
+    {
+        let (current, upgrades) = (current.clone(), upgrades.clone());
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("upgrade-ok ") {
+                    let new: u32 = rest
+                        .split("successor=")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    current.store(new, Ordering::SeqCst);
+                    upgrades.fetch_add(1, Ordering::SeqCst);
+                } else if let Some(rest) = line.strip_prefix("exit pid=") {
+                    let pid: u32 = rest.split(' ').next().unwrap().parse().unwrap();
+                    let _ = procs::reap(pid, Duration::from_secs(30));
+                }
+            }
+        });
+    }
+    let quiet = wrk(&addr, secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let signaler = {
+        let (current, stop) = (current.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200)); // the upgrade rate under test
+                let _ = procs::signal(current.load(Ordering::SeqCst), libc::SIGHUP);
+            }
+        })
+    };
+    let busy = wrk(&addr, secs);
+    stop.store(true, Ordering::SeqCst);
+    signaler.join().unwrap();
+    println!("wrk -t2 -c32 -d{secs}s --latency, examples/http_server (release)");
+    println!("| | requests/s | p50 | p99 | max | requests | failed (socket errors + non-2xx) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (name, w) in [("no upgrades", &quiet), ("an upgrade every 200 ms", &busy)] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {} | {} | {} |",
+            w.rps, w.p50, w.p99, w.max, w.requests, w.errors
+        );
+    }
+    println!(
+        "upgrades during the second run: {}",
+        upgrades.load(Ordering::SeqCst)
+    );
+    let last = current.load(Ordering::SeqCst);
+    let _ = procs::signal(last, libc::SIGTERM);
+    let _ = procs::reap(last, Duration::from_secs(30));
+    let _ = child.wait();
+}
+
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -300,8 +430,11 @@ fn main() -> ExitCode {
         Some("fds") => fds(num("--runs", 5)),
         Some("fds-child") => return fds_child(args[1].parse().expect("count")),
         Some("upgrades") => upgrades(num("--count", 1000)),
+        Some("load") => load(num("--secs", 10) as u64),
         _ => {
-            eprintln!("usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N]");
+            eprintln!(
+                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N]"
+            );
             return ExitCode::from(2);
         }
     }
