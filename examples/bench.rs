@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- fds [--runs 5]
 //! cargo run --release --example bench -- upgrades [--count 1000]
 //! cargo run --release --example bench -- load [--secs 10]
+//! cargo run --release --example bench -- state [--runs 5]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -14,6 +15,7 @@
 //!   pipe as soon as it starts.
 //! - `fds`: handoff time for 4, 400, 4,000 and 10,000 named fds.
 //! - `upgrades`: RSS and fd count of the serving process over N upgrades.
+//! - `state`: state handoff of 1 MiB, 100 MiB and 1 GiB (whole upgrade).
 //! - `load`: examples/http_server under wrk (Debian's `wrk`) without upgrades
 //!   and with an upgrade every 200 ms, one after the other in one run.
 
@@ -280,6 +282,43 @@ fn upgrades(count: usize) {
     let _ = child.wait();
 }
 
+fn state(runs: usize) {
+    use std::io::Read;
+    let server = sibling("http_server");
+    procs::become_subreaper();
+    println!("| state size | whole upgrade, median of {runs} | throughput | min | max |");
+    println!("| --- | --- | --- | --- | --- |");
+    for size in [1u64 << 20, 100 << 20, 1 << 30] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let h = Handover::builder().ready_timeout(Duration::from_secs(120)).build().expect("build");
+            let l = h.tcp_listener("http", "127.0.0.1:0").expect("listener");
+            let addr = l.local_addr().unwrap().to_string();
+            h.ready().expect("ready");
+            let opts = UpgradeOptions::new()
+                .program(&server)
+                .args(["--listen", &addr, "--state-version", "2"])
+                .state(2, std::io::repeat(0x5a).take(size));
+            let t = Instant::now();
+            let done = h.upgrade_blocking_with(opts).expect("upgrade");
+            times.push(t.elapsed().as_secs_f64());
+            drop(l);
+            procs::signal(done.pid, libc::SIGTERM).unwrap();
+            procs::reap(done.pid, Duration::from_secs(30)).expect("reap");
+        }
+        times.sort_by(f64::total_cmp);
+        let m = times[runs / 2];
+        println!(
+            "| {} MiB | {:.1} ms | {:.0} MB/s | {:.1} ms | {:.1} ms |",
+            size >> 20,
+            m * 1e3,
+            size as f64 / m / 1e6,
+            times[0] * 1e3,
+            times[runs - 1] * 1e3
+        );
+    }
+}
+
 /// One wrk run's figures.
 #[derive(Debug, Default)]
 struct Wrk {
@@ -431,9 +470,10 @@ fn main() -> ExitCode {
         Some("fds-child") => return fds_child(args[1].parse().expect("count")),
         Some("upgrades") => upgrades(num("--count", 1000)),
         Some("load") => load(num("--secs", 10) as u64),
+        Some("state") => state(num("--runs", 5)),
         _ => {
             eprintln!(
-                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N]"
+                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N]"
             );
             return ExitCode::from(2);
         }
