@@ -291,7 +291,10 @@ fn state(runs: usize) {
     for size in [1u64 << 20, 100 << 20, 1 << 30] {
         let mut times = Vec::new();
         for _ in 0..runs {
-            let h = Handover::builder().ready_timeout(Duration::from_secs(120)).build().expect("build");
+            let h = Handover::builder()
+                .ready_timeout(Duration::from_secs(120))
+                .build()
+                .expect("build");
             let l = h.tcp_listener("http", "127.0.0.1:0").expect("listener");
             let addr = l.local_addr().unwrap().to_string();
             h.ready().expect("ready");

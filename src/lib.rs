@@ -104,6 +104,9 @@ pub mod control;
 mod env;
 mod error;
 mod fds;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handover;
 mod pidfile;
 mod ready;
