@@ -334,7 +334,9 @@ pub(crate) fn spawn(
         child.intermediate = 0;
         child.release = None;
         let mut report = [0u8; 8];
-        if let Ok(true) = read_full(err_r.as_fd(), &mut report) {
+        let readable = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], Instant::now())
+            .is_ok_and(|r| r[0] != 0);
+        if readable && read_full(err_r.as_fd(), &mut report).unwrap_or(false) {
             return Err(child_error(&report));
         }
         return Err(SpawnError::Parent(
