@@ -3,14 +3,17 @@
 //! upgrade's real result — so `ExecReload=myservice reload --control PATH`
 //! makes `systemctl reload` fail when the upgrade fails.
 //!
-//! The protocol is one line each way. Requests: `status`, `upgrade`, or
-//! `upgrade <absolute program path>`. Replies: `ok <json>` or
+//! The protocol is one line each way. Requests: `status`, or
+//! `upgrade [from=GENERATION] [absolute program path]`. Replies: `ok <json>` or
 //! `error <reason>`. The reply to `upgrade` comes when the upgrade has
 //! succeeded or failed.
 //!
 //! Several `upgrade` requests during one upgrade: the first runs it, the
 //! others wait for it and share its result (their reply says `shared`). A
-//! request that arrives after a successful upgrade goes to the new generation.
+//! request that names the generation it was meant for (`from=`, as
+//! [`reload`] does after asking `status`) and lands on a newer generation —
+//! it was queued while the upgrade completed — is answered
+//! `"already":true` instead of upgrading again.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -124,28 +127,53 @@ fn status_json(h: &Handover) -> String {
 pub enum Request {
     /// `status`
     Status,
-    /// `upgrade` or `upgrade <path>`
-    Upgrade(Option<PathBuf>),
+    /// `upgrade [from=GENERATION] [PROGRAM]`: upgrade (to `program`, an
+    /// absolute path). With `from`, the request is meant for that
+    /// generation: a newer generation answers that the upgrade already
+    /// happened, so a request queued during a handover never upgrades twice.
+    Upgrade {
+        /// The generation the client saw (from `status`).
+        from: Option<u64>,
+        /// Another program to run.
+        program: Option<PathBuf>,
+    },
 }
 
 impl Request {
     /// Parses one request line (without its newline).
     pub fn parse(line: &str) -> Result<Request, String> {
         let line = line.trim_end_matches('\r');
-        match line.split_once(' ') {
-            None if line == "status" => Ok(Request::Status),
-            None if line == "upgrade" => Ok(Request::Upgrade(None)),
-            Some(("upgrade", path)) if path.starts_with('/') && !path.contains('\0') => {
-                Ok(Request::Upgrade(Some(PathBuf::from(path))))
-            }
-            Some(("upgrade", path)) => Err(format!(
-                "the program must be an absolute path, not {path:?}"
-            )),
-            _ => Err(format!(
+        if line == "status" {
+            return Ok(Request::Status);
+        }
+        let Some(rest) = line.strip_prefix("upgrade") else {
+            return Err(format!(
                 "unknown request {:?}",
                 line.chars().take(64).collect::<String>()
-            )),
+            ));
+        };
+        if !(rest.is_empty() || rest.starts_with(' ')) {
+            return Err(format!(
+                "unknown request {:?}",
+                line.chars().take(64).collect::<String>()
+            ));
         }
+        let mut rest = rest.trim_start_matches(' ');
+        let mut from = None;
+        if let Some(r) = rest.strip_prefix("from=") {
+            let (g, tail) = r.split_once(' ').unwrap_or((r, ""));
+            from = Some(
+                g.parse::<u64>()
+                    .map_err(|_| format!("from={g:?} is not a generation"))?,
+            );
+            rest = tail;
+        }
+        let program = match rest {
+            "" => None,
+            p if p.starts_with('/') && !p.contains('\0') => Some(PathBuf::from(p)),
+            p => return Err(format!("the program must be an absolute path, not {p:?}")),
+        };
+        Ok(Request::Upgrade { from, program })
     }
 }
 
@@ -230,7 +258,20 @@ mod server {
         let reply = match Request::parse(line.trim_end_matches('\n')) {
             Err(e) => format!("error {e}\n"),
             Ok(Request::Status) => format!("ok {}\n", status_json(&h)),
-            Ok(Request::Upgrade(program)) => upgrade(&h, program, &done, &shared, options).await,
+            Ok(Request::Upgrade { from: Some(g), .. }) if g < h.generation() => format!(
+                "ok {{\"pid\":{},\"generation\":{},\"already\":true}}\n",
+                std::process::id(),
+                h.generation()
+            ),
+            Ok(Request::Upgrade { from: Some(g), .. }) if g > h.generation() => {
+                format!(
+                    "error from={g} is newer than this generation ({})\n",
+                    h.generation()
+                )
+            }
+            Ok(Request::Upgrade { program, .. }) => {
+                upgrade(&h, program, &done, &shared, options).await
+            }
         };
         w.write_all(reply.as_bytes()).await?;
         w.shutdown().await
@@ -333,9 +374,23 @@ pub fn reload(
     program: Option<&Path>,
     timeout: Duration,
 ) -> Result<String, String> {
+    // Name the generation this request is for: if it lands on a newer one
+    // (queued while an upgrade completed), it is answered, not repeated.
+    let path = path.as_ref();
+    let status = request(path, "status", timeout)?;
+    let generation = status
+        .split("\"generation\":")
+        .nth(1)
+        .and_then(|g| {
+            g.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| format!("status reply without a generation: {status}"))?;
     let req = match program {
-        Some(p) => format!("upgrade {}", p.display()),
-        None => "upgrade".to_owned(),
+        Some(p) => format!("upgrade from={generation} {}", p.display()),
+        None => format!("upgrade from={generation}"),
     };
     request(path, &req, timeout)
 }
@@ -347,10 +402,35 @@ mod tests {
     #[test]
     fn requests_parse() {
         assert_eq!(Request::parse("status"), Ok(Request::Status));
-        assert_eq!(Request::parse("upgrade"), Ok(Request::Upgrade(None)));
+        assert_eq!(
+            Request::parse("upgrade"),
+            Ok(Request::Upgrade {
+                from: None,
+                program: None
+            })
+        );
+        assert_eq!(
+            Request::parse("upgrade from=3 /bin/x"),
+            Ok(Request::Upgrade {
+                from: Some(3),
+                program: Some("/bin/x".into())
+            })
+        );
+        assert_eq!(
+            Request::parse("upgrade from=3"),
+            Ok(Request::Upgrade {
+                from: Some(3),
+                program: None
+            })
+        );
+        assert!(Request::parse("upgrade from=x").is_err());
+        assert!(Request::parse("upgraded").is_err());
         assert_eq!(
             Request::parse("upgrade /usr/bin/x"),
-            Ok(Request::Upgrade(Some("/usr/bin/x".into())))
+            Ok(Request::Upgrade {
+                from: None,
+                program: Some("/usr/bin/x".into())
+            })
         );
         assert!(Request::parse("upgrade x").is_err());
         assert!(Request::parse("shutdown").is_err());
