@@ -4,16 +4,18 @@
 //! makes `systemctl reload` fail when the upgrade fails.
 //!
 //! The protocol is one line each way. Requests: `status`, or
-//! `upgrade [from=GENERATION] [absolute program path]`. Replies: `ok <json>` or
+//! `upgrade [since=USEC] [absolute program path]`. Replies: `ok <json>` or
 //! `error <reason>`. The reply to `upgrade` comes when the upgrade has
 //! succeeded or failed.
 //!
 //! Several `upgrade` requests during one upgrade: the first runs it, the
-//! others wait for it and share its result (their reply says `shared`). A
-//! request that names the generation it was meant for (`from=`, as
-//! [`reload`] does after asking `status`) and lands on a newer generation —
-//! it was queued while the upgrade completed — is answered
-//! `"already":true` instead of upgrading again.
+//! others wait for it and share its result (their reply says `shared`); a
+//! generation that handed over answers later requests with that result too.
+//! A request that says when it was made (`since=`, as [`reload`] does) and
+//! reaches a generation that an upgrade started after that, or less than
+//! [`COALESCE`] (250 ms) before, is answered `"already":true` instead of
+//! upgrading again: 10 reloads within 100 ms make one upgrade. A request
+//! naming a program (a rollback) is never coalesced.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,6 +30,13 @@ use crate::handover::Handover;
 
 /// The registry name of the control socket.
 pub const NAME: &str = "handover.control";
+
+/// Upgrade requests made less than this long after a generation started
+/// (or before it) are answered with that generation: a burst of reloads
+/// makes one upgrade. Two deploys this close together would be one.
+pub const COALESCE: Duration = Duration::from_millis(250);
+#[cfg(feature = "tokio")]
+const COALESCE_USEC: u128 = COALESCE.as_micros();
 
 /// The longest request line accepted.
 #[cfg(feature = "tokio")]
@@ -127,13 +136,14 @@ fn status_json(h: &Handover) -> String {
 pub enum Request {
     /// `status`
     Status,
-    /// `upgrade [from=GENERATION] [PROGRAM]`: upgrade (to `program`, an
-    /// absolute path). With `from`, the request is meant for that
-    /// generation: a newer generation answers that the upgrade already
-    /// happened, so a request queued during a handover never upgrades twice.
+    /// `upgrade [since=USEC] [PROGRAM]`: upgrade (to `program`, an absolute
+    /// path). `since` is the client's `CLOCK_MONOTONIC` in microseconds when
+    /// it decided to ask: a generation that started after that, or less than
+    /// [`COALESCE`] before, answers that the upgrade already happened, so a
+    /// burst of requests, or one queued during a handover, upgrades once.
     Upgrade {
-        /// The generation the client saw (from `status`).
-        from: Option<u64>,
+        /// When the client asked (`CLOCK_MONOTONIC`, µs).
+        since: Option<u128>,
         /// Another program to run.
         program: Option<PathBuf>,
     },
@@ -159,12 +169,12 @@ impl Request {
             ));
         }
         let mut rest = rest.trim_start_matches(' ');
-        let mut from = None;
-        if let Some(r) = rest.strip_prefix("from=") {
-            let (g, tail) = r.split_once(' ').unwrap_or((r, ""));
-            from = Some(
-                g.parse::<u64>()
-                    .map_err(|_| format!("from={g:?} is not a generation"))?,
+        let mut since = None;
+        if let Some(r) = rest.strip_prefix("since=") {
+            let (t, tail) = r.split_once(' ').unwrap_or((r, ""));
+            since = Some(
+                t.parse::<u128>()
+                    .map_err(|_| format!("since={t:?} is not a time"))?,
             );
             rest = tail;
         }
@@ -173,7 +183,7 @@ impl Request {
             p if p.starts_with('/') && !p.contains('\0') => Some(PathBuf::from(p)),
             p => return Err(format!("the program must be an absolute path, not {p:?}")),
         };
-        Ok(Request::Upgrade { from, program })
+        Ok(Request::Upgrade { since, program })
     }
 }
 
@@ -258,14 +268,15 @@ mod server {
         let reply = match Request::parse(line.trim_end_matches('\n')) {
             Err(e) => format!("error {e}\n"),
             Ok(Request::Status) => format!("ok {}\n", status_json(&h)),
-            Ok(Request::Upgrade { from: Some(g), .. }) if g < h.generation() => format!(
-                "ok {{\"pid\":{},\"generation\":{},\"already\":true}}\n",
-                std::process::id(),
-                h.generation()
-            ),
-            Ok(Request::Upgrade { from: Some(g), .. }) if g > h.generation() => {
+            // Only a generation started by an upgrade coalesces, and only
+            // plain requests: one naming a program (a rollback) always runs.
+            Ok(Request::Upgrade {
+                since: Some(t),
+                program: None,
+            }) if h.from_predecessor() && h.inner.started_usec + COALESCE_USEC > t => {
                 format!(
-                    "error from={g} is newer than this generation ({})\n",
+                    "ok {{\"pid\":{},\"generation\":{},\"already\":true}}\n",
+                    std::process::id(),
                     h.generation()
                 )
             }
@@ -317,8 +328,16 @@ mod server {
             )),
             Err(e) => Err(e.to_string()),
         };
-        let _ = tx.send(Some(outcome.clone()));
-        *shared.lock().await = None;
+        {
+            let mut slot = shared.lock().await;
+            let _ = tx.send(Some(outcome.clone()));
+            if outcome.is_err() {
+                // A failed upgrade may be retried by the next request. A
+                // successful one stays: later requests to this (now
+                // draining) generation share its result.
+                *slot = None;
+            }
+        }
         if let Ok(u) = result {
             let _ = done.send(u).await;
         }
@@ -374,23 +393,13 @@ pub fn reload(
     program: Option<&Path>,
     timeout: Duration,
 ) -> Result<String, String> {
-    // Name the generation this request is for: if it lands on a newer one
-    // (queued while an upgrade completed), it is answered, not repeated.
-    let path = path.as_ref();
-    let status = request(path, "status", timeout)?;
-    let generation = status
-        .split("\"generation\":")
-        .nth(1)
-        .and_then(|g| {
-            g.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .ok_or_else(|| format!("status reply without a generation: {status}"))?;
+    // Say when we asked: a generation started after that (the upgrade
+    // happened meanwhile, e.g. for another request of the same burst)
+    // answers instead of upgrading again.
+    let since = crate::systemd::monotonic_usec();
     let req = match program {
-        Some(p) => format!("upgrade from={generation} {}", p.display()),
-        None => format!("upgrade from={generation}"),
+        Some(p) => format!("upgrade since={since} {}", p.display()),
+        None => format!("upgrade since={since}"),
     };
     request(path, &req, timeout)
 }
@@ -405,30 +414,30 @@ mod tests {
         assert_eq!(
             Request::parse("upgrade"),
             Ok(Request::Upgrade {
-                from: None,
+                since: None,
                 program: None
             })
         );
         assert_eq!(
-            Request::parse("upgrade from=3 /bin/x"),
+            Request::parse("upgrade since=3 /bin/x"),
             Ok(Request::Upgrade {
-                from: Some(3),
+                since: Some(3),
                 program: Some("/bin/x".into())
             })
         );
         assert_eq!(
-            Request::parse("upgrade from=3"),
+            Request::parse("upgrade since=3"),
             Ok(Request::Upgrade {
-                from: Some(3),
+                since: Some(3),
                 program: None
             })
         );
-        assert!(Request::parse("upgrade from=x").is_err());
+        assert!(Request::parse("upgrade since=x").is_err());
         assert!(Request::parse("upgraded").is_err());
         assert_eq!(
             Request::parse("upgrade /usr/bin/x"),
             Ok(Request::Upgrade {
-                from: None,
+                since: None,
                 program: Some("/usr/bin/x".into())
             })
         );

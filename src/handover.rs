@@ -176,6 +176,7 @@ impl Builder {
                 generation,
                 from_predecessor,
                 started: Instant::now(),
+                started_usec: crate::systemd::monotonic_usec(),
                 registry: Mutex::new(Registry::new(fds)),
                 state: Mutex::new(State::Starting),
                 channel: Mutex::new(channel),
@@ -256,6 +257,8 @@ pub(crate) struct Inner {
     pub(crate) generation: u64,
     pub(crate) from_predecessor: bool,
     pub(crate) started: Instant,
+    /// `CLOCK_MONOTONIC` at build, in µs (compared with control requests).
+    pub(crate) started_usec: u128,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) state: Mutex<State>,
     /// The channel to the predecessor, while it may still be alive.
