@@ -258,6 +258,7 @@ pub(crate) struct Inner {
     pub(crate) from_predecessor: bool,
     pub(crate) started: Instant,
     /// `CLOCK_MONOTONIC` at build, in µs (compared with control requests).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) started_usec: u128,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) state: Mutex<State>,
