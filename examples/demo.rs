@@ -109,10 +109,7 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
     );
 
     let load = load::Load::start(addr, clients, clients);
-    let warm = Instant::now();
-    while load.stats.ok() < 200 && warm.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    load.wait_for_ok(200, Duration::from_secs(10));
     let started = Instant::now();
     let mut rows = Vec::new();
     for i in 1..=upgrades {

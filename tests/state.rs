@@ -26,9 +26,7 @@ fn stats(addr: std::net::SocketAddr) -> (u32, u64) {
 fn served_total_survives_ten_upgrades_under_load() {
     let mut srv = Server::start(&["--listen", "127.0.0.1:0"]);
     let addr = srv.addr();
-    let load = load::Load::start(addr, 2, 2);
-    let st = load.stats.clone();
-    wait_until("first responses", Duration::from_secs(30), || st.ok() > 50);
+    let load = load::Load::start_warm(addr, 2, 2, 51);
     let mut last = 0;
     for i in 0..10 {
         let (old, new) = srv.upgrade();
@@ -67,9 +65,7 @@ fn a_state_of_the_wrong_version_is_rejected_and_the_old_generation_serves() {
     install(&bin, &std::fs::read(&real).unwrap(), 0o755);
     let mut srv = Server::start_program(&bin, &["--listen", "127.0.0.1:0"]);
     let serving = srv.pid();
-    let load = load::Load::start(srv.addr(), 2, 2);
-    let st = load.stats.clone();
-    wait_until("first responses", Duration::from_secs(30), || st.ok() > 20);
+    let load = load::Load::start_warm(srv.addr(), 2, 2, 21);
     // A new build that reads only state version 3.
     let script = format!(
         "#!/bin/sh\nexec {} \"$@\" --state-version 3\n",

@@ -216,6 +216,32 @@ impl Load {
         }
     }
 
+    /// Waits (probing every 5 ms) until `n` requests have succeeded, at
+    /// most `timeout`; whether they did.
+    pub fn wait_for_ok(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.stats.ok() < n {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// [`Load::start`], then waits for `n` successful requests (30 s at
+    /// most; panics without them).
+    pub fn start_warm(addr: SocketAddr, fresh: usize, keep_alive: usize, n: u64) -> Load {
+        let load = Load::start(addr, fresh, keep_alive);
+        let ok = load.wait_for_ok(n, Duration::from_secs(30));
+        assert!(
+            ok,
+            "no {n} successful requests within 30 s: {:?}",
+            load.stats.errors.lock().unwrap()
+        );
+        load
+    }
+
     /// Stops the threads and waits for them (each ends within one request,
     /// which is bounded by `IO_TIMEOUT`).
     pub fn stop(self) -> Arc<Stats> {
