@@ -79,10 +79,8 @@ fn the_control_socket_is_0600_and_refuses_other_users() {
 #[test]
 fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
     let dir = TempDir::new("ctl-reload");
-    let bin = dir.path().join("server");
+    let (bin, good) = common::deploy(dir.path(), "server");
     let kept = dir.path().join("server.previous");
-    let good = std::fs::read(common::server_bin()).unwrap();
-    install(&bin, &good, 0o755);
     install(&kept, &good, 0o755);
     let ctl = dir.path().join("ctl");
     let mut srv = Server::start_program(

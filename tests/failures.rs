@@ -13,9 +13,7 @@ use common::{Server, TempDir, install, load, procs, wait_until};
 #[test]
 fn broken_successors_leave_the_old_generation_serving() {
     let dir = TempDir::new("faults");
-    let bin = dir.path().join("server");
-    let good = std::fs::read(common::server_bin()).unwrap();
-    install(&bin, &good, 0o755);
+    let (bin, good) = common::deploy(dir.path(), "server");
     let pid_file = dir.path().join("server.pid");
     let mut srv = Server::start_program(
         &bin,

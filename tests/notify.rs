@@ -121,9 +121,7 @@ fn choreography(notify_socket: &str, sock: UnixDatagram) {
     let (tx, rx) = mpsc::channel();
     receive(sock, tx);
     let dir = TempDir::new("notify");
-    let bin = dir.path().join("server");
-    let good = std::fs::read(common::server_bin()).unwrap();
-    install(&bin, &good, 0o755);
+    let (bin, good) = common::deploy(dir.path(), "server");
     let mut srv = Server::start_env(
         &bin,
         &["--listen", "127.0.0.1:0"],

@@ -62,9 +62,7 @@ fn fault_soak() {
     let mut rng = Rng(seed | 1);
 
     let dir = TempDir::new("soak");
-    let bin = dir.path().join("server");
-    let good = std::fs::read(common::server_bin()).unwrap();
-    install(&bin, &good, 0o755);
+    let (bin, good) = common::deploy(dir.path(), "server");
     let pid_file = dir.path().join("server.pid");
     let mut srv = Server::start_program(
         &bin,

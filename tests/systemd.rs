@@ -536,9 +536,7 @@ fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
     let out = m.path().join("out");
     let unit = "handover-test.service";
     // The deployed binary is a copy that the test breaks and repairs.
-    let bin = m.path().join("deployed");
-    let good = std::fs::read(common::server_bin()).unwrap();
-    common::install(&bin, &good, 0o755);
+    let (bin, good) = common::deploy(m.path(), "deployed");
     let text = example_unit_with("handover-control.service", &bin, &out, 0, "");
     m.unit(unit, &text);
     m.ok(&["daemon-reload"]);

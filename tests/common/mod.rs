@@ -308,6 +308,15 @@ pub fn install(path: &Path, contents: &[u8], mode: u32) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Installs a copy of the server binary as `dir/name`, as a deploy would,
+/// so a test can break and repair it; returns its path and the good bytes.
+pub fn deploy(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
+    let bin = dir.join(name);
+    let good = std::fs::read(server_bin()).expect("read the server binary");
+    install(&bin, &good, 0o755);
+    (bin, good)
+}
+
 /// Runs `cmd` to completion with stdout and stderr captured, killing it if
 /// it is still running after `timeout`.
 pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> std::process::Output {
