@@ -1,6 +1,6 @@
 //! Building and starting the successor: the one fork/exec seam.
 //!
-//! Everything the child needs (argv, envp, the fd layout, scratch space) is
+//! Everything the child needs (argv, envp, the fd layout, a map of which fd sits where) is
 //! allocated before `fork(2)`. Between fork and exec the child only makes
 //! async-signal-safe system calls on that memory:
 //!
@@ -535,7 +535,7 @@ unsafe fn child(plan: &mut Plan) -> ! {
             }
             libc::close(src);
         }
-        // 2. Everything above the layout closes at exec, the scratch copies
+        // 2. Everything above the layout closes at exec, fds moved aside
         // and the error pipe included.
         let r = libc::syscall(
             libc::SYS_close_range,
