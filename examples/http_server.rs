@@ -25,12 +25,28 @@
 //!   bytes); a successor reading another version rejects it, and the upgrade
 //!   fails. Version 2 is read as an opaque blob and only counted (a test and
 //!   benchmark aid).
+//! - `--probation SECS`: canary upgrades; this process keeps accepting
+//!   alongside its successor for SECS after the successor is ready, and
+//!   takes the service back if the successor dies or reports itself
+//!   unhealthy meanwhile
+//! - `--crash-after SECS`: abort SECS after becoming ready (a test aid: a
+//!   successor that passes its readiness check and then crashes)
+//! - `--unhealthy-after SECS`: SECS after becoming ready, report itself
+//!   unhealthy to a predecessor still watching it, and if that one takes the
+//!   service back, drain and exit (a test aid)
+//! - `--supervise`: run as the supervisor of the server, which runs as its
+//!   child (see [`handover::supervisor`]); automatic when this process is
+//!   PID 1, as in a container
 //! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
 //!   report any helper that inherited a socket (a test aid)
 //!
 //! `http_server reload --control PATH [--binary PATH]` asks a running server
 //! to upgrade (to another binary, e.g. to roll back) and exits 0 only if the
 //! upgrade succeeded, else 1 with the reason on stderr.
+//!
+//! GET /stats answers JSON: this process, `served_total`, and the
+//! library's upgrade metrics ([`handover::Stats`]); GET /metrics the same
+//! metrics in Prometheus' text format.
 //!
 //! SIGHUP or SIGUSR2 upgrades; SIGTERM or SIGINT drains and exits. Every
 //! response carries `X-Pid` and `X-Generation`; while draining, responses
@@ -74,6 +90,10 @@ struct Config {
     preflight: bool,
     check: bool,
     state_version: u32,
+    probation: Option<Duration>,
+    crash_after: Option<Duration>,
+    unhealthy_after: Option<Duration>,
+    supervise: bool,
 }
 
 fn parse(args: &[OsString]) -> Result<Config, String> {
@@ -104,6 +124,10 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             c.check = true;
             continue;
         }
+        if flag == "--supervise" {
+            c.supervise = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let v = value.to_str().ok_or("arguments must be UTF-8")?;
         match flag {
@@ -117,6 +141,9 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
             "--report-fds" => c.report_fds = Some(v.into()),
             "--control" => c.control = Some(v.into()),
+            "--probation" => c.probation = Some(secs(v, flag)?),
+            "--crash-after" => c.crash_after = Some(secs(v, flag)?),
+            "--unhealthy-after" => c.unhealthy_after = Some(secs(v, flag)?),
             "--state-version" => {
                 c.state_version = v.parse().map_err(|_| format!("--state-version {v:?}"))?
             }
@@ -199,6 +226,7 @@ struct App {
     /// Bytes of an opaque (version 2) state received at start.
     state_bytes: u64,
     drain: Drain,
+    handover: Handover,
 }
 
 async fn handle(
@@ -221,20 +249,18 @@ async fn handle(
                 app.generation, app.pid
             )
         }
-        "/stats" => format!(
-            "{{\"pid\":{},\"generation\":{},\"served_total\":{served},\"state_bytes\":{}}}\n",
-            app.pid, app.generation, app.state_bytes
-        ),
+        "/stats" => stats_json(&app, served),
+        "/metrics" => metrics(&app.handover.stats()),
         _ => format!("generation {} pid {}\n", app.generation, app.pid),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     let h = resp.headers_mut();
     h.insert("x-pid", HeaderValue::from(app.pid));
     h.insert("x-generation", HeaderValue::from(app.generation));
-    let ct = if path == "/stats" {
-        "application/json"
-    } else {
-        "text/plain"
+    let ct = match path {
+        "/stats" => "application/json",
+        "/metrics" => "text/plain; version=0.0.4",
+        _ => "text/plain",
     };
     h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
     if app.drain.is_draining() {
@@ -243,6 +269,76 @@ async fn handle(
         h.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// `/stats`: this process and the library's upgrade metrics, as JSON.
+fn stats_json(app: &App, served: u64) -> String {
+    let s = app.handover.stats();
+    let ms = |d: Option<Duration>| match d {
+        Some(d) => format!("{:.3}", d.as_secs_f64() * 1e3),
+        None => "null".to_owned(),
+    };
+    let phases = match &s.last_phases {
+        Some(p) => {
+            let fields: Vec<String> = p
+                .iter()
+                .map(|(name, d)| format!("\"{name}_ms\":{}", ms(d)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        None => "null".to_owned(),
+    };
+    let last_error = match &s.last_error {
+        Some(e) => format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "\\\"")),
+        None => "null".to_owned(),
+    };
+    format!(
+        "{{\"pid\":{},\"generation\":{},\"served_total\":{served},\"state_bytes\":{},\
+         \"committed\":{},\"upgrades_succeeded\":{},\"upgrades_failed\":{},\"draining\":{},\
+         \"last_error\":{last_error},\"last_phases\":{phases}}}\n",
+        app.pid,
+        app.generation,
+        app.state_bytes,
+        s.committed,
+        s.upgrades_succeeded,
+        s.upgrades_failed,
+        s.draining
+    )
+}
+
+/// `/metrics`: [`handover::Stats`] in Prometheus' text format (the example
+/// of the `Stats` documentation).
+fn metrics(stats: &handover::Stats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE handover_generation gauge");
+    let _ = writeln!(out, "handover_generation {}", stats.generation);
+    let _ = writeln!(out, "# TYPE handover_upgrades_total counter");
+    let _ = writeln!(
+        out,
+        "handover_upgrades_total{{result=\"ok\"}} {}",
+        stats.upgrades_succeeded
+    );
+    let _ = writeln!(
+        out,
+        "handover_upgrades_total{{result=\"failed\"}} {}",
+        stats.upgrades_failed
+    );
+    let _ = writeln!(out, "# TYPE handover_draining_connections gauge");
+    let _ = writeln!(out, "handover_draining_connections {}", stats.draining);
+    let _ = writeln!(out, "# TYPE handover_last_upgrade_phase_seconds gauge");
+    if let Some(phases) = &stats.last_phases {
+        for (phase, took) in phases.iter() {
+            if let Some(took) = took {
+                let _ = writeln!(
+                    out,
+                    "handover_last_upgrade_phase_seconds{{phase=\"{phase}\"}} {}",
+                    took.as_secs_f64()
+                );
+            }
+        }
+    }
+    out
 }
 
 fn serve_conn<S>(app: &Arc<App>, stream: S)
@@ -275,6 +371,9 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     }
     if let Some(t) = config.drain_timeout {
         builder = builder.drain_timeout(t);
+    }
+    if let Some(t) = config.probation {
+        builder = builder.probation(t);
     }
     if config.preflight {
         // Like `nginx -t`: the new binary must accept this process's
@@ -400,7 +499,8 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         generation,
         served: AtomicU64::new(served),
         state_bytes,
-        drain: Drain::new(),
+        drain: handover.drain(),
+        handover: handover.clone(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -477,6 +577,32 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             }
         });
     }
+    if let Some(after) = config.crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            event(format_args!("crash pid={pid}"));
+            std::process::abort();
+        });
+    }
+    let (rolled_back_tx, mut rolled_back) = tokio::sync::mpsc::channel::<()>(1);
+    if let Some(after) = config.unhealthy_after {
+        let h = handover.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let reported = tokio::task::spawn_blocking(move || {
+                h.report_unhealthy("health check failed (--unhealthy-after)")
+            })
+            .await;
+            match reported {
+                Ok(Ok(true)) => {
+                    let _ = rolled_back_tx.send(()).await;
+                }
+                Ok(Ok(false)) => event(format_args!("unhealthy-ignored pid={pid}")),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot report unhealthy"),
+                Err(e) => tracing::warn!(error = %e, "unhealthy report task failed"),
+            }
+        });
+    }
 
     let state_version = config.state_version;
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(1);
@@ -494,16 +620,18 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             _ = hup.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
             _ = usr2.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
             Some(done) = ctl_rx.recv() => Ok(done),
+            Some(()) = rolled_back.recv() => break "rolled-back",
             _ = term.recv() => break "stop",
             _ = int.recv() => break "stop",
         };
         match result {
             Ok(done) => {
                 event(format_args!(
-                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} trigger_ms={:.3}",
+                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} trigger_ms={:.3}",
                     done.pid,
                     done.generation,
                     done.ready_after.as_secs_f64() * 1e3,
+                    done.phases.probation.unwrap_or_default().as_secs_f64() * 1e3,
                     trigger.elapsed().as_secs_f64() * 1e3
                 ));
                 break "upgrade";

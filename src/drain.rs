@@ -1,7 +1,7 @@
 //! Draining the old generation: stop accepting, let in-flight connections
 //! finish, exit when they are done or at a deadline.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -39,9 +39,13 @@ use tokio::sync::watch;
 /// # }
 /// # fn main() { let _ = example; }
 /// ```
+///
+/// [`Handover::drain`](crate::Handover::drain) gives the generation's own
+/// drain, which also feeds [`Handover::stats`](crate::Handover::stats).
 #[derive(Debug, Clone)]
 pub struct Drain {
     inner: Arc<watch::Sender<Counts>>,
+    handover: Option<Weak<crate::handover::Inner>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,6 +87,15 @@ impl Drain {
     pub fn new() -> Self {
         Drain {
             inner: Arc::new(watch::Sender::new(Counts::default())),
+            handover: None,
+        }
+    }
+
+    /// A drain whose end is reported to the handover.
+    pub(crate) fn linked(handover: Weak<crate::handover::Inner>) -> Self {
+        Drain {
+            handover: Some(handover),
+            ..Self::new()
         }
     }
 
@@ -122,10 +135,14 @@ impl Drain {
         let start = Instant::now();
         let mut rx = self.inner.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|c| c.in_flight == 0)).await;
-        DrainReport {
+        let report = DrainReport {
             remaining: self.in_flight(),
             elapsed: start.elapsed(),
+        };
+        if let Some(h) = self.handover.as_ref().and_then(Weak::upgrade) {
+            h.drained(&report);
         }
+        report
     }
 }
 

@@ -131,6 +131,11 @@ pub enum UpgradeError {
     InProgress,
     /// This generation already handed over to a successor.
     HandedOver,
+    /// This generation's own handover is not final yet: its predecessor
+    /// still watches it through a probation window (see
+    /// [`Builder::probation`](crate::Builder::probation)), and may still roll
+    /// back to itself.
+    OnProbation,
     /// Another process holds the upgrade lock next to the pid file.
     Locked {
         /// The lock file.
@@ -189,6 +194,19 @@ pub enum UpgradeError {
         /// Its reason.
         reason: String,
     },
+    /// The successor reported ready, but failed within the probation window
+    /// (see [`Builder::probation`](crate::Builder::probation)): it exited,
+    /// reported itself unhealthy, or closed the channel. This generation
+    /// accepted alongside it throughout and keeps serving alone; the
+    /// successor is gone and reaped.
+    Probation {
+        /// Its pid.
+        pid: u32,
+        /// How far into the window it failed.
+        after: Duration,
+        /// What happened: its exit status, or the reason it reported.
+        reason: String,
+    },
     /// The successor wrote something other than the protocol's messages.
     Protocol {
         /// Its pid.
@@ -224,6 +242,7 @@ impl UpgradeError {
                 | UpgradeError::Timeout { .. }
                 | UpgradeError::Protocol { .. }
                 | UpgradeError::StateRejected { .. }
+                | UpgradeError::Probation { .. }
         )
     }
 }
@@ -241,6 +260,12 @@ impl fmt::Display for UpgradeError {
                 write!(
                     f,
                     "upgrade refused: this generation already handed over to a successor"
+                )
+            }
+            UpgradeError::OnProbation => {
+                write!(
+                    f,
+                    "upgrade refused: this generation is still on probation (its predecessor may roll back)"
                 )
             }
             UpgradeError::Locked { path } => {
@@ -296,6 +321,13 @@ impl fmt::Display for UpgradeError {
             }
             UpgradeError::StateRejected { pid, reason } => {
                 write!(f, "successor (pid {pid}) rejected the state: {reason}")
+            }
+            UpgradeError::Probation { pid, after, reason } => {
+                write!(
+                    f,
+                    "successor (pid {pid}) failed its probation after {:.3} s: {reason}; rolled back",
+                    after.as_secs_f64()
+                )
             }
             UpgradeError::Protocol { pid, reason } => {
                 write!(

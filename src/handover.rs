@@ -17,6 +17,7 @@ use crate::fds::{self, ListenOptions, Registry, Want};
 use crate::pidfile;
 use crate::ready;
 use crate::spawn;
+use crate::stats::{Counters, Stats};
 use crate::sys;
 use crate::systemd::Notifier;
 use crate::upgrade::State;
@@ -36,6 +37,7 @@ pub struct Builder {
     args: Option<Vec<OsString>>,
     fd_store: bool,
     preflight: Option<Vec<OsString>>,
+    probation: Duration,
 }
 
 impl Default for Builder {
@@ -48,6 +50,7 @@ impl Default for Builder {
             args: None,
             fd_store: false,
             preflight: None,
+            probation: Duration::ZERO,
         }
     }
 }
@@ -109,6 +112,25 @@ impl Builder {
         S: Into<OsString>,
     {
         self.preflight = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Probation (canary): after the successor reports ready, keep this
+    /// generation accepting alongside it for `window`, and commit the
+    /// handover only if the successor neither exits nor reports itself
+    /// unhealthy ([`Handover::report_unhealthy`]) meanwhile. Otherwise the
+    /// successor is reaped and this generation carries on alone, having lost
+    /// no connection of its own; the upgrade fails with
+    /// [`UpgradeError::Probation`](crate::UpgradeError::Probation).
+    ///
+    /// Only a committed upgrade is a success: the upgrade call returns, the
+    /// pid file and the service manager (`MAINPID=`, `READY=1`) name the
+    /// successor, and the successor learns that it is final only after the
+    /// window. Until then the successor refuses to upgrade itself
+    /// ([`UpgradeError::OnProbation`](crate::UpgradeError::OnProbation)).
+    /// Default: zero (no probation).
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.probation = window;
         self
     }
 
@@ -184,25 +206,20 @@ impl Builder {
                 fd_store: self.fd_store,
                 preflight: self.preflight,
                 last_upgrade: Mutex::new(None),
+                probation: self.probation,
+                counters: Mutex::default(),
+                link: Mutex::new(Link {
+                    committed: !from_predecessor,
+                    ..Link::default()
+                }),
+                successor: Mutex::new(None),
+                #[cfg(feature = "tokio")]
+                drain: Mutex::new(None),
                 state_expected,
                 state_taken: AtomicBool::new(false),
                 state_progress: Arc::default(),
             }),
         })
-    }
-}
-
-/// Reads what is pending on the channel without blocking; `true` once the
-/// peer has closed it.
-fn channel_closed(ch: &OwnedFd) -> bool {
-    let mut buf = [0u8; 64];
-    loop {
-        match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
-        }
     }
 }
 
@@ -268,6 +285,17 @@ pub(crate) struct Inner {
     pub(crate) fd_store: bool,
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) last_upgrade: Mutex<Option<crate::upgrade::UpgradeRecord>>,
+    pub(crate) probation: Duration,
+    /// Upgrade counters, inherited from the predecessor at its commit.
+    pub(crate) counters: Mutex<Counters>,
+    /// What the predecessor told this generation after it was ready.
+    pub(crate) link: Mutex<Link>,
+    /// After a handover: the channel to the successor, open until this
+    /// process exits.
+    pub(crate) successor: Mutex<Option<OwnedFd>>,
+    /// The drain from [`Handover::drain`], counted in [`Handover::stats`].
+    #[cfg(feature = "tokio")]
+    pub(crate) drain: Mutex<Option<crate::drain::Drain>>,
     /// A state follows on the channel (HANDOVER_STATE=1).
     pub(crate) state_expected: bool,
     pub(crate) state_taken: AtomicBool,
@@ -282,6 +310,47 @@ impl std::fmt::Debug for Inner {
             .field("state", &*lock(&self.state))
             .finish_non_exhaustive()
     }
+}
+
+impl Inner {
+    /// The application's drain ended: after a handover, record its duration
+    /// as the drain phase of that upgrade, and tell the successor.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn drained(&self, report: &crate::drain::DrainReport) {
+        if *lock(&self.state) != State::HandedOver {
+            return; // a stop, not the end of an upgrade
+        }
+        let span = crate::stats::upgrade_span(self.generation);
+        let _e = span.enter();
+        {
+            let mut c = lock(&self.counters);
+            let phases = c.last.get_or_insert_with(Default::default);
+            crate::stats::record(phases, "drain", report.elapsed);
+        }
+        if let Some(ch) = lock(&self.successor).as_ref() {
+            let msg = format!(
+                "{}drain_us={}\n",
+                ready::MSG_DRAINED as char,
+                report.elapsed.as_micros()
+            );
+            // The successor may be gone or busy; this is only a report.
+            let _ = sys::send_all(ch.as_fd(), msg.as_bytes());
+        }
+    }
+}
+
+/// The successor's view of the channel after it reported ready.
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// The predecessor committed the handover, or is gone; always for a
+    /// first generation.
+    pub(crate) committed: bool,
+    /// When the commit arrived.
+    committed_at: Option<Instant>,
+    /// The predecessor took the service back after `report_unhealthy`.
+    rolled_back: bool,
+    /// The start of a message not yet complete.
+    partial: Vec<u8>,
 }
 
 /// Locks a mutex, recovering from poisoning: every critical section here
@@ -400,6 +469,201 @@ impl Handover {
             > 0
         {}
         Ok(())
+    }
+
+    /// Reads what the predecessor sent since this generation reported ready
+    /// (its commit, its drain report), without blocking. `Ok(true)` once the
+    /// predecessor is gone (or there never was one). Must not run before
+    /// `ready()`: until then the channel carries the state stream.
+    pub(crate) fn pump_channel(&self) -> std::io::Result<bool> {
+        let mut closed = false;
+        // (ready() locks the state, then the channel: never the other way.)
+        if *lock(&self.inner.state) == State::Starting {
+            return Ok(lock(&self.inner.channel).is_none());
+        }
+        {
+            let mut channel = lock(&self.inner.channel);
+            let Some(ch) = channel.as_ref() else {
+                return Ok(true);
+            };
+            let mut buf = [0u8; 512];
+            let mut link = lock(&self.inner.link);
+            loop {
+                match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(0) => closed = true,
+                    Ok(n) => {
+                        link.partial.extend_from_slice(&buf[..n]);
+                        self.take_messages(&mut link);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                break;
+            }
+            if closed {
+                channel.take();
+                if let Some(at) = link.committed_at {
+                    let span = crate::stats::upgrade_span(self.inner.generation - 1);
+                    let _e = span.enter();
+                    let mut c = lock(&self.inner.counters);
+                    let phases = c.last.get_or_insert_with(Default::default);
+                    crate::stats::record(phases, "exit", at.elapsed());
+                }
+                // Gone without committing: this generation serves alone.
+                link.committed = true;
+            }
+        }
+        if closed {
+            self.claim_pid_file();
+        }
+        Ok(closed)
+    }
+
+    /// Handles the complete messages in `link.partial`.
+    fn take_messages(&self, link: &mut Link) {
+        while let Some(end) = link.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = link.partial.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[1..line.len() - 1]);
+            match line[0] {
+                ready::MSG_COMMIT => {
+                    let mut c = Counters::default();
+                    if let Err(e) = crate::stats::decode_fields(&text, &mut c) {
+                        tracing::warn!(error = %e, "unreadable commit from the predecessor; counters not inherited");
+                    } else {
+                        let mut mine = lock(&self.inner.counters);
+                        // Attempts of our own (refused on probation) come on top.
+                        c.failed += mine.failed;
+                        *mine = c;
+                    }
+                    link.committed = true;
+                    link.committed_at = Some(Instant::now());
+                    tracing::info!(
+                        generation = self.inner.generation,
+                        "predecessor committed the handover"
+                    );
+                }
+                ready::MSG_ROLLED_BACK => link.rolled_back = true,
+                ready::MSG_DRAINED => {
+                    let mut c = Counters::default();
+                    match crate::stats::decode_fields(&text, &mut c) {
+                        Ok(()) => {
+                            if let Some(d) = c.last.and_then(|p| p.drain) {
+                                let mut mine = lock(&self.inner.counters);
+                                mine.last.get_or_insert_with(Default::default).drain = Some(d);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable drain report from the predecessor")
+                        }
+                    }
+                }
+                other => tracing::warn!(
+                    byte = other,
+                    "unexpected message from the predecessor; ignored"
+                ),
+            }
+        }
+    }
+
+    /// A snapshot of this generation's upgrade metrics; see [`Stats`].
+    ///
+    /// It also takes in what the predecessor sent meanwhile (its commit, its
+    /// drain report), so the counters are current without any task awaiting
+    /// [`predecessor_exited`](Self::predecessor_exited).
+    pub fn stats(&self) -> Stats {
+        let _ = self.pump_channel();
+        let c = lock(&self.inner.counters).clone();
+        let committed = lock(&self.inner.link).committed;
+        #[cfg(feature = "tokio")]
+        let draining = match &*lock(&self.inner.drain) {
+            Some(d) if d.is_draining() => d.in_flight(),
+            _ => 0,
+        };
+        #[cfg(not(feature = "tokio"))]
+        let draining = 0;
+        Stats {
+            generation: self.inner.generation,
+            state: self.state(),
+            committed,
+            upgrades_succeeded: c.succeeded,
+            upgrades_failed: c.failed,
+            last_error: c.last_error,
+            last_phases: c.last,
+            draining,
+        }
+    }
+
+    /// The [`Drain`](crate::Drain) of this generation: the same one on every
+    /// call. Unlike [`Drain::new`](crate::Drain::new), it counts in
+    /// [`stats`](Self::stats) (`draining`), and when it has waited after a
+    /// handover, the duration of the drain goes into the phases of the
+    /// upgrade, here and in the successor.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn drain(&self) -> crate::drain::Drain {
+        lock(&self.inner.drain)
+            .get_or_insert_with(|| crate::drain::Drain::linked(Arc::downgrade(&self.inner)))
+            .clone()
+    }
+
+    /// During its probation (see [`Builder::probation`]), a successor whose
+    /// own health check fails reports it with this: the predecessor takes
+    /// the service back and keeps serving alone, and its upgrade fails with
+    /// `reason`.
+    ///
+    /// `Ok(true)`: the predecessor took the service back; the state is now
+    /// [`State::RolledBack`] and this process must stop accepting, drain and
+    /// exit (within the predecessor's drain timeout, or it is killed).
+    /// `Ok(false)`: too late or pointless — the handover is already
+    /// committed, or there is no predecessor; nothing changed.
+    pub fn report_unhealthy(&self, reason: &str) -> Result<bool, Error> {
+        let _ = self.pump_channel();
+        if lock(&self.inner.link).committed {
+            return Ok(false);
+        }
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(false);
+        };
+        let mut msg = vec![ready::MSG_UNHEALTHY];
+        msg.extend(reason.replace(['\n', '\r'], " ").bytes().take(1000));
+        msg.push(b'\n');
+        if let Err(e) = sys::send_all(ch.as_fd(), &msg) {
+            if e.raw_os_error() == Some(libc::EPIPE) {
+                return Ok(false); // gone: serving alone
+            }
+            return Err(Error::io("cannot report unhealthy to the predecessor", e));
+        }
+        // The answer: taken back, or committed just before (a race), or the
+        // predecessor is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = self
+                .pump_channel()
+                .map_err(|e| Error::io("reading the channel", e))?;
+            {
+                let link = lock(&self.inner.link);
+                if link.rolled_back {
+                    drop(link);
+                    *lock(&self.inner.state) = State::RolledBack;
+                    tracing::warn!(generation = self.inner.generation, %reason, "reported unhealthy; the predecessor took the service back");
+                    return Ok(true);
+                }
+                if link.committed || closed {
+                    return Ok(false);
+                }
+            }
+            let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
+                .map_err(|e| Error::io("poll on the channel", e))?;
+            if rev[0] == 0 {
+                return Err(Error::io(
+                    "no answer from the predecessor to the unhealthy report",
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+        }
     }
 
     /// The sd_notify client of this process (disabled without `NOTIFY_SOCKET`).
@@ -603,6 +867,8 @@ impl Handover {
         drop(channel);
         drop(state);
         if alone {
+            lock(&self.inner.channel).take();
+            lock(&self.inner.link).committed = true;
             self.claim_pid_file();
         }
         tracing::info!(
@@ -622,18 +888,18 @@ impl Handover {
             return Ok(true);
         };
         loop {
+            if self
+                .pump_channel()
+                .map_err(|e| Error::io("reading the channel", e))?
+            {
+                return Ok(true);
+            }
             let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
                 .map_err(|e| Error::io("poll on the channel", e))?;
             if rev[0] == 0 {
                 return Ok(false);
             }
-            if channel_closed(&ch) {
-                break;
-            }
         }
-        lock(&self.inner.channel).take();
-        self.claim_pid_file();
-        Ok(true)
     }
 
     /// The async form of [`wait_predecessor_exit`](Self::wait_predecessor_exit),
@@ -645,30 +911,33 @@ impl Handover {
             return Ok(());
         };
         // The channel is a Unix stream socket. tokio needs it non-blocking:
-        // the flag is shared with the original fd, which only ever sends the
-        // one-byte ready message (before this) with a retry on EINTR.
+        // the flag is shared with the original fd, whose every read and
+        // write here uses MSG_DONTWAIT or polls first, and retries EINTR.
         let stream = std::os::unix::net::UnixStream::from(ch);
         stream
             .set_nonblocking(true)
             .map_err(|e| Error::io("making the channel non-blocking", e))?;
         let stream = tokio::net::UnixStream::from_std(stream)
             .map_err(|e| Error::io("registering the channel with tokio", e))?;
-        let mut buf = [0u8; 64];
         loop {
             stream
                 .readable()
                 .await
                 .map_err(|e| Error::io("waiting on the channel", e))?;
-            match stream.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => break,
+            // Read through pump_channel; a WouldBlock from it clears tokio's
+            // readiness so that the next `readable()` waits.
+            let pumped = stream.try_io(tokio::io::Interest::READABLE, || {
+                match self.pump_channel()? {
+                    true => Ok(()),
+                    false => Err(std::io::ErrorKind::WouldBlock.into()),
+                }
+            });
+            match pumped {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::io("reading the channel", e)),
             }
         }
-        lock(&self.inner.channel).take();
-        self.claim_pid_file();
-        Ok(())
     }
 
     /// A copy of the channel to the predecessor, so that waiting on it holds

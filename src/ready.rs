@@ -17,8 +17,19 @@ use crate::error::UpgradeError;
 use crate::spawn::Child;
 use crate::sys;
 
-/// The one message of the channel: "ready".
+/// Successor to old generation: "ready".
 pub(crate) const MSG_READY: u8 = b'R';
+/// Successor to old generation, during probation: `U<reason>\n`, "my own
+/// health check failed; take the service back".
+pub(crate) const MSG_UNHEALTHY: u8 = b'U';
+/// Old generation to successor: `C<fields>\n`, the handover is final (see
+/// `stats::encode_commit`).
+pub(crate) const MSG_COMMIT: u8 = b'C';
+/// Old generation to successor: `A\n`, the unhealthy report was taken: the
+/// old generation serves alone again.
+pub(crate) const MSG_ROLLED_BACK: u8 = b'A';
+/// Old generation to successor: `D<fields>\n`, its drain ended.
+pub(crate) const MSG_DRAINED: u8 = b'D';
 
 /// How long an EOF on the channel may precede the successor's exit before
 /// it counts as "closed without ready" rather than "exited".
@@ -93,6 +104,102 @@ pub(crate) fn wait_ready(
                     after: timeout,
                 },
             );
+        }
+    }
+}
+
+/// Watches a successor that reported ready for `window`: both generations
+/// accept meanwhile. `Ok` once the window passed with the successor alive
+/// and healthy. Otherwise the successor is gone and reaped when this returns
+/// (one that reported itself unhealthy is given `grace` to drain and exit
+/// on its own before it is killed).
+pub(crate) fn watch_probation(
+    channel: BorrowedFd<'_>,
+    child: &mut Child,
+    window: Duration,
+    grace: Duration,
+) -> Result<(), UpgradeError> {
+    let pid = child.pid as u32;
+    let start = Instant::now();
+    let end = start + window;
+    let failed = |reason: String| UpgradeError::Probation {
+        pid,
+        after: start.elapsed(),
+        reason,
+    };
+    let exited = |status: Option<std::process::ExitStatus>| match status {
+        Some(s) => format!("exited ({s})"),
+        None => "exited (status unavailable)".to_owned(),
+    };
+    loop {
+        let revents = match sys::poll_until(
+            &[(channel, libc::POLLIN), (child.exit_fd(), libc::POLLIN)],
+            end,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                child.kill_and_reap();
+                return Err(UpgradeError::io("poll during probation", e));
+            }
+        };
+        if revents[1] != 0 {
+            if let Some(status) = child.exited() {
+                return Err(failed(exited(status)));
+            }
+        }
+        if revents[0] != 0 {
+            let mut byte = [0u8; 1];
+            match sys::recv(channel, &mut byte, libc::MSG_DONTWAIT) {
+                Ok(1) if byte[0] == MSG_UNHEALTHY => {
+                    let reason = read_line(channel, Instant::now() + Duration::from_secs(1));
+                    let at = start.elapsed();
+                    // Tell it the service is ours again, then let it drain.
+                    let _ = sys::send_all(channel, &[MSG_ROLLED_BACK, b'\n']);
+                    tracing::warn!(pid, %reason, "successor reported itself unhealthy during probation; rolling back");
+                    if child.wait_exit(Instant::now() + grace).is_none() {
+                        tracing::warn!(
+                            pid,
+                            grace_ms = grace.as_millis() as u64,
+                            "unhealthy successor did not exit in time; killing it"
+                        );
+                        child.kill_and_reap();
+                    }
+                    return Err(UpgradeError::Probation {
+                        pid,
+                        after: at,
+                        reason: format!("reported itself unhealthy: {reason}"),
+                    });
+                }
+                Ok(1) => {
+                    child.kill_and_reap();
+                    let reason = format!("unexpected byte {:#04x} during probation", byte[0]);
+                    return Err(UpgradeError::Protocol { pid, reason });
+                }
+                Ok(_) => {
+                    let reason = match child.wait_exit(Instant::now() + EXIT_GRACE) {
+                        Some(status) => exited(status),
+                        None => {
+                            child.kill_and_reap();
+                            "closed the channel; killed".to_owned()
+                        }
+                    };
+                    return Err(failed(reason));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    let reason = match child.wait_exit(Instant::now() + EXIT_GRACE) {
+                        Some(status) => exited(status),
+                        None => {
+                            child.kill_and_reap();
+                            format!("channel failed ({e}); killed")
+                        }
+                    };
+                    return Err(failed(reason));
+                }
+            }
+        }
+        if Instant::now() >= end {
+            return Ok(());
         }
     }
 }

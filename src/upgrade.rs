@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::{AsFd, IntoRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use crate::handover::{Handover, lock};
 use crate::pidfile;
 use crate::ready;
 use crate::spawn::{self, SpawnError};
+use crate::stats::Phases;
 use crate::sys;
 
 /// Where a generation is in its life.
@@ -29,6 +30,10 @@ pub enum State {
     /// A successor is ready and serving: this generation should stop
     /// accepting, drain and exit.
     HandedOver,
+    /// This generation reported itself unhealthy during its probation
+    /// ([`Handover::report_unhealthy`]) and its predecessor took the service
+    /// back: stop accepting, drain and exit.
+    RolledBack,
 }
 
 type StateSource = Arc<Mutex<Option<(u32, Box<dyn Read + Send>)>>>;
@@ -41,6 +46,7 @@ pub struct UpgradeOptions {
     args: Option<Vec<OsString>>,
     preflight: Option<Vec<OsString>>,
     state: Option<StateSource>,
+    probation: Option<Duration>,
 }
 
 impl std::fmt::Debug for UpgradeOptions {
@@ -50,6 +56,7 @@ impl std::fmt::Debug for UpgradeOptions {
             .field("args", &self.args)
             .field("preflight", &self.preflight)
             .field("state", &self.state.is_some())
+            .field("probation", &self.probation)
             .finish()
     }
 }
@@ -88,6 +95,13 @@ impl UpgradeOptions {
         self
     }
 
+    /// Use this probation window instead of the builder's (see
+    /// [`Builder::probation`](crate::Builder::probation)); zero for none.
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.probation = Some(window);
+        self
+    }
+
     /// Pass these arguments (without `argv[0]`) instead.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
@@ -110,6 +124,9 @@ pub struct Upgraded {
     pub generation: u64,
     /// From the start of the upgrade to the successor's ready message.
     pub ready_after: Duration,
+    /// How long each phase took, up to the commit (the drain and the exit
+    /// come later).
+    pub phases: Phases,
 }
 
 /// The outcome of the last upgrade this generation attempted.
@@ -184,7 +201,20 @@ impl Handover {
     /// [`systemd`](crate::systemd)).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         let start = Instant::now();
-        let result = self.run_upgrade(opts);
+        let mut phases = Phases::default();
+        let result = self.run_upgrade(opts, &mut phases);
+        if let Err(e) = &result {
+            if !matches!(e, UpgradeError::InProgress) {
+                // A success was counted at the commit, before the successor
+                // was told.
+                let mut c = lock(&self.inner.counters);
+                c.failed += 1;
+                c.last_error = Some(e.to_string());
+                if phases != Phases::default() {
+                    c.last = Some(phases);
+                }
+            }
+        }
         if !matches!(result, Err(UpgradeError::InProgress)) {
             let record = UpgradeRecord {
                 successor: result.as_ref().ok().map(|u| u.pid),
@@ -201,14 +231,24 @@ impl Handover {
         lock(&self.inner.last_upgrade).clone()
     }
 
-    fn run_upgrade(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+    fn run_upgrade(
+        &self,
+        opts: UpgradeOptions,
+        phases: &mut Phases,
+    ) -> Result<Upgraded, UpgradeError> {
         let inner = &self.inner;
+        // Take in what the predecessor sent: its commit ends this
+        // generation's probation.
+        let _ = self.pump_channel();
+        if !lock(&inner.link).committed {
+            return Err(UpgradeError::OnProbation);
+        }
         {
             let mut state = lock(&inner.state);
             match *state {
                 State::Starting => return Err(UpgradeError::NotReady),
                 State::Upgrading => return Err(UpgradeError::InProgress),
-                State::HandedOver => return Err(UpgradeError::HandedOver),
+                State::HandedOver | State::RolledBack => return Err(UpgradeError::HandedOver),
                 State::Serving => *state = State::Upgrading,
             }
         }
@@ -220,11 +260,8 @@ impl Handover {
         let generation = inner.generation + 1;
         let start = Instant::now();
         let deadline = start + inner.ready_timeout;
-        let span = tracing::info_span!(
-            "upgrade",
-            generation = inner.generation,
-            successor_generation = generation
-        );
+        let probation = opts.probation.unwrap_or(inner.probation);
+        let span = crate::stats::upgrade_span(inner.generation);
         let _enter = span.enter();
 
         let _lock = match &inner.pid_file {
@@ -250,7 +287,7 @@ impl Handover {
         let msg = format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nEXTEND_TIMEOUT_USEC={}\nSTATUS=upgrading to generation {generation}",
             crate::systemd::monotonic_usec(),
-            (inner.ready_timeout + Duration::from_secs(5)).as_micros()
+            (inner.ready_timeout + probation + Duration::from_secs(5)).as_micros()
         );
         match n.notify(&msg) {
             Ok(()) => attempt.reloading_sent = n.is_enabled(),
@@ -267,16 +304,15 @@ impl Handover {
         }
         if let Some(check) = opts.preflight.as_ref().or(inner.preflight.as_ref()) {
             let t = Instant::now();
-            spawn::preflight(program, check, deadline).map_err(|(status, output)| {
+            let checked = spawn::preflight(program, check, deadline);
+            phase(phases, "preflight", t.elapsed());
+            checked.map_err(|(status, output)| {
                 tracing::warn!(?status, "preflight check failed");
                 UpgradeError::Preflight { status, output }
             })?;
-            tracing::info!(
-                ms = t.elapsed().as_secs_f64() * 1e3,
-                "preflight check passed"
-            );
         }
 
+        let spawn_start = Instant::now();
         let (ours, theirs) =
             sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
         let child = {
@@ -340,19 +376,24 @@ impl Handover {
             }
         };
         let exec_ms = start.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(pid, exec_ms, "successor exec'd");
+        let exec_done = Instant::now();
+        phase(phases, "spawn", exec_done - spawn_start);
 
         let ready = ready::wait_ready(ours.as_fd(), &mut child, deadline, inner.ready_timeout);
         if let Some(w) = writer {
             // Bounded: the writer's sends time out at the ready deadline,
             // and fail at once when the successor is gone.
             match w.join() {
-                Ok((Ok(bytes), took)) => tracing::info!(
-                    bytes,
-                    ms = took.as_secs_f64() * 1e3,
-                    mb_per_s = bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6,
-                    "state streamed"
-                ),
+                Ok((Ok(bytes), took)) => {
+                    phases.state = Some(took);
+                    tracing::info!(
+                        phase = "state",
+                        ms = took.as_secs_f64() * 1e3,
+                        bytes,
+                        mb_per_s = bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6,
+                        "upgrade phase"
+                    )
+                }
                 Ok((Err(e), _)) => tracing::warn!(error = %e, "state stream failed"),
                 Err(_) => tracing::error!("state writer panicked"),
             }
@@ -362,6 +403,25 @@ impl Handover {
             return Err(e);
         }
         let ready_after = start.elapsed();
+        phase(phases, "ready", exec_done.elapsed());
+        if !probation.is_zero() {
+            // Canary: both generations accept on the shared sockets until
+            // the window passes; a successor that fails meanwhile is reaped
+            // and this generation simply carries on.
+            tracing::info!(
+                pid,
+                window_ms = probation.as_millis() as u64,
+                "successor ready; probation started"
+            );
+            let t = Instant::now();
+            let watched =
+                ready::watch_probation(ours.as_fd(), &mut child, probation, inner.drain_timeout);
+            phase(phases, "probation", t.elapsed());
+            if let Err(e) = watched {
+                tracing::warn!(pid, error = %e, "upgrade failed during probation; still serving");
+                return Err(e);
+            }
+        }
         // Let the successor go: its intermediate exits, and it is reparented
         // to the nearest subreaper (the service manager under systemd) before
         // anyone is told it is the main process.
@@ -389,10 +449,24 @@ impl Handover {
         *lock(&inner.state) = State::HandedOver;
         attempt.committed = true;
         lock(&inner.registry).clear();
+        // The counters travel with the service: the successor carries on
+        // counting from ours.
+        let commit = {
+            let mut c = lock(&inner.counters);
+            c.succeeded += 1;
+            c.last = Some(*phases);
+            crate::stats::encode_commit(&c)
+        };
+        let mut msg = vec![ready::MSG_COMMIT];
+        msg.extend_from_slice(commit.as_bytes());
+        msg.push(b'\n');
+        if let Err(e) = sys::send_all(ours.as_fd(), &msg) {
+            tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
+        }
         // Keep our end of the channel open until this process exits: its EOF
         // tells the successor that its predecessor is gone. It is
         // close-on-exec, so no other child ever holds it.
-        let _ = ours.into_raw_fd();
+        *lock(&inner.successor) = Some(ours);
         // Our own predecessor's channel is of no further use.
         lock(&inner.channel).take();
         tracing::info!(
@@ -405,6 +479,7 @@ impl Handover {
             pid,
             generation,
             ready_after,
+            phases: *phases,
         })
     }
 
@@ -429,4 +504,9 @@ impl Handover {
             .await
             .map_err(|e| UpgradeError::io("upgrade task", std::io::Error::other(e)))?
     }
+}
+
+/// Records a phase and reports it as an event of the current upgrade span.
+fn phase(phases: &mut Phases, name: &'static str, took: Duration) {
+    crate::stats::record(phases, name, took);
 }
