@@ -741,6 +741,18 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    if config.supervise || handover::supervisor::should_supervise() {
+        // PID 1 (or asked to): stay alive across upgrades as the supervisor
+        // of the server, which runs as a child with the same arguments.
+        let args = args.iter().filter(|a| *a != "--supervise");
+        return match handover::supervisor::Supervisor::current_exe(args).and_then(|s| s.run()) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("http_server: supervisor: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let handover = match build(&config) {
         Ok(h) => h,
         Err(e) => {

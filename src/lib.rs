@@ -113,6 +113,7 @@ mod ready;
 mod spawn;
 mod state;
 mod stats;
+pub mod supervisor;
 mod sys;
 pub mod systemd;
 mod upgrade;

@@ -246,3 +246,58 @@ mod tests {
         );
     }
 }
+
+/// Receives one `sd_notify` datagram without blocking: its text and the
+/// sender's pid (from `SCM_CREDENTIALS`; the socket needs `SO_PASSCRED`).
+/// Fds passed with it are closed at once. `Ok(None)`: nothing pending.
+pub(crate) fn recv_notification(
+    sock: BorrowedFd<'_>,
+) -> io::Result<Option<(String, Option<libc::pid_t>)>> {
+    let mut buf = vec![0u8; 4096];
+    // Room for 253 fds and the credentials, 8-byte aligned.
+    let mut control = [0u64; 160];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // recvmsg writes into the buffers msg points to, within their lengths.
+    let n = match syscall!(recvmsg(
+        sock.as_raw_fd(),
+        &mut msg,
+        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC
+    )) {
+        Ok(n) => n as usize,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut sender = None;
+    // SAFETY: walking the control messages recvmsg filled in, within
+    // msg_controllen; each SCM_RIGHTS entry is an fd now owned by us, and
+    // each SCM_CREDENTIALS payload is a ucred.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                for i in 0..count {
+                    drop(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            } else if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS
+            {
+                let cred = libc::CMSG_DATA(c).cast::<libc::ucred>().read_unaligned();
+                sender = Some(cred.pid);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    buf.truncate(n);
+    Ok(Some((String::from_utf8_lossy(&buf).into_owned(), sender)))
+}
