@@ -199,54 +199,6 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn fds_are_born_close_on_exec() {
-        let (a, b) = socketpair_cloexec().unwrap();
-        let (r, w) = pipe_cloexec().unwrap();
-        for fd in [a.as_fd(), b.as_fd(), r.as_fd(), w.as_fd()] {
-            assert!(is_cloexec(fd).unwrap());
-        }
-    }
-
-    #[test]
-    fn set_cloexec_sets_the_flag() {
-        let (r, _w) = pipe_cloexec().unwrap();
-        // F_SETFD to clear the flag, as an inherited fd would arrive.
-        syscall!(fcntl(r.as_raw_fd(), libc::F_SETFD, 0)).unwrap();
-        assert!(!is_cloexec(r.as_fd()).unwrap());
-        set_cloexec(r.as_fd()).unwrap();
-        assert!(is_cloexec(r.as_fd()).unwrap());
-    }
-
-    #[test]
-    fn poll_times_out_and_sees_data() {
-        let (a, b) = socketpair_cloexec().unwrap();
-        let t = Instant::now();
-        let r = poll_until(&[(a.as_fd(), libc::POLLIN)], t + Duration::from_millis(20)).unwrap();
-        assert_eq!(r, vec![0]);
-        assert!(t.elapsed() >= Duration::from_millis(20));
-        send_all(b.as_fd(), b"x").unwrap();
-        let r = poll_until(
-            &[(a.as_fd(), libc::POLLIN)],
-            Instant::now() + Duration::from_secs(5),
-        )
-        .unwrap();
-        assert_ne!(r[0] & libc::POLLIN, 0);
-        drop(a);
-        let e = send_all(b.as_fd(), b"y").unwrap_err();
-        assert_eq!(
-            e.raw_os_error(),
-            Some(libc::EPIPE),
-            "a closed peer is EPIPE, not SIGPIPE"
-        );
-    }
-}
-
 /// Receives one `sd_notify` datagram without blocking: its text and the
 /// sender's pid (from `SCM_CREDENTIALS`; the socket needs `SO_PASSCRED`).
 /// Fds passed with it are closed at once. `Ok(None)`: nothing pending.
@@ -300,4 +252,52 @@ pub(crate) fn recv_notification(
     }
     buf.truncate(n);
     Ok(Some((String::from_utf8_lossy(&buf).into_owned(), sender)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn fds_are_born_close_on_exec() {
+        let (a, b) = socketpair_cloexec().unwrap();
+        let (r, w) = pipe_cloexec().unwrap();
+        for fd in [a.as_fd(), b.as_fd(), r.as_fd(), w.as_fd()] {
+            assert!(is_cloexec(fd).unwrap());
+        }
+    }
+
+    #[test]
+    fn set_cloexec_sets_the_flag() {
+        let (r, _w) = pipe_cloexec().unwrap();
+        // F_SETFD to clear the flag, as an inherited fd would arrive.
+        syscall!(fcntl(r.as_raw_fd(), libc::F_SETFD, 0)).unwrap();
+        assert!(!is_cloexec(r.as_fd()).unwrap());
+        set_cloexec(r.as_fd()).unwrap();
+        assert!(is_cloexec(r.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn poll_times_out_and_sees_data() {
+        let (a, b) = socketpair_cloexec().unwrap();
+        let t = Instant::now();
+        let r = poll_until(&[(a.as_fd(), libc::POLLIN)], t + Duration::from_millis(20)).unwrap();
+        assert_eq!(r, vec![0]);
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        send_all(b.as_fd(), b"x").unwrap();
+        let r = poll_until(
+            &[(a.as_fd(), libc::POLLIN)],
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_ne!(r[0] & libc::POLLIN, 0);
+        drop(a);
+        let e = send_all(b.as_fd(), b"y").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPIPE),
+            "a closed peer is EPIPE, not SIGPIPE"
+        );
+    }
 }
