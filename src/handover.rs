@@ -655,14 +655,17 @@ impl Handover {
                     return Ok(false);
                 }
             }
-            let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
-                .map_err(|e| Error::io("poll on the channel", e))?;
-            if rev[0] == 0 {
+            if Instant::now() >= deadline {
                 return Err(Error::io(
                     "no answer from the predecessor to the unhealthy report",
                     std::io::ErrorKind::TimedOut.into(),
                 ));
             }
+            // Another task (awaiting `predecessor_exited`) may take in the
+            // answer first: look again at least every 10 ms.
+            let slice = deadline.min(Instant::now() + Duration::from_millis(10));
+            sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], slice)
+                .map_err(|e| Error::io("poll on the channel", e))?;
         }
     }
 

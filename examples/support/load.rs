@@ -146,6 +146,9 @@ impl KeepAlive {
 pub struct Stats {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
+    /// Requests sent again after their connection closed before any byte of
+    /// a response (only with [`Load::start_retrying`]).
+    pub retried: AtomicU64,
     pub by_pid: Mutex<BTreeMap<u32, u64>>,
     pub errors: Mutex<Vec<String>>,
 }
@@ -178,9 +181,25 @@ impl Stats {
         self.failed.load(Ordering::Relaxed)
     }
 
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.by_pid.lock().unwrap().keys().copied().collect()
     }
+}
+
+/// Whether a request failed because its connection ended before any byte
+/// of the response: the server never answered it.
+fn no_response(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    ) || (e.kind() == io::ErrorKind::UnexpectedEof
+        && e.to_string().contains("before the status line"))
 }
 
 /// Load against `addr` until `stop` is set: `fresh` threads open a new
@@ -193,6 +212,21 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: SocketAddr, fresh: usize, keep_alive: usize) -> Load {
+        Load::start_with(addr, fresh, keep_alive, false)
+    }
+
+    /// Like [`Load::start`], but a GET whose connection closed or reset
+    /// before any byte of its response arrived is sent once more on a new
+    /// connection, as HTTP clients and proxies do for idempotent requests
+    /// (RFC 9110, 9.2.2). Counted in `Stats::retried`; a second failure
+    /// counts as failed. For servers that may crash (a canary on probation),
+    /// where requests in flight in the crashed process have no other way
+    /// to complete.
+    pub fn start_retrying(addr: SocketAddr, fresh: usize, keep_alive: usize) -> Load {
+        Load::start_with(addr, fresh, keep_alive, true)
+    }
+
+    fn start_with(addr: SocketAddr, fresh: usize, keep_alive: usize, retry: bool) -> Load {
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -201,10 +235,15 @@ impl Load {
             threads.push(std::thread::spawn(move || {
                 let mut ka = (i >= fresh).then(|| KeepAlive::new(addr));
                 while !stop.load(Ordering::Relaxed) {
-                    let r = match &mut ka {
+                    let mut once = || match &mut ka {
                         Some(c) => c.get("/"),
                         None => get(addr, "/"),
                     };
+                    let mut r = once();
+                    if retry && r.as_ref().is_err_and(no_response) {
+                        stats.retried.fetch_add(1, Ordering::Relaxed);
+                        r = once();
+                    }
                     stats.record(r);
                 }
             }));

@@ -253,7 +253,7 @@ impl Server {
         self.wait_line("upgrade-failed", Some(pid))
     }
 
-    fn mark_reaped(&mut self, pid: u32) {
+    pub fn mark_reaped(&mut self, pid: u32) {
         for g in &mut self.generations {
             if g.0 == pid {
                 g.1 = true;
@@ -335,4 +335,36 @@ pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> std::process::Out
         std::thread::sleep(Duration::from_millis(5));
     }
     child.wait_with_output().expect("wait")
+}
+
+/// The raw value of `"key":` in a flat JSON object (the server's /stats):
+/// a number, `true`, `null`, or a quoted string without its quotes.
+pub fn json<'a>(body: &'a str, key: &str) -> &'a str {
+    let rest = body
+        .split(&format!("\"{key}\":"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {key:?} in {body}"));
+    if let Some(s) = rest.strip_prefix('"') {
+        return &s[..s.find('"').unwrap_or(s.len())];
+    }
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim()
+}
+
+/// GET /stats from the serving generation.
+pub fn stats(addr: SocketAddr) -> String {
+    load::get(addr, "/stats").expect("GET /stats").body
+}
+
+/// A successor program: a shell script that runs the server binary with the
+/// arguments it is given plus `extra` (how a test makes only the successor
+/// crash or report itself unhealthy).
+pub fn wrapper(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let path = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\nexec {} \"$@\" {extra}\n",
+        server_bin().display()
+    );
+    install(&path, script.as_bytes(), 0o755);
+    path
 }
