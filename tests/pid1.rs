@@ -1,0 +1,227 @@
+//! A container's PID 1: the example server run as PID 1 of a new PID
+//! namespace (`unshare --pid --fork --mount-proc`) supervises itself
+//! (`handover::supervisor`), so that upgrades replace the serving process
+//! while PID 1 — whose exit would kill the whole namespace — stays.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{EVENT_TIMEOUT, field, field_u32, json, load, procs, stats, wait_until};
+
+/// Every process below `root` (host pids), with its state.
+fn descendants(root: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for (child, state) in procs::children(p) {
+            out.push((child, state));
+            todo.push(child);
+        }
+    }
+    out
+}
+
+/// Whether `pid` is alive and not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_owned()))
+        .is_some_and(|r| !r.starts_with('Z'))
+}
+
+fn unshare_works() -> bool {
+    let out = common::output_bounded(
+        Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "true"]),
+        Duration::from_secs(10),
+    );
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: `unshare --pid --fork --mount-proc` does not work here (needs root or user namespaces): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    out.status.success()
+}
+
+struct Lines {
+    rx: mpsc::Receiver<String>,
+    /// Lines read but not waited for yet.
+    pending: Vec<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    /// The next line starting with `prefix` (and `key=value`, if given).
+    fn wait(&mut self, prefix: &str, with: Option<(&str, String)>) -> String {
+        let fits = |line: &str| {
+            line.split_whitespace().next() == Some(prefix)
+                && with
+                    .as_ref()
+                    .is_none_or(|(k, v)| field(line, k) == Some(v.as_str()))
+        };
+        if let Some(i) = self.pending.iter().position(|l| fits(l)) {
+            return self.pending.remove(i);
+        }
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "no `{prefix}` line {with:?} within {EVENT_TIMEOUT:?}; seen {:#?}",
+                    self.seen
+                )
+            });
+            self.seen.push(line.clone());
+            if fits(&line) {
+                return line;
+            }
+            self.pending.push(line);
+        }
+    }
+}
+
+#[test]
+fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
+    if !unshare_works() {
+        return;
+    }
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(common::server_bin())
+        .args(["--listen", "127.0.0.1:0", "--drain-timeout", "10"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn unshare");
+    let stdout = unshare.stdout.take().unwrap();
+    let mut guard = Namespace { unshare, pid1: 0 };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Lines {
+        rx,
+        pending: Vec::new(),
+        seen: Vec::new(),
+    };
+
+    // unshare forks PID 1 of the namespace, which becomes the supervisor.
+    let mut pid1 = 0;
+    wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
+        let c = procs::children(guard.unshare.id());
+        pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
+        c.len() == 1
+    });
+    guard.pid1 = pid1;
+    let ready = lines.wait("ready", None);
+    let addr: std::net::SocketAddr = field(&ready, "addr").unwrap().parse().unwrap();
+    let mut serving = field_u32(&ready, "pid");
+    assert_ne!(serving, 1, "the server itself must not be PID 1");
+    assert_eq!(json(&stats(addr), "generation"), "1");
+
+    let load = load::Load::start_warm(addr, 2, 2, 21);
+    for generation in 2..=6u64 {
+        // Upgrades are asked of PID 1, as an orchestrator would: it passes
+        // the signal to the serving process.
+        procs::signal(pid1, libc::SIGHUP).unwrap();
+        let ok = lines.wait("upgrade-ok", Some(("pid", serving.to_string())));
+        let new = field_u32(&ok, "successor");
+        lines.wait("ready", Some(("pid", new.to_string())));
+        lines.wait("exit", Some(("pid", serving.to_string())));
+        lines.wait("predecessor-exited", Some(("pid", new.to_string())));
+        serving = new;
+        wait_until(
+            "the new generation to serve the load",
+            EVENT_TIMEOUT,
+            || {
+                load.stats
+                    .by_pid
+                    .lock()
+                    .unwrap()
+                    .get(&new)
+                    .copied()
+                    .unwrap_or(0)
+                    > 100
+            },
+        );
+
+        let s = stats(addr);
+        assert_eq!(json(&s, "pid"), new.to_string(), "{s}");
+        assert_eq!(json(&s, "generation"), generation.to_string(), "{s}");
+        assert_eq!(
+            json(&s, "upgrades_succeeded"),
+            (generation - 1).to_string(),
+            "{s}"
+        );
+        assert!(alive(pid1), "PID 1 died at generation {generation}");
+        // The old generation is reaped by PID 1: the namespace holds PID 1
+        // and the serving process, and no zombie.
+        wait_until(
+            "the namespace to hold PID 1 and one server",
+            EVENT_TIMEOUT,
+            || {
+                let d = descendants(pid1);
+                d.len() == 1 && d.iter().all(|(_, state)| *state != 'Z')
+            },
+        );
+    }
+    let stats = load.stop();
+    let errors = stats.errors.lock().unwrap().clone();
+    assert_eq!(stats.failed(), 0, "failed requests: {errors:?}");
+    assert!(
+        stats.pids().len() >= 6,
+        "not every generation answered: {:?}",
+        stats.pids()
+    );
+
+    // SIGTERM to PID 1 (docker stop) stops the server, then PID 1 exits
+    // with its status.
+    procs::signal(pid1, libc::SIGTERM).unwrap();
+    let exit = lines.wait("exit", Some(("pid", serving.to_string())));
+    assert!(exit.contains("reason=stop"), "{exit}");
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    let status = loop {
+        if let Some(s) = guard.unshare.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PID 1 did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    guard.pid1 = 0;
+    assert!(status.success(), "unshare (PID 1) exited with {status}");
+    assert!(!Path::new(&format!("/proc/{pid1}")).exists() || !alive(pid1));
+}
+
+/// What this test started: on a failure, PID 1 is killed, which takes the
+/// whole namespace with it, and `unshare` is reaped.
+struct Namespace {
+    unshare: std::process::Child,
+    pid1: u32,
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if self.pid1 != 0 {
+            let _ = procs::signal(self.pid1, libc::SIGKILL);
+        }
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
