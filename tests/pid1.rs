@@ -85,11 +85,9 @@ impl Lines {
     }
 }
 
-#[test]
-fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
-    if !unshare_works() {
-        return;
-    }
+/// Starts the example server as PID 1 of a new PID namespace; returns
+/// what to clean up (with the host pid of PID 1) and its stdout lines.
+fn start_namespace() -> (Namespace, Lines) {
     let mut unshare = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(common::server_bin())
@@ -113,20 +111,40 @@ fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
             }
         }
     });
-    let mut lines = Lines {
+    // unshare forks PID 1 of the namespace, which becomes the supervisor.
+    wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
+        let c = procs::children(guard.unshare.id());
+        guard.pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
+        c.len() == 1
+    });
+    let lines = Lines {
         rx,
         pending: Vec::new(),
         seen: Vec::new(),
     };
+    (guard, lines)
+}
 
-    // unshare forks PID 1 of the namespace, which becomes the supervisor.
-    let mut pid1 = 0;
-    wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
-        let c = procs::children(guard.unshare.id());
-        pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
-        c.len() == 1
-    });
-    guard.pid1 = pid1;
+/// Waits (bounded) for `unshare` to exit: its status is PID 1's.
+fn wait_exit(guard: &mut Namespace) -> std::process::ExitStatus {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some(s) = guard.unshare.try_wait().unwrap() {
+            guard.pid1 = 0;
+            return s;
+        }
+        assert!(Instant::now() < deadline, "PID 1 did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
+    if !unshare_works() {
+        return;
+    }
+    let (mut guard, mut lines) = start_namespace();
+    let pid1 = guard.pid1;
     let ready = lines.wait("ready", None);
     let addr: std::net::SocketAddr = field(&ready, "addr").unwrap().parse().unwrap();
     let mut serving = field_u32(&ready, "pid");
@@ -193,20 +211,26 @@ fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
     procs::signal(pid1, libc::SIGTERM).unwrap();
     let exit = lines.wait("exit", Some(("pid", serving.to_string())));
     assert!(exit.contains("reason=stop"), "{exit}");
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    let status = loop {
-        if let Some(s) = guard.unshare.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PID 1 did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    guard.pid1 = 0;
+    let status = wait_exit(&mut guard);
     assert!(status.success(), "unshare (PID 1) exited with {status}");
     assert!(!Path::new(&format!("/proc/{pid1}")).exists() || !alive(pid1));
+}
+
+#[test]
+fn pid1_exits_with_the_status_of_a_server_that_dies() {
+    if !unshare_works() {
+        return;
+    }
+    let (mut guard, mut lines) = start_namespace();
+    let pid1 = guard.pid1;
+    lines.wait("ready", None);
+    let server = procs::children(pid1);
+    assert_eq!(server.len(), 1, "{server:?}");
+    // The server dies without a successor: the service is over, and PID 1
+    // says how it ended (128 + SIGKILL), as a container runtime expects.
+    procs::signal(server[0].0, libc::SIGKILL).unwrap();
+    let status = wait_exit(&mut guard);
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status}");
 }
 
 /// What this test started: on a failure, PID 1 is killed, which takes the
