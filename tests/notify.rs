@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Server, TempDir, install};
+use common::{Server, TempDir, install, procs};
 
 /// A received notification and its sender's pid.
 #[derive(Debug, Clone)]
@@ -225,5 +225,56 @@ fn watchdog_is_pinged_by_the_main_process() {
             pings += 1;
         }
     }
+    srv.stop();
+}
+
+#[test]
+fn probation_names_the_successor_main_only_after_the_window() {
+    let dir = TempDir::new("notify-probation");
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let (tx, rx) = mpsc::channel();
+    receive(sock, tx);
+    let (bin, good) = common::deploy(dir.path(), "server");
+    let mut srv = Server::start_env(
+        &bin,
+        &["--listen", "127.0.0.1:0", "--probation", "2"],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let gen1 = srv.pid();
+    drain(&rx, "READY=1");
+
+    // A canary that crashes within the window: the manager only ever hears
+    // of gen1 — reloading, then ready again.
+    common::wrapper(dir.path(), "server", "--crash-after 0.3");
+    let failed = srv.failed_upgrade();
+    assert!(failed.contains("failed its probation"), "{failed}");
+    srv.wait_line("ready", None); // the canary's
+    let msgs = drain(&rx, "READY=1");
+    assert_eq!(texts(&msgs), ["RELOADING=1", "READY=1"], "{msgs:#?}");
+    // The start timeout covers the ready timeout, the window and 5 s.
+    assert!(
+        msgs[0].text.contains("EXTEND_TIMEOUT_USEC=67000000"),
+        "{msgs:#?}"
+    );
+    assert_eq!(check_main_only(&msgs, gen1), gen1);
+
+    // A healthy one: MAINPID= only once the window has passed.
+    install(&bin, &good, 0o755);
+    procs::signal(gen1, libc::SIGHUP).unwrap();
+    let gen2 = srv.peek_ready_pid();
+    let early: Vec<Msg> = rx.try_iter().collect();
+    assert!(
+        !early.iter().any(|m| m.text.contains("MAINPID=")),
+        "the successor was named main during its probation: {early:#?}"
+    );
+    let ok = srv.wait_line("upgrade-ok", Some(gen1));
+    let up: Vec<Msg> = early.into_iter().chain(drain(&rx, "BARRIER=1")).collect();
+    assert!(
+        up.iter()
+            .any(|m| m.text.starts_with(&format!("MAINPID={gen2}")))
+    );
+    assert_eq!(check_main_only(&up, gen1), gen2, "{ok}");
+    srv.finish_upgrade(gen1, gen2);
     srv.stop();
 }

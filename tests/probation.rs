@@ -104,8 +104,8 @@ fn a_healthy_successor_is_committed_only_after_the_window() {
     let load = load::Load::start_warm(addr, 2, 2, 21);
 
     procs::signal(old, libc::SIGHUP).unwrap();
-    let ready = srv.wait_line("ready", None);
-    let new = field_u32(&ready, "pid");
+    // Seen, not consumed: finish_upgrade() waits for it again.
+    let new = srv.peek_ready_pid();
     let old_at_ready = served_by(&load.stats, old);
     // On probation the successor is not final: it refuses to upgrade
     // itself, and the pid file still names the old generation.
@@ -126,13 +126,7 @@ fn a_healthy_successor_is_committed_only_after_the_window() {
         "the old generation stopped serving during the window"
     );
     assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
-    srv.wait_line("exit", Some(old));
-    let status = procs::reap(old, common::EVENT_TIMEOUT).unwrap();
-    assert!(status.success(), "{status}");
-    srv.mark_reaped(old);
-    srv.generations.push((new, false));
-    srv.ready_line = ready;
-    srv.wait_line("predecessor-exited", Some(new));
+    srv.finish_upgrade(old, new);
 
     let s = stats(addr);
     assert_eq!(json(&s, "pid"), new.to_string());

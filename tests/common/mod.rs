@@ -219,6 +219,15 @@ impl Server {
         }
     }
 
+    /// The pid of the next generation to report ready, leaving its ready
+    /// line to a later `wait_line` (or `finish_upgrade`).
+    pub fn peek_ready_pid(&mut self) -> u32 {
+        let ready = self.wait_line("ready", None);
+        let pid = field_u32(&ready, "pid");
+        self.pending.insert(0, ready);
+        pid
+    }
+
     pub fn stderr_tail(&self) -> Vec<String> {
         let e = self.stderr.lock().unwrap();
         e.iter().rev().take(30).rev().cloned().collect()
@@ -231,6 +240,14 @@ impl Server {
         procs::signal(old, libc::SIGHUP).expect("SIGHUP");
         let ok = self.wait_line("upgrade-ok", Some(old));
         let new = field_u32(&ok, "successor");
+        self.finish_upgrade(old, new);
+        (old, new)
+    }
+
+    /// After `old` reported `upgrade-ok` naming `new`: waits for the new
+    /// generation's ready line, the old one's exit (reaped, status 0), and
+    /// the new one noticing it.
+    pub fn finish_upgrade(&mut self, old: u32, new: u32) {
         let ready = self.wait_line("ready", Some(new));
         self.ready_line = ready;
         self.generations.push((new, false));
@@ -243,7 +260,6 @@ impl Server {
         self.mark_reaped(old);
         // The successor learns of it from EOF on the channel.
         self.wait_line("predecessor-exited", Some(new));
-        (old, new)
     }
 
     /// SIGHUP that must fail; returns the `upgrade-failed` line.
@@ -253,7 +269,7 @@ impl Server {
         self.wait_line("upgrade-failed", Some(pid))
     }
 
-    pub fn mark_reaped(&mut self, pid: u32) {
+    fn mark_reaped(&mut self, pid: u32) {
         for g in &mut self.generations {
             if g.0 == pid {
                 g.1 = true;
