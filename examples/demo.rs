@@ -1,14 +1,15 @@
 //! The README's first command: a server upgrading itself under load.
 //!
 //! ```text
-//! cargo run --example demo [-- --upgrades N --clients N --interval-ms MS]
+//! cargo run --example demo [-- --upgrades N --clients N --interval-ms MS --probation SECS]
 //! ```
 //!
 //! Starts the HTTP server of `examples/http_server.rs` (this same binary,
 //! re-executed with `serve`), drives load over loopback from threads that
 //! open a new connection per request and threads that keep connections
 //! alive, upgrades the server N times with SIGHUP, and ends with a table of
-//! requests, failures and upgrade timings.
+//! requests, failures and upgrade timings — the phases as the library
+//! measured them (`handover::Stats`, read from the server's `/stats`).
 
 #[path = "support/load.rs"]
 mod load;
@@ -34,6 +35,25 @@ struct Row {
     old_status: String,
     fds_before: usize,
     fds_after: usize,
+    /// The new generation's `/stats` after the old one exited.
+    stats: String,
+}
+
+/// The value of `"key":` in the server's flat `/stats` JSON.
+fn json<'a>(body: &'a str, key: &str) -> &'a str {
+    let Some(rest) = body.split(&format!("\"{key}\":")).nth(1) else {
+        return "?";
+    };
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().trim_matches('"')
+}
+
+/// A phase from `/stats`, in ms, or `-` when it did not happen.
+fn phase(stats: &str, name: &str) -> String {
+    match json(stats, &format!("{name}_ms")).parse::<f64>() {
+        Ok(ms) => format!("{ms:.2}"),
+        Err(_) => "-".to_owned(),
+    }
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -66,14 +86,23 @@ fn wait_line(
     }
 }
 
-fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, String> {
+fn run(
+    upgrades: usize,
+    clients: usize,
+    interval: Duration,
+    probation: Option<u64>,
+) -> Result<bool, String> {
     procs::become_subreaper();
     let dir = std::env::temp_dir().join(format!("handover-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let log = dir.join("server.log");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new(&exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--drain-timeout", "10"])
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--drain-timeout", "10"]);
+    if let Some(secs) = probation {
+        cmd.args(["--probation", &secs.to_string()]);
+    }
+    let mut child = cmd
         .arg("--pid-file")
         .arg(dir.join("server.pid"))
         .stdin(Stdio::null())
@@ -129,6 +158,9 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
         let status = procs::reap(current, Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let old_exit = t0.elapsed();
         let fds_after = procs::fd_count(new);
+        let stats = load::get(addr, "/stats")
+            .map(|r| r.body)
+            .unwrap_or_default();
         println!(
             "[{:6.2} s] upgrade {i:>2}/{upgrades}: pid {current} -> {new}  ready {:7.2} ms  old exited {:7.2} ms  \
              requests {:>7} ok {:>3} failed",
@@ -147,6 +179,7 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
             old_status: status.to_string(),
             fds_before,
             fds_after,
+            stats,
         });
         current = new;
     }
@@ -184,6 +217,38 @@ fn run(upgrades: usize, clients: usize, interval: Duration) -> Result<bool, Stri
             r.old_status
         );
     }
+    println!();
+    println!(
+        "phases of each upgrade in ms, as handover::Stats reports them in the new generation:"
+    );
+    println!(
+        "{:>3}  {:>10} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}  {:>11} {:>8}",
+        "#",
+        "generation",
+        "spawn",
+        "state",
+        "ready",
+        "probation",
+        "drain",
+        "exit",
+        "upgrades ok",
+        "failed"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "{:>3}  {:>10} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}  {:>11} {:>8}",
+            i + 1,
+            json(&r.stats, "generation"),
+            phase(&r.stats, "spawn"),
+            phase(&r.stats, "state"),
+            phase(&r.stats, "ready"),
+            phase(&r.stats, "probation"),
+            phase(&r.stats, "drain"),
+            phase(&r.stats, "exit"),
+            json(&r.stats, "upgrades_succeeded"),
+            json(&r.stats, "upgrades_failed"),
+        );
+    }
     let mut ready: Vec<f64> = rows
         .iter()
         .map(|r| r.trigger_to_ready.as_secs_f64() * 1e3)
@@ -216,6 +281,7 @@ fn main() -> ExitCode {
         return server::main_with(&args[1..]);
     }
     let (mut upgrades, mut clients, mut interval) = (10usize, 4usize, 300u64);
+    let mut probation = None;
     let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(flag) = it.next() {
         let value = it.next().and_then(|v| v.parse::<u64>().ok());
@@ -223,13 +289,21 @@ fn main() -> ExitCode {
             ("--upgrades", Some(v)) => upgrades = v as usize,
             ("--clients", Some(v)) => clients = v.max(1) as usize,
             ("--interval-ms", Some(v)) => interval = v,
+            ("--probation", Some(v)) => probation = Some(v),
             _ => {
-                eprintln!("usage: demo [--upgrades N] [--clients N] [--interval-ms MS]");
+                eprintln!(
+                    "usage: demo [--upgrades N] [--clients N] [--interval-ms MS] [--probation SECS]"
+                );
                 return ExitCode::from(2);
             }
         }
     }
-    match run(upgrades, clients, Duration::from_millis(interval)) {
+    match run(
+        upgrades,
+        clients,
+        Duration::from_millis(interval),
+        probation,
+    ) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
