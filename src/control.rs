@@ -123,11 +123,15 @@ fn status_json(h: &Handover) -> String {
             r.duration.as_secs_f64() * 1e3
         ),
     };
+    let stats = h.stats();
     format!(
-        "{{\"pid\":{},\"generation\":{},\"state\":{},\"last_upgrade\":{last}}}",
+        "{{\"pid\":{},\"generation\":{},\"state\":{},\"committed\":{},\"upgrades_succeeded\":{},\"upgrades_failed\":{},\"last_upgrade\":{last}}}",
         std::process::id(),
         h.generation(),
-        json_str(&state)
+        json_str(&state),
+        stats.committed,
+        stats.upgrades_succeeded,
+        stats.upgrades_failed
     )
 }
 
@@ -206,6 +210,10 @@ mod server {
     ///
     /// Peers running as another user are refused (`SO_PEERCRED`). Each
     /// connection is bounded: one request line of at most 4 KiB within 10 s.
+    ///
+    /// A successor accepts only once its handover is final
+    /// ([`Handover::committed`]): during a probation window the old
+    /// generation, which still accepts on the same socket, answers.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve(handover: Handover, listener: tokio::net::UnixListener) -> Upgraded {
         serve_with(handover, listener, UpgradeOptions::new).await
@@ -224,6 +232,12 @@ mod server {
         F: Fn() -> UpgradeOptions + Send + Sync + 'static,
     {
         let options = Arc::new(options);
+        // A successor on probation leaves the requests to its predecessor,
+        // which still accepts on the same socket: only one of them runs
+        // upgrades.
+        if let Err(e) = handover.committed().await {
+            tracing::warn!(error = %e, "cannot learn whether the handover is final; serving control requests");
+        }
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Upgraded>(1);
         let shared: Shared = Arc::new(Mutex::new(None));
         loop {

@@ -910,6 +910,32 @@ impl Handover {
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn predecessor_exited(&self) -> Result<(), Error> {
+        self.await_channel(|_, closed| closed).await
+    }
+
+    /// Resolves once this generation's handover is final: at once for a
+    /// first generation; for a successor when its predecessor committed (at
+    /// once without probation, else after the window) or exited. Call it
+    /// after [`ready`](Self::ready). Until then the successor should not act
+    /// as the only generation; [`control::serve`](crate::control::serve),
+    /// for one, accepts only after it.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn committed(&self) -> Result<(), Error> {
+        self.await_channel(|h, closed| closed || lock(&h.inner.link).committed)
+            .await
+    }
+
+    /// Takes in the predecessor's messages as they come until `done`
+    /// (given whether the channel closed) holds.
+    #[cfg(feature = "tokio")]
+    async fn await_channel(&self, done: impl Fn(&Self, bool) -> bool) -> Result<(), Error> {
+        let pumped = self
+            .pump_channel()
+            .map_err(|e| Error::io("reading the channel", e))?;
+        if done(self, pumped) {
+            return Ok(());
+        }
         let Some(ch) = self.channel_copy()? else {
             return Ok(());
         };
@@ -930,7 +956,8 @@ impl Handover {
             // Read through pump_channel; a WouldBlock from it clears tokio's
             // readiness so that the next `readable()` waits.
             let pumped = stream.try_io(tokio::io::Interest::READABLE, || {
-                match self.pump_channel()? {
+                let closed = self.pump_channel()?;
+                match done(self, closed) {
                     true => Ok(()),
                     false => Err(std::io::ErrorKind::WouldBlock.into()),
                 }

@@ -220,3 +220,56 @@ fn a_burst_of_ten_reloads_makes_one_upgrade() {
     );
     assert!(srv.stop().success());
 }
+
+#[test]
+fn during_probation_the_old_generation_answers_and_reload_waits_for_the_commit() {
+    let dir = TempDir::new("ctl-probation");
+    let ctl = dir.path().join("ctl");
+    let mut srv = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        ctl.to_str().unwrap(),
+        "--probation",
+        "2",
+    ]);
+    let old = srv.pid();
+    let first = std::thread::spawn({
+        let ctl = ctl.clone();
+        move || reload(&ctl, None)
+    });
+    // The successor is on probation: both generations accept on the control
+    // socket, but only the old one serves it; a second reload shares the
+    // running upgrade instead of being refused by the successor.
+    let new = srv.peek_ready_pid();
+    let (code, out, err) = reload(&ctl, None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("\"pid\":{new}")), "{out}");
+    let (code, out, err) = first.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("\"pid\":{new}")), "{out}");
+    let ok = srv.wait_line("upgrade-ok", Some(old));
+    assert!(
+        common::field(&ok, "probation_ms")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            >= 2000.0
+    );
+    srv.finish_upgrade(old, new);
+    let status =
+        handover::control::request(&ctl, "status", Duration::from_secs(10)).expect("status");
+    assert!(status.contains(&format!("\"pid\":{new}")), "{status}");
+    assert!(status.contains("\"committed\":true"), "{status}");
+    assert!(status.contains("\"upgrades_succeeded\":1"), "{status}");
+    assert_eq!(
+        srv.history
+            .iter()
+            .filter(|l| l.starts_with("upgrade-ok") || l.starts_with("upgrade-failed"))
+            .count(),
+        1,
+        "one upgrade for two requests: {:#?}",
+        srv.history
+    );
+    assert!(srv.stop().success());
+}
