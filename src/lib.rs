@@ -38,7 +38,7 @@
 //!     let listener = tokio::net::TcpListener::from_std(listener)?;
 //!     handover.ready()?;
 //!
-//!     let drain = Drain::new();
+//!     let drain: Drain = handover.drain(); // counted in handover.stats()
 //!     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
 //!     let (h, d) = (handover.clone(), drain.clone());
 //!     tokio::spawn(async move {
@@ -75,6 +75,36 @@
 //! `HANDOVER_*` and `WATCHDOG_PID` are never passed on, and the process
 //! environment is never modified. Under systemd, [`systemd::Notifier`] tells
 //! the manager about each upgrade (see the README's "Running under systemd").
+//!
+//! # Canary upgrades
+//!
+//! With [`Builder::probation`], a successor that reported ready is not
+//! trusted at once: for the window both generations accept on the shared
+//! sockets, and if the successor exits or reports itself unhealthy
+//! ([`Handover::report_unhealthy`]) meanwhile, it is reaped and the old
+//! generation carries on alone, the upgrade failing with
+//! [`UpgradeError::Probation`]. Only after the window does the upgrade
+//! succeed: the pid file, systemd's `MAINPID=` and the control socket's reply
+//! name the successor then, and the successor learns that it is final
+//! ([`Handover::committed`]).
+//!
+//! # Containers
+//!
+//! As PID 1 of a container the server cannot hand over and exit: the
+//! namespace dies with PID 1. [`supervisor::Supervisor`] keeps a small PID 1
+//! that starts the server, follows the handover (`MAINPID=` over a private
+//! `NOTIFY_SOCKET`), forwards signals to the serving process and reaps the
+//! old ones.
+//!
+//! # Observability
+//!
+//! Every upgrade runs in a `tracing` span named `upgrade` (fields
+//! `generation`, `successor_generation`) with one `upgrade phase` event
+//! per phase (`phase` = preflight, spawn, state, ready, probation, drain,
+//! exit; `ms`). [`Handover::stats`] returns a [`Stats`] snapshot —
+//! generation, upgrades succeeded and failed (carried from generation to
+//! generation), the last error, the last upgrade's [`Phases`], connections
+//! still draining — with a Prometheus example in its documentation.
 //!
 //! # Fd hygiene
 //!
