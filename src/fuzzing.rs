@@ -63,3 +63,16 @@ pub fn state_stream(data: &[u8]) {
     let _ = reader.read_to_end(&mut sink);
     assert!(sink.len() <= data.len());
 }
+
+/// A message line from the old generation to its successor (commit,
+/// rollback, drain report).
+pub fn channel_message(data: &[u8]) {
+    // One line, as the successor splits them.
+    let data = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    if let Ok(crate::stats::Message::Commit(c)) = crate::stats::parse_message(data) {
+        // What decodes re-encodes to something that decodes the same.
+        let line = format!("C{}", crate::stats::encode_commit(&c));
+        let again = crate::stats::parse_message(line.as_bytes());
+        assert_eq!(again, Ok(crate::stats::Message::Commit(c)));
+    }
+}

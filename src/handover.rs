@@ -17,7 +17,7 @@ use crate::fds::{self, ListenOptions, Registry, Want};
 use crate::pidfile;
 use crate::ready;
 use crate::spawn;
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, Message, Stats};
 use crate::sys;
 use crate::systemd::Notifier;
 use crate::upgrade::State;
@@ -526,18 +526,13 @@ impl Handover {
     fn take_messages(&self, link: &mut Link) {
         while let Some(end) = link.partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = link.partial.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&line[1..line.len() - 1]);
-            match line[0] {
-                ready::MSG_COMMIT => {
-                    let mut c = Counters::default();
-                    if let Err(e) = crate::stats::decode_fields(&text, &mut c) {
-                        tracing::warn!(error = %e, "unreadable commit from the predecessor; counters not inherited");
-                    } else {
-                        let mut mine = lock(&self.inner.counters);
-                        // Attempts of our own (refused on probation) come on top.
-                        c.failed += mine.failed;
-                        *mine = c;
-                    }
+            match crate::stats::parse_message(&line[..line.len() - 1]) {
+                Ok(Message::Commit(mut c)) => {
+                    let mut mine = lock(&self.inner.counters);
+                    // Attempts of our own (refused on probation) come on top.
+                    c.failed += mine.failed;
+                    *mine = c;
+                    drop(mine);
                     link.committed = true;
                     link.committed_at = Some(Instant::now());
                     tracing::info!(
@@ -545,25 +540,20 @@ impl Handover {
                         "predecessor committed the handover"
                     );
                 }
-                ready::MSG_ROLLED_BACK => link.rolled_back = true,
-                ready::MSG_DRAINED => {
-                    let mut c = Counters::default();
-                    match crate::stats::decode_fields(&text, &mut c) {
-                        Ok(()) => {
-                            if let Some(d) = c.last.and_then(|p| p.drain) {
-                                let mut mine = lock(&self.inner.counters);
-                                mine.last.get_or_insert_with(Default::default).drain = Some(d);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "unreadable drain report from the predecessor")
-                        }
+                Ok(Message::RolledBack) => link.rolled_back = true,
+                Ok(Message::Drained(d)) => {
+                    let mut mine = lock(&self.inner.counters);
+                    mine.last.get_or_insert_with(Default::default).drain = Some(d);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable message from the predecessor; ignored");
+                    // A commit that cannot be read still commits: the
+                    // predecessor only sends one when the handover is final.
+                    if line.first() == Some(&ready::MSG_COMMIT) {
+                        link.committed = true;
+                        link.committed_at = Some(Instant::now());
                     }
                 }
-                other => tracing::warn!(
-                    byte = other,
-                    "unexpected message from the predecessor; ignored"
-                ),
             }
         }
     }
@@ -619,7 +609,19 @@ impl Handover {
     /// exit (within the predecessor's drain timeout, or it is killed).
     /// `Ok(false)`: too late or pointless — the handover is already
     /// committed, or there is no predecessor; nothing changed.
+    ///
+    /// Before `ready()` it is an error: a successor that is not healthy
+    /// should not report ready at all (exit instead; the upgrade fails).
     pub fn report_unhealthy(&self, reason: &str) -> Result<bool, Error> {
+        if self.state() == State::Starting {
+            return Err(Error::io(
+                "report_unhealthy before ready()",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "exit instead: a successor that never reports ready fails the upgrade",
+                ),
+            ));
+        }
         let _ = self.pump_channel();
         if lock(&self.inner.link).committed {
             return Ok(false);

@@ -173,9 +173,46 @@ pub(crate) fn encode_commit(c: &Counters) -> String {
     }
     if let Some(e) = &c.last_error {
         // Last, and on one line: it runs to the end of the line.
-        let _ = write!(s, " error={}", e.replace(['\n', '\r'], " "));
+        let _ = write!(s, " error={}", e.replace('\n', " "));
     }
     s
+}
+
+/// A message from the old generation to its successor, after the successor
+/// reported ready (see `ready::MSG_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Message {
+    /// `C<fields>`: the handover is final; the counters travel with it.
+    Commit(Counters),
+    /// `A`: the unhealthy report was taken; the old generation serves.
+    RolledBack,
+    /// `D<fields>`: the old generation's drain took this long.
+    Drained(Duration),
+}
+
+/// Parses one message line (without its `\n`).
+pub(crate) fn parse_message(line: &[u8]) -> Result<Message, BadMessage> {
+    let Some((&kind, rest)) = line.split_first() else {
+        return Err(BadMessage("empty message".into()));
+    };
+    let text = std::str::from_utf8(rest)
+        .map_err(|_| BadMessage(format!("message {:?} is not UTF-8", kind as char)))?;
+    let mut c = Counters::default();
+    match kind {
+        crate::ready::MSG_COMMIT => {
+            decode_fields(text, &mut c)?;
+            Ok(Message::Commit(c))
+        }
+        crate::ready::MSG_ROLLED_BACK if text.is_empty() => Ok(Message::RolledBack),
+        crate::ready::MSG_DRAINED => {
+            decode_fields(text, &mut c)?;
+            match c.last.and_then(|p| p.drain) {
+                Some(d) => Ok(Message::Drained(d)),
+                None => Err(BadMessage("drain report without drain_us".into())),
+            }
+        }
+        other => Err(BadMessage(format!("unknown message {other:#04x}"))),
+    }
 }
 
 /// Why a message from the predecessor could not be read.
@@ -249,6 +286,30 @@ mod tests {
             back.last_error.as_deref(),
             Some("successor (pid 9) exited: signal 6")
         );
+    }
+
+    #[test]
+    fn messages_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_message(b"A"), Ok(Message::RolledBack));
+        assert_eq!(
+            parse_message(b"Ddrain_us=1500"),
+            Ok(Message::Drained(Duration::from_micros(1500)))
+        );
+        let Ok(Message::Commit(c)) = parse_message(b"C succeeded=2 failed=0") else {
+            panic!("commit not parsed");
+        };
+        assert_eq!((c.succeeded, c.failed), (2, 0));
+        for bad in [
+            &b""[..],
+            b"\xff",
+            b"Ax",
+            b"D",
+            b"Dspawn_us=3",
+            b"C\xff",
+            b"Cx=1",
+        ] {
+            assert!(parse_message(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -220,7 +220,12 @@ fn a_successor_that_exits_on_probation_is_a_counted_failure() {
 fn a_successor_that_reports_itself_unhealthy_is_taken_back() {
     let _g = serial();
     let h = Handover::builder().build().unwrap();
+    // Before ready there is nothing to take back: an error, not a message.
+    let e = h.report_unhealthy("too early").unwrap_err();
+    assert!(e.to_string().contains("before ready()"), "{e}");
     h.ready().unwrap();
+    // A first generation has no predecessor to hand the service back to.
+    assert!(!h.report_unhealthy("no one to tell").unwrap());
     let children = procs::children(std::process::id()).len();
     // Ready, then unhealthy; it waits for the answer (`A`) and exits 0 only
     // if it got it.
