@@ -71,7 +71,11 @@
 //! always the successor's own pid) and `LISTEN_FDNAMES`. The same code path
 //! therefore serves a process started by its old generation, by systemd, or
 //! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
-//! channel and `HANDOVER_GENERATION` the generation. Stale `LISTEN_*`,
+//! channel and `HANDOVER_GENERATION` the generation. Over the channel the
+//! successor sends `R` (ready), `E<reason>` (state rejected) or, during a
+//! probation window, `U<reason>` (unhealthy); the old generation answers `A`
+//! (taken back), or `C<counters>` once the handover is final and later
+//! `D<drain time>`, and its end closes when it exits. Stale `LISTEN_*`,
 //! `HANDOVER_*` and `WATCHDOG_PID` are never passed on, and the process
 //! environment is never modified. Under systemd, [`systemd::Notifier`] tells
 //! the manager about each upgrade (see the README's "Running under systemd").

@@ -184,7 +184,9 @@ fn a_successor_that_exits_on_probation_is_a_counted_failure() {
     let h = Handover::builder().build().unwrap();
     h.ready().unwrap();
     let children = procs::children(std::process::id()).len();
-    let opts = sh("printf R >&3; sleep 0.2; exit 7").probation(Duration::from_secs(10));
+    let opts = sh("printf R >&3; sleep 0.2; exit 7")
+        .preflight(["-c", "exit 0"])
+        .probation(Duration::from_secs(10));
     let (result, events) = captured(|| h.upgrade_blocking_with(opts));
     let e = result.unwrap_err();
     match &e {
@@ -197,7 +199,7 @@ fn a_successor_that_exits_on_probation_is_a_counted_failure() {
     assert!(e.spawned());
     assert_eq!(
         phases_of(&events),
-        ["spawn", "ready", "probation"],
+        ["preflight", "spawn", "ready", "probation"],
         "{events:?}"
     );
     let s = h.stats();
@@ -210,7 +212,8 @@ fn a_successor_that_exits_on_probation_is_a_counted_failure() {
             .contains("failed its probation"),
         "{s:?}"
     );
-    assert!(s.last_phases.unwrap().probation.is_some());
+    let p = s.last_phases.unwrap();
+    assert!(p.preflight.is_some() && p.probation.is_some(), "{p:?}");
     // Reaped: no child left behind.
     assert_eq!(procs::children(std::process::id()).len(), children);
     assert!(procs::zombies(std::process::id()).is_empty());
