@@ -1,7 +1,8 @@
 //! A container's PID 1: the example server run as PID 1 of a new PID
 //! namespace (`unshare --pid --fork --mount-proc`) supervises itself
 //! (`handover::supervisor`), so that upgrades replace the serving process
-//! while PID 1 — whose exit would kill the whole namespace — stays.
+//! while PID 1 — whose exit would kill the whole namespace — stays. The same
+//! with the supervisor asked for by `--supervise`, as under tini.
 
 mod common;
 
@@ -85,19 +86,39 @@ impl Lines {
     }
 }
 
-/// Starts the example server as PID 1 of a new PID namespace; returns
-/// what to clean up (with the host pid of PID 1) and its stdout lines.
-fn start_namespace() -> (Namespace, Lines) {
-    let mut unshare = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(common::server_bin())
+/// How the supervisor runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// As PID 1 of a new PID namespace: it supervises on its own.
+    Pid1,
+    /// As a child of the test (as under tini), asked with `--supervise`.
+    Flag,
+}
+
+/// Starts the example server under its supervisor; returns what to clean
+/// up (with the host pid of the supervisor) and the stdout lines.
+fn start_supervised(mode: Mode) -> (Namespace, Lines) {
+    let mut cmd = match mode {
+        Mode::Pid1 => {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount-proc"])
+                .arg(common::server_bin());
+            c
+        }
+        Mode::Flag => {
+            let mut c = Command::new(common::server_bin());
+            c.arg("--supervise");
+            c
+        }
+    };
+    let mut unshare = cmd
         .args(["--listen", "127.0.0.1:0", "--drain-timeout", "10"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn unshare");
+        .expect("spawn the supervisor");
     let stdout = unshare.stdout.take().unwrap();
     let mut guard = Namespace { unshare, pid1: 0 };
     let (tx, rx) = mpsc::channel();
@@ -111,12 +132,15 @@ fn start_namespace() -> (Namespace, Lines) {
             }
         }
     });
-    // unshare forks PID 1 of the namespace, which becomes the supervisor.
-    wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
-        let c = procs::children(guard.unshare.id());
-        guard.pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
-        c.len() == 1
-    });
+    match mode {
+        // unshare forks PID 1 of the namespace, which becomes the supervisor.
+        Mode::Pid1 => wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
+            let c = procs::children(guard.unshare.id());
+            guard.pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
+            c.len() == 1
+        }),
+        Mode::Flag => guard.pid1 = guard.unshare.id(),
+    }
     let lines = Lines {
         rx,
         pending: Vec::new(),
@@ -143,12 +167,28 @@ fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
     if !unshare_works() {
         return;
     }
-    let (mut guard, mut lines) = start_namespace();
+    five_upgrades_under_load(Mode::Pid1);
+}
+
+#[test]
+fn an_explicit_supervisor_stays_while_five_upgrades_replace_the_server_under_load() {
+    five_upgrades_under_load(Mode::Flag);
+}
+
+/// 5 upgrades under load, asked of the supervisor ("PID 1" below, whatever
+/// its pid), then a stop.
+fn five_upgrades_under_load(mode: Mode) {
+    let (mut guard, mut lines) = start_supervised(mode);
     let pid1 = guard.pid1;
     let ready = lines.wait("ready", None);
     let addr: std::net::SocketAddr = field(&ready, "addr").unwrap().parse().unwrap();
     let mut serving = field_u32(&ready, "pid");
-    assert_ne!(serving, 1, "the server itself must not be PID 1");
+    // The server's pid as it sees it: in the namespace, PID 1 is the supervisor.
+    let supervisor = if mode == Mode::Pid1 { 1 } else { pid1 };
+    assert_ne!(
+        serving, supervisor,
+        "the server itself must not be the supervisor"
+    );
     assert_eq!(json(&stats(addr), "generation"), "1");
 
     let load = load::Load::start_warm(addr, 2, 2, 21);
@@ -221,7 +261,7 @@ fn pid1_exits_with_the_status_of_a_server_that_dies() {
     if !unshare_works() {
         return;
     }
-    let (mut guard, mut lines) = start_namespace();
+    let (mut guard, mut lines) = start_supervised(Mode::Pid1);
     let pid1 = guard.pid1;
     lines.wait("ready", None);
     let server = procs::children(pid1);
