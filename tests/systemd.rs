@@ -569,3 +569,67 @@ fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
 }
+
+#[test]
+fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    let unit = "handover-test.service";
+    let (bin, good) = common::deploy(m.path(), "deployed");
+    let text = example_unit_with("handover-canary.service", &bin, &out, 0, "");
+    m.unit(unit, &text);
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", unit]);
+    let first = m.main_pid(unit);
+    let addr = wait_ready_addr(&out, first);
+    let load = load::Load::start_retrying(addr, 2, 2);
+    assert!(load.wait_for_ok(21, Duration::from_secs(30)));
+    let stats = load.stats.clone();
+
+    // The new build passes its readiness check, then crashes 1 s into its
+    // 3 s window.
+    let crashing = format!(
+        "#!/bin/sh\nexec {} \"$@\" --crash-after 1\n",
+        common::server_bin().display()
+    );
+    common::install(&bin, crashing.as_bytes(), 0o755);
+    let r = m.systemctl(&["reload", unit]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success(),
+        "the reload of a crashing canary succeeded"
+    );
+    assert_eq!(m.prop(unit, "ActiveState"), "active");
+    assert_eq!(m.main_pid(unit), first, "MainPID moved to the canary");
+    assert_eq!(m.prop(unit, "NRestarts"), "0");
+    // The reason, as the old generation logged it (stderr goes to the same
+    // file; the reload client's goes to the journal).
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("failed its probation") && l.contains("SIGABRT")),
+        "{text}\n{err}"
+    );
+
+    // The fixed build: `systemctl reload` returns once the window has passed,
+    // with MainPID on the successor.
+    common::install(&bin, &good, 0o755);
+    m.ok(&["reload", unit]);
+    let new = m.main_pid(unit);
+    assert_ne!(new, first, "reload returned before the commit");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let ok = text
+        .lines()
+        .find(|l| l.starts_with("upgrade-ok") && field(l, "successor") == Some(&new.to_string()))
+        .unwrap_or_else(|| panic!("{text}"));
+    let probation_ms: f64 = field(ok, "probation_ms").unwrap().parse().unwrap();
+    assert!(probation_ms >= 3000.0, "{ok}");
+    wait_until("the successor to answer", Duration::from_secs(30), || {
+        stats.by_pid.lock().unwrap().contains_key(&new)
+    });
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    m.ok(&["stop", unit]);
+    assert_eq!(m.prop(unit, "Result"), "success");
+}
