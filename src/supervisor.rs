@@ -288,8 +288,12 @@ fn reap_one() -> Option<(libc::pid_t, libc::c_int)> {
 /// releases the barrier.
 fn take_notifications(sock: BorrowedFd<'_>, main: &mut libc::pid_t) {
     loop {
-        let (text, sender) = match sys::recv_notification(sock) {
-            Ok(Some(m)) => m,
+        let (text, sender) = match sys::recv_notification(sock, libc::MSG_DONTWAIT) {
+            Ok(Some(m)) => {
+                // Closing a received barrier pipe is what releases it.
+                drop(m.fds);
+                (m.text, m.sender)
+            }
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a notification");

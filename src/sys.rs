@@ -199,12 +199,23 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Receives one `sd_notify` datagram without blocking: its text and the
-/// sender's pid (from `SCM_CREDENTIALS`; the socket needs `SO_PASSCRED`).
-/// Fds passed with it are closed at once. `Ok(None)`: nothing pending.
+/// One `sd_notify` datagram as a service manager receives it.
+#[derive(Debug)]
+pub(crate) struct Notification {
+    pub(crate) text: String,
+    /// The sender's pid, from `SCM_CREDENTIALS` (the socket needs
+    /// `SO_PASSCRED`).
+    pub(crate) sender: Option<libc::pid_t>,
+    /// The fds passed with it (`FDSTORE=1`, `BARRIER=1`), close-on-exec.
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+/// Receives one `sd_notify` datagram; `Ok(None)` when `flags` has
+/// `MSG_DONTWAIT` and nothing is pending.
 pub(crate) fn recv_notification(
     sock: BorrowedFd<'_>,
-) -> io::Result<Option<(String, Option<libc::pid_t>)>> {
+    flags: libc::c_int,
+) -> io::Result<Option<Notification>> {
     let mut buf = vec![0u8; 4096];
     // Room for 253 fds and the credentials, 8-byte aligned.
     let mut control = [0u64; 160];
@@ -222,13 +233,14 @@ pub(crate) fn recv_notification(
     let n = match syscall!(recvmsg(
         sock.as_raw_fd(),
         &mut msg,
-        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC
+        flags | libc::MSG_CMSG_CLOEXEC
     )) {
         Ok(n) => n as usize,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),
     };
     let mut sender = None;
+    let mut fds = Vec::new();
     // SAFETY: walking the control messages recvmsg filled in, within
     // msg_controllen; each SCM_RIGHTS entry is an fd now owned by us, and
     // each SCM_CREDENTIALS payload is a ucred.
@@ -240,7 +252,7 @@ pub(crate) fn recv_notification(
                     / std::mem::size_of::<libc::c_int>();
                 let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
                 for i in 0..count {
-                    drop(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                 }
             } else if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS
             {
@@ -251,7 +263,11 @@ pub(crate) fn recv_notification(
         }
     }
     buf.truncate(n);
-    Ok(Some((String::from_utf8_lossy(&buf).into_owned(), sender)))
+    Ok(Some(Notification {
+        text: String::from_utf8_lossy(&buf).into_owned(),
+        sender,
+        fds,
+    }))
 }
 
 #[cfg(test)]

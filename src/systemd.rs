@@ -326,39 +326,10 @@ mod tests {
     }
 
     fn recv_with_fds(sock: &std::os::unix::net::UnixDatagram) -> (String, Vec<OwnedFd>) {
-        use std::os::fd::FromRawFd;
-        let mut buf = [0u8; 4096];
-        let mut control = [0u64; 256];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: an all-zero msghdr is a valid value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        let n = syscall!(recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)).unwrap();
-        let mut fds = Vec::new();
-        // SAFETY: walking the control messages recvmsg filled in.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                    let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
-                    for i in 0..count {
-                        fds.push(OwnedFd::from_raw_fd(*data.add(i)));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
-        }
-        (
-            String::from_utf8_lossy(&buf[..n as usize]).into_owned(),
-            fds,
-        )
+        let m = crate::sys::recv_notification(sock.as_fd(), 0)
+            .unwrap()
+            .expect("a blocking receive returns a message");
+        (m.text, m.fds)
     }
 
     #[test]

@@ -30,17 +30,26 @@ fn reload(ctl: &Path, binary: Option<&Path>) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn the_control_socket_is_0600_and_refuses_other_users() {
-    let dir = TempDir::new("ctl-perm");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+/// A server with a control socket in a new temporary directory, and
+/// `extra` flags: (directory, control socket path, server).
+fn with_control(tag: &str, extra: &[&str]) -> (TempDir, std::path::PathBuf, Server) {
+    let dir = TempDir::new(tag);
     let ctl = dir.path().join("ctl");
-    let mut srv = Server::start(&[
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--control",
         ctl.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let srv = Server::start(&args);
+    (dir, ctl, srv)
+}
+
+#[test]
+fn the_control_socket_is_0600_and_refuses_other_users() {
+    let (dir, ctl, mut srv) = with_control("ctl-perm", &[]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let status =
@@ -179,14 +188,7 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
 
 #[test]
 fn a_burst_of_ten_reloads_makes_one_upgrade() {
-    let dir = TempDir::new("ctl-burst");
-    let ctl = dir.path().join("ctl");
-    let mut srv = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        ctl.to_str().unwrap(),
-    ]);
+    let (_dir, ctl, mut srv) = with_control("ctl-burst", &[]);
     let old = srv.pid();
     let barrier = Arc::new(Barrier::new(10));
     let threads: Vec<_> = (0..10)
@@ -223,16 +225,7 @@ fn a_burst_of_ten_reloads_makes_one_upgrade() {
 
 #[test]
 fn during_probation_the_old_generation_answers_and_reload_waits_for_the_commit() {
-    let dir = TempDir::new("ctl-probation");
-    let ctl = dir.path().join("ctl");
-    let mut srv = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        ctl.to_str().unwrap(),
-        "--probation",
-        "2",
-    ]);
+    let (_dir, ctl, mut srv) = with_control("ctl-probation", &["--probation", "2"]);
     let old = srv.pid();
     let first = std::thread::spawn({
         let ctl = ctl.clone();

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -121,17 +120,7 @@ fn start_supervised(mode: Mode) -> (Namespace, Lines) {
         .expect("spawn the supervisor");
     let stdout = unshare.stdout.take().unwrap();
     let mut guard = Namespace { unshare, pid1: 0 };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::line_channel(stdout);
     match mode {
         // unshare forks PID 1 of the namespace, which becomes the supervisor.
         Mode::Pid1 => wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
