@@ -339,6 +339,10 @@ impl Inner {
     }
 }
 
+/// The longest message the predecessor may send (a commit with a long last
+/// error stays far below it).
+const MAX_MESSAGE: usize = 64 * 1024;
+
 /// The successor's view of the channel after it reported ready.
 #[derive(Debug, Default)]
 pub(crate) struct Link {
@@ -494,6 +498,13 @@ impl Handover {
                     Ok(n) => {
                         link.partial.extend_from_slice(&buf[..n]);
                         self.take_messages(&mut link);
+                        if link.partial.len() > MAX_MESSAGE {
+                            tracing::warn!(
+                                bytes = link.partial.len(),
+                                "overlong message from the predecessor; dropped"
+                            );
+                            link.partial.clear();
+                        }
                         continue;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -512,8 +523,9 @@ impl Handover {
                     let phases = c.last.get_or_insert_with(Default::default);
                     crate::stats::record(phases, "exit", at.elapsed());
                 }
-                // Gone without committing: this generation serves alone.
-                link.committed = true;
+                // Gone without committing: this generation serves alone
+                // (unless it handed the service back).
+                link.committed = !link.rolled_back;
             }
         }
         if closed {
