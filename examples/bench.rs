@@ -8,6 +8,7 @@
 //! cargo run --release --example bench -- upgrades [--count 1000]
 //! cargo run --release --example bench -- load [--secs 10]
 //! cargo run --release --example bench -- state [--runs 5]
+//! cargo run --release --example bench -- supervised [--runs 30]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -16,6 +17,9 @@
 //! - `fds`: handoff time for 4, 400, 4,000 and 10,000 named fds.
 //! - `upgrades`: RSS and fd count of the serving process over N upgrades.
 //! - `state`: state handoff of 1 MiB, 100 MiB and 1 GiB (whole upgrade).
+//! - `supervised`: SIGHUP → `upgrade-ok` of examples/http_server run
+//!   directly and under its supervisor (`--supervise`, the PID 1 mode),
+//!   interleaved: what the supervisor adds to an upgrade.
 //! - `load`: examples/http_server under wrk (Debian's `wrk`) without upgrades
 //!   and with an upgrade every 200 ms, one after the other in one run.
 
@@ -130,6 +134,124 @@ fn ready(runs: usize) {
     );
     println!("| difference | {:.3} ms | | |", c - f);
     println!("| ratio | {:.2}x | | |", c / f);
+}
+
+/// A server started by the bench, read line by line.
+struct Chain {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Where SIGHUP goes: the serving process, or its supervisor.
+    target: u32,
+    serving: u32,
+}
+
+impl Chain {
+    fn start(server: &PathBuf, supervised: bool) -> Chain {
+        let mut cmd = Command::new(server);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        if supervised {
+            cmd.arg("--supervise");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn http_server");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut c = Chain {
+            target: child.id(),
+            child,
+            lines,
+            serving: 0,
+        };
+        let ready = c.wait("ready");
+        c.serving = field(&ready, "pid");
+        c
+    }
+
+    fn wait(&self, prefix: &str) -> String {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no {prefix} line"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
+
+    /// One upgrade: SIGHUP to the target until `upgrade-ok`; then waits for
+    /// the old generation's exit, so the next upgrade starts clean.
+    fn upgrade(&mut self, supervised: bool) -> Duration {
+        let t = Instant::now();
+        let to = if supervised {
+            self.target
+        } else {
+            self.serving
+        };
+        procs::signal(to, libc::SIGHUP).unwrap();
+        let ok = self.wait("upgrade-ok");
+        let took = t.elapsed();
+        let old = self.serving;
+        self.serving = field(&ok, "successor");
+        self.wait("predecessor-exited");
+        if !supervised {
+            procs::reap(old, Duration::from_secs(30)).expect("reap");
+        }
+        took
+    }
+}
+
+fn field(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .expect("field")
+}
+
+fn supervised(runs: usize) {
+    let server = sibling("http_server");
+    procs::become_subreaper();
+    let mut direct = Chain::start(&server, false);
+    let mut under = Chain::start(&server, true);
+    let (mut d, mut u) = (Vec::new(), Vec::new());
+    for i in 0..runs + 3 {
+        let (a, b) = (direct.upgrade(false), under.upgrade(true));
+        if i >= 3 {
+            d.push(ms(a));
+            u.push(ms(b));
+        }
+    }
+    procs::signal(direct.serving, libc::SIGTERM).unwrap();
+    procs::reap(direct.serving, Duration::from_secs(30)).expect("reap");
+    procs::signal(under.target, libc::SIGTERM).unwrap();
+    let status = under.child.wait().expect("wait supervisor");
+    assert!(status.success(), "supervisor exited with {status}");
+    let _ = direct.child.try_wait();
+    let (dm, um) = (median(&mut d), median(&mut u));
+    println!("SIGHUP -> upgrade-ok, {runs} upgrades each, interleaved");
+    println!("| | median | min | max |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| examples/http_server, signalled directly | {dm:.3} ms | {:.3} ms | {:.3} ms |",
+        d[0],
+        d[runs - 1]
+    );
+    println!(
+        "| under its supervisor, signalled through it | {um:.3} ms | {:.3} ms | {:.3} ms |",
+        u[0],
+        u[runs - 1]
+    );
+    println!("| difference | {:.3} ms | | |", um - dm);
 }
 
 fn raise_nofile() {
@@ -474,9 +596,10 @@ fn main() -> ExitCode {
         Some("upgrades") => upgrades(num("--count", 1000)),
         Some("load") => load(num("--secs", 10) as u64),
         Some("state") => state(num("--runs", 5)),
+        Some("supervised") => supervised(num("--runs", 30)),
         _ => {
             eprintln!(
-                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N]"
+                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N]"
             );
             return ExitCode::from(2);
         }
