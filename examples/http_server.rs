@@ -493,6 +493,16 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         Some(u) => u.local_addr()?.to_string(),
         None => String::new(),
     };
+    if handover.from_predecessor() {
+        // Spawned before ready() on purpose: it waits for ready() itself,
+        // and leaves the state stream alone meanwhile.
+        let h = handover.clone();
+        tokio::spawn(async move {
+            if h.predecessor_exited().await.is_ok() {
+                event(format_args!("predecessor-exited pid={pid}"));
+            }
+        });
+    }
     let (served, state_bytes) = receive_state(&handover, config.state_version)?;
     let app = Arc::new(App {
         pid,
@@ -566,14 +576,6 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             while h.state() != handover::State::HandedOver {
                 tick.tick().await;
                 let _ = h.notifier().watchdog();
-            }
-        });
-    }
-    if handover.from_predecessor() {
-        let h = handover.clone();
-        tokio::spawn(async move {
-            if h.predecessor_exited().await.is_ok() {
-                event(format_args!("predecessor-exited pid={pid}"));
             }
         });
     }

@@ -215,6 +215,8 @@ impl Builder {
                 successor: Mutex::new(None),
                 #[cfg(feature = "tokio")]
                 drain: Mutex::new(None),
+                #[cfg(feature = "tokio")]
+                readied: tokio::sync::Notify::new(),
                 state_expected,
                 state_taken: AtomicBool::new(false),
                 state_progress: Arc::default(),
@@ -296,6 +298,9 @@ pub(crate) struct Inner {
     /// The drain from [`Handover::drain`], counted in [`Handover::stats`].
     #[cfg(feature = "tokio")]
     pub(crate) drain: Mutex<Option<crate::drain::Drain>>,
+    /// Woken when `ready()` has run: the channel carries messages from then on.
+    #[cfg(feature = "tokio")]
+    pub(crate) readied: tokio::sync::Notify,
     /// A state follows on the channel (HANDOVER_STATE=1).
     pub(crate) state_expected: bool,
     pub(crate) state_taken: AtomicBool,
@@ -883,6 +888,8 @@ impl Handover {
         *state = State::Serving;
         drop(channel);
         drop(state);
+        #[cfg(feature = "tokio")]
+        self.inner.readied.notify_waiters();
         if alone {
             lock(&self.inner.channel).take();
             lock(&self.inner.link).committed = true;
@@ -920,7 +927,8 @@ impl Handover {
     }
 
     /// The async form of [`wait_predecessor_exit`](Self::wait_predecessor_exit),
-    /// without a timeout: wrap it in `tokio::time::timeout` for one.
+    /// without a timeout: wrap it in `tokio::time::timeout` for one. Called
+    /// before [`ready`](Self::ready), it waits for `ready()` first.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn predecessor_exited(&self) -> Result<(), Error> {
@@ -932,7 +940,8 @@ impl Handover {
     /// once without probation, else after the window) or exited. Call it
     /// after [`ready`](Self::ready). Until then the successor should not act
     /// as the only generation; [`control::serve`](crate::control::serve),
-    /// for one, accepts only after it.
+    /// for one, accepts only after it. Called before `ready()`, it waits for
+    /// `ready()` first.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn committed(&self) -> Result<(), Error> {
@@ -944,6 +953,15 @@ impl Handover {
     /// (given whether the channel closed) holds.
     #[cfg(feature = "tokio")]
     async fn await_channel(&self, done: impl Fn(&Self, bool) -> bool) -> Result<(), Error> {
+        // Before ready() the channel carries the state stream, read with
+        // blocking calls: leave it alone (and blocking) until then.
+        loop {
+            let readied = self.inner.readied.notified();
+            if self.state() != State::Starting {
+                break;
+            }
+            readied.await;
+        }
         let pumped = self
             .pump_channel()
             .map_err(|e| Error::io("reading the channel", e))?;
