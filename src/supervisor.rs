@@ -30,7 +30,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::sys::{self, syscall};
 
@@ -113,7 +113,8 @@ impl Supervisor {
     /// returns the exit code for this process (the main process's code, or
     /// `128 + signal`).
     ///
-    /// Errors only when the server cannot be started at all.
+    /// Errors only when the server cannot be started at all, or when
+    /// waiting for it fails (`poll` on the supervisor's own fds).
     pub fn run(self) -> Result<u8, crate::Error> {
         let err = |what: &str, e: io::Error| crate::Error::io(what.to_owned(), e);
         // Orphans come to us even when we are not PID 1.
@@ -282,6 +283,16 @@ fn reap_one() -> Option<(libc::pid_t, libc::c_int)> {
     }
 }
 
+/// Whether `pid` names a process of this PID namespace (by `kill(pid, 0)`,
+/// not /proc, which may be the parent namespace's when it was not remounted).
+fn exists(pid: libc::pid_t) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    match syscall!(kill(pid, 0)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EPERM),
+    }
+}
+
 /// Takes in every pending notification. Only the main process may speak
 /// (`NotifyAccess=main`); `MAINPID=` from it names the new main process.
 /// Received fds (a `BARRIER=1` pipe) are closed at once, which is what
@@ -311,7 +322,7 @@ fn take_notifications(sock: BorrowedFd<'_>, main: &mut libc::pid_t) {
         for line in text.lines() {
             if let Some(v) = line.strip_prefix("MAINPID=") {
                 match v.parse::<libc::pid_t>() {
-                    Ok(pid) if pid > 0 && Path::new(&format!("/proc/{pid}")).exists() => {
+                    Ok(pid) if pid > 0 && exists(pid) => {
                         tracing::info!(old = *main, new = pid, "new main process");
                         *main = pid;
                     }

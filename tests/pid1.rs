@@ -90,6 +90,9 @@ impl Lines {
 enum Mode {
     /// As PID 1 of a new PID namespace: it supervises on its own.
     Pid1,
+    /// The same without a /proc of the namespace's own (`unshare` without
+    /// `--mount-proc`): /proc still shows the parent namespace's pids.
+    Pid1HostProc,
     /// As a child of the test (as under tini), asked with `--supervise`.
     Flag,
 }
@@ -98,10 +101,13 @@ enum Mode {
 /// up (with the host pid of the supervisor) and the stdout lines.
 fn start_supervised(mode: Mode) -> (Namespace, Lines) {
     let mut cmd = match mode {
-        Mode::Pid1 => {
+        Mode::Pid1 | Mode::Pid1HostProc => {
             let mut c = Command::new("unshare");
-            c.args(["--pid", "--fork", "--mount-proc"])
-                .arg(common::server_bin());
+            c.args(["--pid", "--fork"]);
+            if mode == Mode::Pid1 {
+                c.arg("--mount-proc");
+            }
+            c.arg(common::server_bin());
             c
         }
         Mode::Flag => {
@@ -123,11 +129,13 @@ fn start_supervised(mode: Mode) -> (Namespace, Lines) {
     let rx = common::line_channel(stdout);
     match mode {
         // unshare forks PID 1 of the namespace, which becomes the supervisor.
-        Mode::Pid1 => wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
-            let c = procs::children(guard.unshare.id());
-            guard.pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
-            c.len() == 1
-        }),
+        Mode::Pid1 | Mode::Pid1HostProc => {
+            wait_until("PID 1 of the namespace", EVENT_TIMEOUT, || {
+                let c = procs::children(guard.unshare.id());
+                guard.pid1 = c.first().map(|(p, _)| *p).unwrap_or(0);
+                c.len() == 1
+            })
+        }
         Mode::Flag => guard.pid1 = guard.unshare.id(),
     }
     let lines = Lines {
@@ -160,6 +168,14 @@ fn pid1_stays_while_five_upgrades_replace_the_server_under_load() {
 }
 
 #[test]
+fn pid1_without_its_own_proc_follows_the_handover_too() {
+    if !unshare_works() {
+        return;
+    }
+    five_upgrades_under_load(Mode::Pid1HostProc);
+}
+
+#[test]
 fn an_explicit_supervisor_stays_while_five_upgrades_replace_the_server_under_load() {
     five_upgrades_under_load(Mode::Flag);
 }
@@ -173,7 +189,7 @@ fn five_upgrades_under_load(mode: Mode) {
     let addr: std::net::SocketAddr = field(&ready, "addr").unwrap().parse().unwrap();
     let mut serving = field_u32(&ready, "pid");
     // The server's pid as it sees it: in the namespace, PID 1 is the supervisor.
-    let supervisor = if mode == Mode::Pid1 { 1 } else { pid1 };
+    let supervisor = if mode == Mode::Flag { pid1 } else { 1 };
     assert_ne!(
         serving, supervisor,
         "the server itself must not be the supervisor"
