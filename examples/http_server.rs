@@ -289,7 +289,20 @@ fn stats_json(app: &App, served: u64) -> String {
         None => "null".to_owned(),
     };
     let last_error = match &s.last_error {
-        Some(e) => format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "\\\"")),
+        Some(e) => {
+            // A JSON string: quotes, backslashes and control characters escaped.
+            let mut out = String::from('"');
+            for c in e.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
         None => "null".to_owned(),
     };
     format!(
