@@ -157,15 +157,7 @@ impl Chain {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn http_server");
-        let (tx, lines) = std::sync::mpsc::channel();
-        let out = child.stdout.take().expect("piped");
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = procs::line_channel(child.stdout.take().expect("piped"));
         let mut c = Chain {
             target: child.id(),
             child,
@@ -382,16 +374,7 @@ fn upgrades(count: usize) {
             break;
         }
         procs::signal(pid, libc::SIGHUP).unwrap();
-        let ok = next("upgrade-ok", pid);
-        let new: u32 = ok
-            .split("successor=")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let new = field(&next("upgrade-ok", pid), "successor");
         next("exit", pid);
         procs::reap(pid, Duration::from_secs(30)).expect("reap old");
         next("predecessor-exited", new);
@@ -519,17 +502,8 @@ fn load(secs: u64) {
         let (current, upgrades) = (current.clone(), upgrades.clone());
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("upgrade-ok ") {
-                    let new: u32 = rest
-                        .split("successor=")
-                        .nth(1)
-                        .unwrap()
-                        .split(' ')
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap();
-                    current.store(new, Ordering::SeqCst);
+                if line.starts_with("upgrade-ok ") {
+                    current.store(field(&line, "successor"), Ordering::SeqCst);
                     upgrades.fetch_add(1, Ordering::SeqCst);
                 } else if let Some(rest) = line.strip_prefix("exit pid=") {
                     let pid: u32 = rest.split(' ').next().unwrap().parse().unwrap();

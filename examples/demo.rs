@@ -20,7 +20,6 @@ mod procs;
 mod server;
 
 use std::ffi::OsString;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{ExitCode, Stdio};
 use std::sync::mpsc;
@@ -110,18 +109,7 @@ fn run(
         .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = procs::line_channel(child.stdout.take().expect("piped"));
     let ready = wait_line(&rx, "ready", None, Duration::from_secs(30))?;
     let addr: SocketAddr = field(&ready, "addr")
         .and_then(|a| a.parse().ok())

@@ -149,13 +149,7 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
     install(&bin, &good, 0o755);
     let (code, out, err) = reload(&ctl, None);
     assert_eq!(code, 0, "{err}");
-    let new: u32 = out
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let new: u32 = common::json(&out, "pid").parse().unwrap();
     wait_until(
         "the new generation to answer",
         Duration::from_secs(30),
@@ -164,13 +158,7 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
     // Roll back to the kept binary, the blue/green flip back.
     let (code, out, err) = reload(&ctl, Some(&kept));
     assert_eq!(code, 0, "{err}");
-    let third: u32 = out
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let third: u32 = common::json(&out, "pid").parse().unwrap();
     wait_until(
         "the rolled-back generation to answer",
         Duration::from_secs(30),

@@ -126,7 +126,7 @@ fn start_supervised(mode: Mode) -> (Namespace, Lines) {
         .expect("spawn the supervisor");
     let stdout = unshare.stdout.take().unwrap();
     let mut guard = Namespace { unshare, pid1: 0 };
-    let rx = common::line_channel(stdout);
+    let rx = procs::line_channel(stdout);
     match mode {
         // unshare forks PID 1 of the namespace, which becomes the supervisor.
         Mode::Pid1 | Mode::Pid1HostProc => {

@@ -232,6 +232,13 @@ impl Manager {
         std::fs::write(self.path().join("config/systemd/user").join(name), text).unwrap();
     }
 
+    /// Installs the service `name` with `text` and starts it.
+    fn start_unit(&self, name: &str, text: &str) {
+        self.unit(name, text);
+        self.ok(&["daemon-reload"]);
+        self.ok(&["start", name]);
+    }
+
     fn prop(&self, unit: &str, prop: &str) -> String {
         let out = self.systemctl(&["show", "-P", prop, unit]);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -331,12 +338,10 @@ fn type_notify_reloads_under_load_follow_the_main_pid() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
-    m.unit(
+    m.start_unit(
         "handover-test.service",
         &example_unit("handover-notify.service", &out, 0, ""),
     );
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", "handover-test.service"]);
     let pids = reloads_under_load(
         &m,
         "handover-test.service",
@@ -363,12 +368,10 @@ fn the_watchdog_follows_the_main_process() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
-    m.unit(
+    m.start_unit(
         "handover-test.service",
         &example_unit("handover-notify.service", &out, 0, "WatchdogSec=2"),
     );
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", "handover-test.service"]);
     let pids = reloads_under_load(
         &m,
         "handover-test.service",
@@ -395,12 +398,10 @@ fn killing_the_new_main_after_a_reload_triggers_restart() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
-    m.unit(
+    m.start_unit(
         "handover-test.service",
         &example_unit("handover-notify.service", &out, 0, "RestartSec=100ms"),
     );
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", "handover-test.service"]);
     let pids = reloads_under_load(
         &m,
         "handover-test.service",
@@ -450,12 +451,10 @@ fn fd_store_keeps_the_socket_across_restart() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
-    m.unit(
+    m.start_unit(
         "handover-test.service",
         &example_unit("handover-fdstore.service", &out, 0, ""),
     );
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", "handover-test.service"]);
     let first = m.main_pid("handover-test.service");
     let addr = wait_ready_addr(&out, first);
     let load = load::Load::start_warm(addr, 2, 2, 21);
@@ -492,12 +491,10 @@ fn type_notify_reload_returns_only_after_the_handoff() {
     let m = manager_or_skip!();
     let out = m.path().join("out");
     let unit = "handover-test.service";
-    m.unit(
+    m.start_unit(
         unit,
         &example_unit("handover-notify-reload.service", &out, 0, ""),
     );
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", unit]);
     let first = m.main_pid(unit);
     let addr = wait_ready_addr(&out, first);
     let load = load::Load::start_warm(addr, 2, 2, 21);
@@ -538,9 +535,7 @@ fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
     // The deployed binary is a copy that the test breaks and repairs.
     let (bin, good) = common::deploy(m.path(), "deployed");
     let text = example_unit_with("handover-control.service", &bin, &out, 0, "");
-    m.unit(unit, &text);
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", unit]);
+    m.start_unit(unit, &text);
     let first = m.main_pid(unit);
     let addr = wait_ready_addr(&out, first);
     let load = load::Load::start_warm(addr, 2, 2, 21);
@@ -578,9 +573,7 @@ fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
     let unit = "handover-test.service";
     let (bin, good) = common::deploy(m.path(), "deployed");
     let text = example_unit_with("handover-canary.service", &bin, &out, 0, "");
-    m.unit(unit, &text);
-    m.ok(&["daemon-reload"]);
-    m.ok(&["start", unit]);
+    m.start_unit(unit, &text);
     let first = m.main_pid(unit);
     let addr = wait_ready_addr(&out, first);
     let load = load::Load::start_retrying(addr, 2, 2);

@@ -122,3 +122,17 @@ pub fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// The lines of `r` (a child's stdout), read by a thread, as they come.
+pub fn line_channel(r: impl io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -117,7 +117,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn http_server");
-        let rx = line_channel(child.stdout.take().expect("piped"));
+        let rx = procs::line_channel(child.stdout.take().expect("piped"));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let err_pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
@@ -372,17 +372,4 @@ pub fn wrapper(dir: &Path, name: &str, extra: &str) -> PathBuf {
     );
     install(&path, script.as_bytes(), 0o755);
     path
-}
-
-/// The lines of `r`, read by a thread, as they come.
-pub fn line_channel(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
