@@ -102,8 +102,7 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
     let secs = |v: &str, flag: &str| {
         v.parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
     };
     while let Some(flag) = it.next() {
@@ -444,11 +443,6 @@ fn receive_state(
     Ok((served, 0))
 }
 
-/// The options of every upgrade: `served_total` goes to the successor.
-fn upgrade_options(app: &App, version: u32) -> handover::UpgradeOptions {
-    let served = app.served.load(Ordering::Relaxed);
-    handover::UpgradeOptions::new().state(version, std::io::Cursor::new(served.to_le_bytes()))
-}
 
 enum Listener {
     Tcp(tokio::net::TcpListener),
@@ -524,6 +518,13 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         state_bytes,
         drain: handover.drain(),
         handover: handover.clone(),
+    });
+
+    // Every upgrade, whatever triggers it, hands `served_total` on.
+    let weak = Arc::downgrade(&app);
+    handover.set_state_source(config.state_version, move || {
+        let served = weak.upgrade().map_or(0, |a| a.served.load(Ordering::Relaxed));
+        std::io::Cursor::new(served.to_le_bytes())
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -619,7 +620,6 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         });
     }
 
-    let state_version = config.state_version;
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(1);
     let control_task = control.map(|listener| {
         let h = handover.clone();
@@ -632,8 +632,8 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     let reason = loop {
         let trigger = Instant::now();
         let result = tokio::select! {
-            _ = hup.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
-            _ = usr2.recv() => handover.upgrade_with(upgrade_options(&app, state_version)).await,
+            _ = hup.recv() => handover.upgrade().await,
+            _ = usr2.recv() => handover.upgrade().await,
             Some(done) = ctl_rx.recv() => Ok(done),
             Some(()) = rolled_back.recv() => break "rolled-back",
             _ = term.recv() => break "stop",
@@ -642,12 +642,13 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         match result {
             Ok(done) => {
                 event(format_args!(
-                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} trigger_ms={:.3}",
+                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} trigger_ms={:.3} program={}",
                     done.pid,
                     done.generation,
                     done.ready_after.as_secs_f64() * 1e3,
                     done.phases.probation.unwrap_or_default().as_secs_f64() * 1e3,
-                    trigger.elapsed().as_secs_f64() * 1e3
+                    trigger.elapsed().as_secs_f64() * 1e3,
+                    done.program.display()
                 ));
                 break "upgrade";
             }
@@ -787,6 +788,7 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let h = handover.clone();
     match rt.block_on(run(config, handover)) {
         Ok(()) => {
             // Do not wait for connection tasks past the drain deadline.
@@ -794,6 +796,9 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // A successor says why it cannot start, so that the old
+            // generation and `reload` can tell the operator.
+            h.report_failure(&e.to_string());
             eprintln!("http_server: {e}");
             event(format_args!("fatal pid={} error={e}", std::process::id()));
             ExitCode::FAILURE

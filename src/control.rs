@@ -4,18 +4,26 @@
 //! makes `systemctl reload` fail when the upgrade fails.
 //!
 //! The protocol is one line each way. Requests: `status`, or
-//! `upgrade [since=USEC] [absolute program path]`. Replies: `ok <json>` or
-//! `error <reason>`. The reply to `upgrade` comes when the upgrade has
-//! succeeded or failed.
+//! `upgrade [since=USEC] [absolute program path]`. Replies: `ok <json>`,
+//! `error <reason>`, or `retry <reason>` (ask again: the generation that
+//! answered has handed over). The reply to `upgrade` comes when the
+//! upgrade has succeeded or failed, and names the generation, its pid, the
+//! program it runs (resolved, symlinks followed) and `started_us`, when the
+//! upgrade that made it started (`CLOCK_MONOTONIC`, µs).
 //!
-//! Several `upgrade` requests during one upgrade: the first runs it, the
-//! others wait for it and share its result (their reply says `shared`); a
-//! generation that handed over answers later requests with that result too.
-//! A request that says when it was made (`since=`, as [`reload`] does) and
-//! reaches a generation that an upgrade started after that, or less than
-//! [`COALESCE`] (250 ms) before, is answered `"already":true` instead of
-//! upgrading again: 10 reloads within 100 ms make one upgrade. A request
-//! naming a program (a rollback) is never coalesced.
+//! Which upgrade answers a request follows systemd's rule for reload jobs:
+//! a request may share an upgrade only if that upgrade started — read the
+//! binary and the configuration — after the request was made (`since=`,
+//! the client's `CLOCK_MONOTONIC` in µs, as [`reload`] sends it; else when
+//! the request arrived). A request that arrives while an older upgrade runs
+//! waits for it and then gets an upgrade of its own; requests that wait
+//! together share that one (`"shared":true`). So a burst of reloads makes
+//! one or two upgrades, and every reply is the truth about a generation
+//! that started after its request. A request that reaches a generation
+//! started after it was made is answered by that generation
+//! (`"already":true`). When the upgrade a request waited for hands over,
+//! the request is answered `retry`, and [`reload`] asks again: the successor
+//! answers (it accepts on the same socket once its handover is final).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,13 +38,6 @@ use crate::handover::Handover;
 
 /// The registry name of the control socket.
 pub const NAME: &str = "handover.control";
-
-/// Upgrade requests made less than this long after a generation started
-/// (or before it) are answered with that generation: a burst of reloads
-/// makes one upgrade. Two deploys this close together would be one.
-pub const COALESCE: Duration = Duration::from_millis(250);
-#[cfg(feature = "tokio")]
-const COALESCE_USEC: u128 = COALESCE.as_micros();
 
 /// The longest request line accepted.
 #[cfg(feature = "tokio")]
@@ -141,10 +142,9 @@ pub enum Request {
     /// `status`
     Status,
     /// `upgrade [since=USEC] [PROGRAM]`: upgrade (to `program`, an absolute
-    /// path). `since` is the client's `CLOCK_MONOTONIC` in microseconds when
-    /// it decided to ask: a generation that started after that, or less than
-    /// [`COALESCE`] before, answers that the upgrade already happened, so a
-    /// burst of requests, or one queued during a handover, upgrades once.
+    /// path, for this upgrade only). `since` is the client's
+    /// `CLOCK_MONOTONIC` in microseconds when it decided to ask: only an
+    /// upgrade (or a generation) that started after it may answer it.
     Upgrade {
         /// When the client asked (`CLOCK_MONOTONIC`, µs).
         since: Option<u128>,
@@ -200,13 +200,39 @@ mod server {
     use crate::upgrade::{UpgradeOptions, Upgraded};
     use std::sync::Arc;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::{Mutex, watch};
+    use tokio::sync::watch;
 
-    type Shared = Arc<Mutex<Option<watch::Receiver<Option<Result<String, String>>>>>>;
+    /// How an upgrade made for control requests ended: `Ok(json)` or
+    /// `Err(reply)`, the whole reply line without its newline.
+    type Outcome = Result<String, String>;
+
+    /// The latest upgrade this server started, for requests that may share it.
+    struct Latest {
+        /// `CLOCK_MONOTONIC` in µs, taken before the program was resolved.
+        started: u128,
+        program: Option<PathBuf>,
+        outcome: watch::Receiver<Option<Outcome>>,
+    }
+
+    /// What the connections of one server share.
+    struct Runner {
+        handover: Handover,
+        /// Held while an upgrade for control requests runs: later requests
+        /// queue on it, in order (tokio's mutex is fair).
+        gate: tokio::sync::Mutex<()>,
+        latest: std::sync::Mutex<Option<Latest>>,
+        options: Box<dyn Fn() -> UpgradeOptions + Send + Sync>,
+        done: tokio::sync::mpsc::Sender<Upgraded>,
+    }
 
     /// Serves the control socket until an upgrade requested through it
     /// succeeds, and returns that upgrade: the caller then stops accepting,
-    /// drains and exits, like after any other upgrade.
+    /// drains and exits, like after any other upgrade. When an upgrade made
+    /// otherwise (a signal) hands over, it stops accepting control
+    /// connections (the successor answers them) and never returns.
+    ///
+    /// Every upgrade runs with the handover's options, state included (see
+    /// [`Handover::set_state_source`]).
     ///
     /// Peers running as another user are refused (`SO_PEERCRED`). Each
     /// connection is bounded: one request line of at most 4 KiB within 10 s.
@@ -219,9 +245,8 @@ mod server {
         serve_with(handover, listener, UpgradeOptions::new).await
     }
 
-    /// [`serve`] with the options of each upgrade made by `options` (for
-    /// instance with a [state](UpgradeOptions::state)); a program named in
-    /// the request replaces theirs.
+    /// [`serve`] with the options of each upgrade made by `options`; a
+    /// program named in the request replaces theirs.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve_with<F>(
         handover: Handover,
@@ -231,43 +256,59 @@ mod server {
     where
         F: Fn() -> UpgradeOptions + Send + Sync + 'static,
     {
-        let options = Arc::new(options);
         // A successor on probation leaves the requests to its predecessor,
         // which still accepts on the same socket: only one of them runs
         // upgrades.
         if let Err(e) = handover.committed().await {
             tracing::warn!(error = %e, "cannot learn whether the handover is final; serving control requests");
         }
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Upgraded>(1);
-        let shared: Shared = Arc::new(Mutex::new(None));
+        let (done, mut done_rx) = tokio::sync::mpsc::channel::<Upgraded>(1);
+        let runner = Arc::new(Runner {
+            handover: handover.clone(),
+            gate: tokio::sync::Mutex::new(()),
+            latest: std::sync::Mutex::new(None),
+            options: Box::new(options),
+            done,
+        });
+        let mut listener = Some(listener);
         loop {
+            let ended = handover.inner.upgrade_ended.notified();
+            if handover.state() == crate::State::HandedOver {
+                // Leave the socket to the successor.
+                listener = None;
+            }
+            let accept = async {
+                match &listener {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                accepted = listener.accept() => {
+                accepted = accept => {
                     let Ok((stream, _)) = accepted else { continue };
-                    let (h, tx, shared, o) = (handover.clone(), done_tx.clone(), shared.clone(), options.clone());
+                    let runner = runner.clone();
                     tokio::spawn(async move {
-                        let opts = move || o();
-                        let _ = tokio::time::timeout(Duration::from_secs(600), connection(h, stream, tx, shared, opts)).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(24 * 3600),
+                            connection(runner, stream),
+                        )
+                        .await;
                     });
                 }
+                _ = ended => {}
                 Some(done) = done_rx.recv() => return done,
             }
         }
     }
 
-    async fn connection(
-        h: Handover,
-        stream: tokio::net::UnixStream,
-        done: tokio::sync::mpsc::Sender<Upgraded>,
-        shared: Shared,
-        options: impl Fn() -> UpgradeOptions,
-    ) -> io::Result<()> {
-        let own = rustix_euid();
+    async fn connection(runner: Arc<Runner>, stream: tokio::net::UnixStream) -> io::Result<()> {
+        let own = euid();
         let (r, mut w) = stream.into_split();
         let peer = r.as_ref().peer_cred()?;
         let mut line = String::new();
         let mut reader = tokio::io::BufReader::new(r).take(MAX_REQUEST as u64);
         let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await;
+        let arrived = crate::systemd::monotonic_usec();
         if peer.uid() != own {
             let msg = format!(
                 "error permission denied: uid {} is not the service's uid {own}\n",
@@ -280,104 +321,193 @@ mod server {
             return w.write_all(b"error expected one request line\n").await;
         }
         let reply = match Request::parse(line.trim_end_matches('\n')) {
-            Err(e) => format!("error {e}\n"),
-            Ok(Request::Status) => format!("ok {}\n", status_json(&h)),
-            // Only a generation started by an upgrade coalesces, and only
-            // plain requests: one naming a program (a rollback) always runs.
-            Ok(Request::Upgrade {
-                since: Some(t),
-                program: None,
-            }) if h.from_predecessor() && h.inner.started_usec + COALESCE_USEC > t => {
-                format!(
-                    "ok {{\"pid\":{},\"generation\":{},\"already\":true}}\n",
-                    std::process::id(),
-                    h.generation()
-                )
-            }
-            Ok(Request::Upgrade { program, .. }) => {
-                upgrade(&h, program, &done, &shared, options).await
+            Err(e) => format!("error {e}"),
+            Ok(Request::Status) => format!("ok {}", status_json(&runner.handover)),
+            Ok(Request::Upgrade { since, program }) => {
+                // When the client decided to ask; never later than arrival.
+                let asked = since.map_or(arrived, |t| t.min(arrived));
+                upgrade(&runner, asked, program).await
             }
         };
-        w.write_all(reply.as_bytes()).await?;
+        w.write_all(format!("{reply}\n").as_bytes()).await?;
         w.shutdown().await
     }
 
-    async fn upgrade(
-        h: &Handover,
-        program: Option<PathBuf>,
-        done: &tokio::sync::mpsc::Sender<Upgraded>,
-        shared: &Shared,
-        options: impl Fn() -> UpgradeOptions,
-    ) -> String {
-        // Join the upgrade in progress, if there is one.
-        let tx = {
-            let mut slot = shared.lock().await;
-            if let Some(rx) = slot.as_ref() {
-                let mut rx = rx.clone();
-                drop(slot);
-                let result = match rx.wait_for(Option::is_some).await {
-                    Ok(r) => r.clone().expect("checked"),
-                    Err(_) => Err("the upgrade task ended".to_owned()),
-                };
-                return match result {
-                    Ok(json) => format!("ok {json} shared\n"),
-                    Err(e) => format!("error {e} (shared)\n"),
-                };
+    /// Answers one upgrade request made at `asked`: with this generation if
+    /// it started after that, with an upgrade this server started after
+    /// that, or with a new upgrade once the one running (older) has ended.
+    async fn upgrade(runner: &Runner, asked: u128, program: Option<PathBuf>) -> String {
+        let h = &runner.handover;
+        if program.is_none() && h.inner.started_usec > asked {
+            // This generation read the binary and its configuration after
+            // the request was made: it is the answer.
+            let exe = crate::program::running_binary()
+                .map(|p| json_str(&p.to_string_lossy()))
+                .unwrap_or_else(|_| "null".to_owned());
+            return format!(
+                "ok {{\"pid\":{},\"generation\":{},\"program\":{exe},\"started_us\":{},\"already\":true}}",
+                std::process::id(),
+                h.generation(),
+                h.inner.started_usec
+            );
+        }
+        loop {
+            if let Some(rx) = shareable(runner, asked, &program) {
+                return shared(rx).await;
             }
+            let gate = runner.gate.lock().await;
+            // While we queued, a request that queued before us may have run
+            // an upgrade that started after ours was made.
+            if let Some(rx) = shareable(runner, asked, &program) {
+                drop(gate);
+                return shared(rx).await;
+            }
+            if h.state() == crate::State::HandedOver {
+                return format!(
+                    "retry this generation handed over (to a successor that started before \
+                     the request was made); ask again: the successor answers (generation {})",
+                    h.generation() + 1
+                );
+            }
+            let ended = h.inner.upgrade_ended.notified();
             let (tx, rx) = watch::channel(None);
-            *slot = Some(rx);
-            tx
-        };
-        let mut opts = options();
-        if let Some(p) = program {
-            opts = opts.program(p);
-        }
-        let result = h.upgrade_with(opts).await;
-        let outcome = match &result {
-            Ok(u) => Ok(format!(
-                "{{\"pid\":{},\"generation\":{},\"ready_ms\":{:.3}}}",
-                u.pid,
-                u.generation,
-                u.ready_after.as_secs_f64() * 1e3
-            )),
-            Err(e) => Err(e.to_string()),
-        };
-        {
-            let mut slot = shared.lock().await;
-            let _ = tx.send(Some(outcome.clone()));
-            if outcome.is_err() {
-                // A failed upgrade may be retried by the next request. A
-                // successful one stays: later requests to this (now
-                // draining) generation share its result.
-                *slot = None;
+            let started = crate::systemd::monotonic_usec();
+            *crate::handover::lock(&runner.latest) = Some(Latest {
+                started,
+                program: program.clone(),
+                outcome: rx,
+            });
+            let mut opts = (runner.options)();
+            if let Some(p) = &program {
+                opts = opts.program(p);
             }
-        }
-        if let Ok(u) = result {
-            let _ = done.send(u).await;
-        }
-        match outcome {
-            Ok(json) => format!("ok {json}\n"),
-            Err(e) => format!("error {e}\n"),
+            let result = h.upgrade_with(opts).await;
+            let outcome = match &result {
+                Err(crate::UpgradeError::InProgress) => {
+                    // An upgrade triggered otherwise (a signal) runs: it
+                    // started before us. Wait for its end, then start ours
+                    // (or tell the client to ask the successor).
+                    *crate::handover::lock(&runner.latest) = None;
+                    drop(gate);
+                    let _ = tokio::time::timeout(Duration::from_secs(24 * 3600), ended).await;
+                    continue;
+                }
+                Ok(u) => Ok(format!(
+                    "{{\"pid\":{},\"generation\":{},\"program\":{},\"started_us\":{started},\"ready_ms\":{:.3}}}",
+                    u.pid,
+                    u.generation,
+                    json_str(&u.program.to_string_lossy()),
+                    u.ready_after.as_secs_f64() * 1e3
+                )),
+                Err(e) => Err(format!("error {e}")),
+            };
+            let _ = tx.send(Some(outcome.clone()));
+            drop(gate);
+            if let Ok(u) = result {
+                let _ = runner.done.send(u).await;
+            }
+            return match outcome {
+                Ok(json) => format!("ok {json}"),
+                Err(reply) => reply,
+            };
         }
     }
 
-    fn rustix_euid() -> u32 {
+    /// The latest upgrade, if it started after `asked` for the same program.
+    fn shareable(
+        runner: &Runner,
+        asked: u128,
+        program: &Option<PathBuf>,
+    ) -> Option<watch::Receiver<Option<Outcome>>> {
+        let latest = crate::handover::lock(&runner.latest);
+        let l = latest.as_ref()?;
+        (l.started > asked && &l.program == program).then(|| l.outcome.clone())
+    }
+
+    async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> String {
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or_else(|| Err("error no outcome".to_owned())),
+            Err(_) => Err("error the upgrade task ended".to_owned()),
+        };
+        match outcome {
+            Ok(json) => format!("ok {},\"shared\":true}}", json.trim_end_matches('}')),
+            Err(reply) => format!("{reply} (shared)"),
+        }
+    }
+
+    fn euid() -> u32 {
         // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() }
     }
 }
 
-/// Sends one request and returns the reply line: `Ok(body)` for `ok body`,
-/// `Err(reason)` for `error reason` or when the socket cannot be reached.
-/// Waits at most `timeout` for the reply.
-pub fn request(path: impl AsRef<Path>, request: &str, timeout: Duration) -> Result<String, String> {
-    let path = path.as_ref();
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+/// Why a control request did not succeed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The control socket cannot be reached (no server, wrong path).
+    Connect {
+        /// The socket's path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Sending the request or reading the reply failed or timed out.
+    Io {
+        /// The socket's path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The server answered `error <reason>`: the request (the upgrade)
+    /// failed, and this is why.
+    Failed(String),
+    /// The server answered something this client does not understand, or
+    /// nothing.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlError::Connect { path, .. } => write!(f, "cannot connect to {}", path.display()),
+            ControlError::Io { path, .. } => {
+                write!(f, "no reply from {}", path.display())
+            }
+            ControlError::Failed(reason) => f.write_str(reason),
+            ControlError::Protocol(what) => write!(f, "control protocol: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ControlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ControlError::Connect { source, .. } | ControlError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A reply line: `ok`, `error` or `retry`, with its text.
+enum Reply {
+    Ok(String),
+    Retry(String),
+}
+
+fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Reply, ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(io_err)?;
+    s.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(io_err)?;
     // A refusal may come before the request is read: look for a reply even
     // if sending failed.
     let sent = s.write_all(format!("{request}\n").as_bytes());
@@ -385,37 +515,75 @@ pub fn request(path: impl AsRef<Path>, request: &str, timeout: Duration) -> Resu
     BufReader::new(s)
         .take(1 << 20)
         .read_line(&mut line)
-        .map_err(|e| format!("no reply from {}: {e}", path.display()))?;
+        .map_err(io_err)?;
     let line = line.trim_end();
-    if let (Err(e), true) = (&sent, line.is_empty()) {
-        return Err(format!("cannot send the request: {e}"));
+    if let (Err(e), true) = (sent, line.is_empty()) {
+        return Err(io_err(e));
     }
     if let Some(body) = line.strip_prefix("ok ") {
-        Ok(body.to_owned())
+        Ok(Reply::Ok(body.to_owned()))
+    } else if let Some(reason) = line.strip_prefix("retry ") {
+        Ok(Reply::Retry(reason.to_owned()))
     } else if let Some(reason) = line.strip_prefix("error ") {
-        Err(reason.to_owned())
+        Err(ControlError::Failed(reason.to_owned()))
     } else if line.is_empty() {
-        Err("the control socket closed without a reply".to_owned())
+        Err(ControlError::Protocol(
+            "the control socket closed without a reply".to_owned(),
+        ))
     } else {
-        Err(format!("unexpected reply {line:?}"))
+        Err(ControlError::Protocol(format!("unexpected reply {line:?}")))
     }
 }
 
-/// Requests an upgrade (to `program`, if given) and waits for its result.
+/// Sends one request and returns the body of an `ok` reply. Waits at most
+/// `timeout` for the reply. A `retry` reply is returned as
+/// [`ControlError::Protocol`]; [`reload`] follows it.
+pub fn request(
+    path: impl AsRef<Path>,
+    request: &str,
+    timeout: Duration,
+) -> Result<String, ControlError> {
+    match exchange(path.as_ref(), request, timeout)? {
+        Reply::Ok(body) => Ok(body),
+        Reply::Retry(reason) => Err(ControlError::Protocol(format!("retry {reason}"))),
+    }
+}
+
+/// Requests an upgrade (to `program`, for this upgrade only, if given) and
+/// waits for its result, at most `timeout` in all: `Ok(json)` names the
+/// generation that serves, its pid and the program it runs. The reply is
+/// always about a generation that started after this call.
 pub fn reload(
     path: impl AsRef<Path>,
     program: Option<&Path>,
     timeout: Duration,
-) -> Result<String, String> {
-    // Say when we asked: a generation started after that (the upgrade
-    // happened meanwhile, e.g. for another request of the same burst)
-    // answers instead of upgrading again.
+) -> Result<String, ControlError> {
+    let path = path.as_ref();
+    // Say when we asked: only an upgrade (or a generation) that started
+    // after that may answer.
     let since = crate::systemd::monotonic_usec();
     let req = match program {
         Some(p) => format!("upgrade since={since} {}", p.display()),
         None => format!("upgrade since={since}"),
     };
-    request(path, &req, timeout)
+    let deadline = crate::clock::after(timeout);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match exchange(path, &req, left)? {
+            Reply::Ok(body) => return Ok(body),
+            Reply::Retry(reason) => {
+                if left <= pause {
+                    return Err(ControlError::Protocol(format!(
+                        "still told to retry at the deadline: {reason}"
+                    )));
+                }
+                // The successor takes over the socket within moments.
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

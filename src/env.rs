@@ -30,6 +30,11 @@ pub(crate) const CHANNEL_FD: &str = "HANDOVER_CHANNEL_FD";
 pub(crate) const GENERATION: &str = "HANDOVER_GENERATION";
 /// `1` when the old generation streams a state over the channel (ours).
 pub(crate) const STATE: &str = "HANDOVER_STATE";
+/// The path plain upgrades run, as the operator deploys to it (symlinks
+/// not followed): carried from generation to generation, so that a
+/// successor started from another binary (a rollback) or through a symlink
+/// still upgrades to the deploy path (ours).
+pub(crate) const PROGRAM: &str = "HANDOVER_PROGRAM";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
@@ -42,6 +47,7 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     CHANNEL_FD,
     GENERATION,
     STATE,
+    PROGRAM,
     "WATCHDOG_PID",
 ];
 
@@ -66,6 +72,8 @@ pub(crate) struct Inherited {
     pub generation: u64,
     /// Whether a state follows on the channel.
     pub state: bool,
+    /// The deploy path of the service (`HANDOVER_PROGRAM`), if given.
+    pub program: Option<std::path::PathBuf>,
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
@@ -177,11 +185,17 @@ pub(crate) fn decode(
             ));
         }
     };
+    let program = match get(PROGRAM) {
+        None => None,
+        Some(v) if v.as_encoded_bytes().first() == Some(&b'/') => Some(v.into()),
+        Some(v) => return Err(env_err(PROGRAM, &v, "not an absolute path")),
+    };
     Ok(Some(Inherited {
         fds,
         channel,
         generation,
         state,
+        program,
     }))
 }
 
@@ -191,6 +205,7 @@ pub(crate) fn successor_vars(
     names: &[&str],
     generation: u64,
     state: bool,
+    program: &std::path::Path,
 ) -> Vec<(&'static str, String)> {
     let mut vars = vec![
         (LISTEN_FDS, names.len().to_string()),
@@ -200,6 +215,11 @@ pub(crate) fn successor_vars(
     ];
     if state {
         vars.push((STATE, "1".to_owned()));
+    }
+    // A path that is not UTF-8 is not carried: the successor then upgrades
+    // to the binary it runs.
+    if let Some(p) = program.to_str() {
+        vars.push((PROGRAM, p.to_owned()));
     }
     vars
 }
@@ -326,7 +346,12 @@ mod tests {
 
     #[test]
     fn successor_vars_round_trip() {
-        let vars = successor_vars(&["http", "udp"], 3, true);
+        let vars = successor_vars(
+            &["http", "udp"],
+            3,
+            true,
+            std::path::Path::new("/srv/app/current/svc"),
+        );
         let mut all: Vec<(&str, String)> = vars.clone();
         all.push((LISTEN_PID, "42".into()));
         let owned: Vec<(String, String)> = all
@@ -344,6 +369,25 @@ mod tests {
         assert_eq!(got.channel, Some(5));
         assert_eq!(got.generation, 3);
         assert!(got.state);
+        assert_eq!(
+            got.program.as_deref(),
+            Some(std::path::Path::new("/srv/app/current/svc"))
+        );
+    }
+
+    #[test]
+    fn a_relative_program_is_refused() {
+        let e = decode(
+            getter(&[
+                ("LISTEN_PID", "7"),
+                ("LISTEN_FDS", "0"),
+                ("HANDOVER_PROGRAM", "svc"),
+            ]),
+            7,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("HANDOVER_PROGRAM") && e.contains("absolute"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,14 @@ pub enum Error {
     /// The fds handed to this process were already taken by another
     /// [`Handover`](crate::Handover) in the same process.
     AlreadyTaken,
+    /// A setting of the [`Builder`](crate::Builder) (or of
+    /// [`UpgradeOptions`](crate::UpgradeOptions)) is out of range.
+    InvalidConfig {
+        /// The setting, as its method is named (`ready_timeout`).
+        setting: &'static str,
+        /// What is wrong with the value.
+        reason: String,
+    },
     /// A system call failed.
     Io {
         /// What was being done.
@@ -71,9 +79,10 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.kind(),
             Error::AlreadyRegistered { .. } | Error::AlreadyTaken => io::ErrorKind::AlreadyExists,
-            Error::Env { .. } | Error::InvalidFd { .. } | Error::InvalidName { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::Env { .. }
+            | Error::InvalidFd { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidConfig { .. } => io::ErrorKind::InvalidInput,
         }
     }
 }
@@ -97,6 +106,9 @@ impl fmt::Display for Error {
                     f,
                     "the inherited fds were already taken by another Handover in this process"
                 )
+            }
+            Error::InvalidConfig { setting, reason } => {
+                write!(f, "invalid setting {setting}: {reason}")
             }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
@@ -172,6 +184,36 @@ pub enum UpgradeError {
         /// is ignored).
         status: Option<ExitStatus>,
     },
+    /// The successor said why it cannot start (an inherited socket it
+    /// refuses, a configuration error: see
+    /// [`Handover::report_failure`](crate::Handover::report_failure)) and
+    /// exited, or was killed. It was reaped.
+    Failed {
+        /// Its pid.
+        pid: u32,
+        /// The reason it sent.
+        reason: String,
+        /// Its exit status; `None` if it had to be killed or its status was
+        /// lost.
+        status: Option<ExitStatus>,
+    },
+    /// The pid file could not be written with the successor's pid: the
+    /// successor was killed and reaped before the commit, so that the pid
+    /// file never names a process that does not serve.
+    PidFile {
+        /// The pid file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// An option of this upgrade is out of range (see
+    /// [`Error::InvalidConfig`]). Nothing was started.
+    InvalidOptions {
+        /// The option.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The successor closed the readiness channel without reporting ready.
     /// It was killed and reaped.
     ClosedWithoutReady {
@@ -238,6 +280,8 @@ impl UpgradeError {
             self,
             UpgradeError::Exec { .. }
                 | UpgradeError::Exited { .. }
+                | UpgradeError::Failed { .. }
+                | UpgradeError::PidFile { .. }
                 | UpgradeError::ClosedWithoutReady { .. }
                 | UpgradeError::Timeout { .. }
                 | UpgradeError::Protocol { .. }
@@ -307,6 +351,27 @@ impl fmt::Display for UpgradeError {
                     "successor (pid {pid}) exited before it was ready (status unavailable)"
                 )
             }
+            UpgradeError::Failed {
+                pid,
+                reason,
+                status,
+            } => {
+                write!(f, "successor (pid {pid}) failed to start: {reason}")?;
+                match status {
+                    Some(s) => write!(f, " ({s})"),
+                    None => Ok(()),
+                }
+            }
+            UpgradeError::PidFile { path, source } => {
+                write!(
+                    f,
+                    "cannot write the pid file {} with the successor's pid ({source}); successor killed, still serving",
+                    path.display()
+                )
+            }
+            UpgradeError::InvalidOptions { setting, reason } => {
+                write!(f, "upgrade refused: invalid option {setting}: {reason}")
+            }
             UpgradeError::ClosedWithoutReady { pid } => {
                 write!(
                     f,
@@ -347,6 +412,7 @@ impl std::error::Error for UpgradeError {
         match self {
             UpgradeError::Program { source, .. }
             | UpgradeError::Exec { source, .. }
+            | UpgradeError::PidFile { source, .. }
             | UpgradeError::Io { source, .. } => Some(source),
             _ => None,
         }
@@ -358,8 +424,10 @@ impl From<UpgradeError> for io::Error {
         let kind = match &e {
             UpgradeError::Program { source, .. }
             | UpgradeError::Exec { source, .. }
+            | UpgradeError::PidFile { source, .. }
             | UpgradeError::Io { source, .. } => source.kind(),
             UpgradeError::Timeout { .. } => io::ErrorKind::TimedOut,
+            UpgradeError::InvalidOptions { .. } => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

@@ -349,7 +349,10 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
             fd,
             name,
             format!(
-                "expected {}, found one bound to {}",
+                "expected {}, found one bound to {} (an inherited socket is never \
+                 replaced under its name: to serve a new address without a restart, \
+                 give it a new name; the old one is closed at ready() and the old \
+                 generation drains it)",
                 want.describe(),
                 describe_sockaddr(&local)
             ),

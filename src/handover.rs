@@ -2,6 +2,7 @@
 //! registers, and its readiness.
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,6 @@ use crate::error::Error;
 use crate::fds::{self, ListenOptions, Registry, Want};
 use crate::pidfile;
 use crate::ready;
-use crate::spawn;
 use crate::stats::{Counters, Message, Stats};
 use crate::sys;
 use crate::systemd::Notifier;
@@ -57,7 +57,9 @@ impl Default for Builder {
 
 impl Builder {
     /// How long a successor may take from spawn to `ready()` before it is
-    /// killed and the upgrade fails. Default: 60 s.
+    /// killed and the upgrade fails. Default: 60 s. At least 1 ms and at
+    /// most one day, or [`build`](Self::build) fails with
+    /// [`Error::InvalidConfig`].
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self
@@ -65,7 +67,8 @@ impl Builder {
 
     /// How long the old generation should drain after a successful upgrade.
     /// `handover` does not enforce it; [`Handover::drain_timeout`] hands it to
-    /// the application's drain (see [`Drain`](crate::Drain)). Default: 30 s.
+    /// the application's drain (see [`Drain`](crate::Drain)). Default: 30 s;
+    /// at most one day.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
@@ -83,9 +86,15 @@ impl Builder {
         self
     }
 
-    /// The program successors run. Default: the absolute path of the running
-    /// binary as captured when [`build`](Self::build) runs — so a deploy that
-    /// renames a new binary over that path runs the new version.
+    /// The program plain upgrades run. Default: the path this service was
+    /// started with (`argv[0]` made absolute, when it names the running
+    /// binary; else the running binary), carried on to every successor —
+    /// also one started from another program, such as a rollback's. It is
+    /// resolved at each upgrade, symlinks followed, so a deploy that renames
+    /// a new binary over the path, or switches a symlink on the way to it,
+    /// runs the new version; [`Upgraded::program`](crate::Upgraded::program)
+    /// names the binary that ran. A relative path is made absolute against
+    /// the current directory at [`build`](Self::build).
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.program = Some(path.into());
         self
@@ -128,7 +137,7 @@ impl Builder {
     /// successor, and the successor learns that it is final only after the
     /// window. Until then the successor refuses to upgrade itself
     /// ([`UpgradeError::OnProbation`](crate::UpgradeError::OnProbation)).
-    /// Default: zero (no probation).
+    /// Default: zero (no probation); at most one day.
     pub fn probation(mut self, window: Duration) -> Self {
         self.probation = window;
         self
@@ -154,28 +163,48 @@ impl Builder {
     /// process. Each inherited fd is checked to be open and made
     /// close-on-exec at once. Errors name the variable or fd that is wrong.
     pub fn build(self) -> Result<Handover, Error> {
+        let settings = [
+            ("ready_timeout", self.ready_timeout, false),
+            ("drain_timeout", self.drain_timeout, true),
+            ("probation", self.probation, true),
+        ];
+        for (setting, value, zero_ok) in settings {
+            crate::clock::check_setting(value, zero_ok)
+                .map_err(|reason| Error::InvalidConfig { setting, reason })?;
+        }
         let own_pid = std::process::id();
         let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
-        let (fds, channel, generation, state_expected) = match inherited {
-            None => (Vec::new(), None, 1, false),
+        let (fds, channel, generation, state_expected, deploy_path) = match inherited {
+            None => (Vec::new(), None, 1, false, None),
             Some(inh) => {
                 if TAKEN.swap(true, Ordering::SeqCst) {
                     return Err(Error::AlreadyTaken);
                 }
-                let fds = fds::adopt(&inh.fds)?;
                 let channel = match inh.channel {
                     Some(raw) => Some(adopt_channel(raw)?),
                     None => None,
                 };
-                (fds, channel, inh.generation, inh.state)
+                let fds = match fds::adopt(&inh.fds) {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        if let Some(ch) = &channel {
+                            send_failure(ch.as_fd(), &e.to_string());
+                        }
+                        return Err(e);
+                    }
+                };
+                (fds, channel, inh.generation, inh.state, inh.program)
             }
         };
-        let program = match self.program {
-            Some(p) => p,
-            None => {
-                spawn::current_exe().map_err(|e| Error::io("cannot find the running binary", e))?
-            }
+        let program = match (self.program, deploy_path) {
+            (Some(p), _) if p.is_absolute() => p,
+            (Some(p), _) => std::env::current_dir()
+                .map_err(|e| Error::io("cannot make the program path absolute", e))?
+                .join(p),
+            (None, Some(p)) => p,
+            (None, None) => crate::program::started_as()
+                .map_err(|e| Error::io("cannot find the running binary", e))?,
         };
         let args = self
             .args
@@ -217,11 +246,25 @@ impl Builder {
                 drain: Mutex::new(None),
                 #[cfg(feature = "tokio")]
                 readied: tokio::sync::Notify::new(),
+                #[cfg(feature = "tokio")]
+                upgrade_ended: tokio::sync::Notify::new(),
                 state_expected,
+                state_source: Mutex::new(None),
+                failure_sent: AtomicBool::new(false),
                 state_taken: AtomicBool::new(false),
                 state_progress: Arc::default(),
             }),
         })
+    }
+}
+
+/// Sends `F<reason>` to the predecessor (best effort: it may be gone).
+fn send_failure(channel: std::os::fd::BorrowedFd<'_>, reason: &str) {
+    let mut msg = vec![ready::MSG_FAILED];
+    msg.extend(reason.replace(['\n', '\r'], " ").bytes().take(4000));
+    msg.push(b'\n');
+    if let Err(e) = sys::send_all(channel, &msg) {
+        tracing::warn!(error = %e, "cannot send the failure reason to the predecessor");
     }
 }
 
@@ -301,8 +344,16 @@ pub(crate) struct Inner {
     /// Woken when `ready()` has run: the channel carries messages from then on.
     #[cfg(feature = "tokio")]
     pub(crate) readied: tokio::sync::Notify,
+    /// Woken when an upgrade attempt ends, whatever triggered it.
+    #[cfg(feature = "tokio")]
+    pub(crate) upgrade_ended: tokio::sync::Notify,
     /// A state follows on the channel (HANDOVER_STATE=1).
     pub(crate) state_expected: bool,
+    /// What every upgrade streams to its successor, unless its options say
+    /// otherwise ([`Handover::set_state_source`]).
+    pub(crate) state_source: Mutex<Option<StateFn>>,
+    /// A failure reason was sent to the predecessor: one is enough.
+    pub(crate) failure_sent: AtomicBool,
     pub(crate) state_taken: AtomicBool,
     pub(crate) state_progress: Arc<Mutex<crate::state::Progress>>,
 }
@@ -343,6 +394,9 @@ impl Inner {
         }
     }
 }
+
+/// Makes the state for one upgrade.
+pub(crate) type StateFn = Arc<dyn Fn() -> crate::upgrade::StateStream + Send + Sync>;
 
 /// The longest message the predecessor may send (a commit with a long last
 /// error stays far below it).
@@ -423,6 +477,52 @@ impl Handover {
         }
     }
 
+    /// The state every upgrade streams to its successor, whatever triggers
+    /// it — a signal task, [`control::serve`](crate::control::serve), or a
+    /// call of [`upgrade`](Self::upgrade_blocking): `source` is called at
+    /// each upgrade and its bytes go out with format `version` (see
+    /// [`UpgradeOptions::state`](crate::UpgradeOptions::state), which
+    /// overrides it for one upgrade). Setting it again replaces it.
+    pub fn set_state_source<F, R>(&self, version: u32, source: F)
+    where
+        F: Fn() -> R + Send + Sync + 'static,
+        R: Read + Send + 'static,
+    {
+        let f: StateFn = Arc::new(move || (version, Box::new(source()) as Box<dyn Read + Send>));
+        *lock(&self.inner.state_source) = Some(f);
+    }
+
+    /// Tells the old generation why this successor cannot start, before it
+    /// gives up (exits): the old generation's upgrade fails with
+    /// [`UpgradeError::Failed`](crate::UpgradeError::Failed) carrying
+    /// `reason`, which reaches whoever triggered the upgrade (the `reload`
+    /// reply, the old generation's log). `handover` does it itself for the
+    /// errors it raises while this generation starts (an inherited socket
+    /// refused, an unreadable state); call it for your own (a bad
+    /// configuration). Only the first reason is sent. After
+    /// [`ready`](Self::ready), or without a predecessor, it does nothing.
+    pub fn report_failure(&self, reason: &str) {
+        if self.state() != State::Starting
+            || self.inner.failure_sent.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let channel = lock(&self.inner.channel);
+        let Some(ch) = channel.as_ref() else {
+            return;
+        };
+        send_failure(ch.as_fd(), reason);
+    }
+
+    /// Passes `result` through, reporting its error to the predecessor
+    /// first (see [`report_failure`](Self::report_failure)).
+    pub(crate) fn reported<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &result {
+            self.report_failure(&e.to_string());
+        }
+        result
+    }
+
     /// The state the old generation streams to this one, if it sends one:
     /// its format version and its bytes. Call it once, before
     /// [`ready`](Self::ready); whatever is left unread is discarded by
@@ -437,9 +537,10 @@ impl Handover {
         };
         crate::state::set_timeout(ch.as_fd(), libc::SO_RCVTIMEO, self.inner.ready_timeout)
             .map_err(|e| Error::io("setting the state stream timeout", e))?;
-        crate::state::StateReader::open(ch, self.inner.state_progress.clone())
+        let opened = crate::state::StateReader::open(ch, self.inner.state_progress.clone())
             .map(Some)
-            .map_err(|e| Error::io("reading the state stream header", e))
+            .map_err(|e| Error::io("reading the state stream header", e));
+        self.reported(opened)
     }
 
     /// Tells the old generation that its state cannot be used: its upgrade
@@ -817,7 +918,8 @@ impl Handover {
         want: Want,
         create: impl FnOnce() -> std::io::Result<OwnedFd>,
     ) -> Result<OwnedFd, Error> {
-        let (fd, inherited) = lock(&self.inner.registry).claim(name, want, create)?;
+        let claimed = lock(&self.inner.registry).claim(name, want, create);
+        let (fd, inherited) = self.reported(claimed)?;
         tracing::debug!(
             generation = self.inner.generation,
             name,
@@ -907,7 +1009,7 @@ impl Handover {
     /// closed), at most `timeout`. `true` if it has, or if there never was
     /// one. Call it after [`ready`](Self::ready).
     pub fn wait_predecessor_exit(&self, timeout: Duration) -> Result<bool, Error> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::after(timeout);
         let Some(ch) = self.channel_copy()? else {
             return Ok(true);
         };

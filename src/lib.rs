@@ -134,6 +134,7 @@
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
 
+mod clock;
 pub mod control;
 mod env;
 mod error;
@@ -143,6 +144,7 @@ mod fds;
 pub mod fuzzing;
 mod handover;
 mod pidfile;
+mod program;
 mod ready;
 mod spawn;
 mod state;

@@ -22,6 +22,9 @@ pub(crate) const MSG_READY: u8 = b'R';
 /// Successor to old generation, during probation: `U<reason>\n`, "my own
 /// health check failed; take the service back".
 pub(crate) const MSG_UNHEALTHY: u8 = b'U';
+/// Successor to old generation, before ready: `F<reason>\n`, "I cannot
+/// start, and this is why" (it exits next).
+pub(crate) const MSG_FAILED: u8 = b'F';
 /// Old generation to successor: `C<fields>\n`, the handover is final (see
 /// `stats::encode_commit`).
 pub(crate) const MSG_COMMIT: u8 = b'C';
@@ -34,6 +37,7 @@ pub(crate) const MSG_DRAINED: u8 = b'D';
 /// How long an EOF on the channel may precede the successor's exit before
 /// it counts as "closed without ready" rather than "exited".
 const EXIT_GRACE: Duration = Duration::from_millis(500);
+
 
 /// Waits until the successor reports ready. On any failure the successor is
 /// killed (if still running) and reaped before this returns.
@@ -65,6 +69,22 @@ pub(crate) fn wait_ready(
                         Some(status) => Err(UpgradeError::Exited { pid, status }),
                         None => Ok(()),
                     };
+                }
+                Ok(1) if byte[0] == MSG_FAILED => {
+                    let reason = read_line(channel, Instant::now() + Duration::from_secs(1));
+                    // It exits next; give it a moment to, for its status.
+                    let status = match child.wait_exit(Instant::now() + EXIT_GRACE) {
+                        Some(status) => status,
+                        None => {
+                            child.kill_and_reap();
+                            None
+                        }
+                    };
+                    return Err(UpgradeError::Failed {
+                        pid,
+                        reason,
+                        status,
+                    });
                 }
                 Ok(1) if byte[0] == crate::state::MSG_REJECT => {
                     let reason = read_line(channel, Instant::now() + Duration::from_secs(1));
@@ -121,7 +141,7 @@ pub(crate) fn watch_probation(
 ) -> Result<(), UpgradeError> {
     let pid = child.pid as u32;
     let start = Instant::now();
-    let end = start + window;
+    let end = crate::clock::after_from(start, window);
     let failed = |reason: String| UpgradeError::Probation {
         pid,
         after: start.elapsed(),
@@ -156,7 +176,7 @@ pub(crate) fn watch_probation(
                     // Tell it the service is ours again, then let it drain.
                     let _ = sys::send_all(channel, &[MSG_ROLLED_BACK, b'\n']);
                     tracing::warn!(pid, %reason, "successor reported itself unhealthy during probation; rolling back");
-                    if child.wait_exit(Instant::now() + grace).is_none() {
+                    if child.wait_exit(crate::clock::after(grace)).is_none() {
                         tracing::warn!(
                             pid,
                             grace_ms = grace.as_millis() as u64,
@@ -204,11 +224,11 @@ pub(crate) fn watch_probation(
     }
 }
 
-/// Reads a reason line (at most 1 KiB) until `until`.
+/// Reads a reason line (at most 4 KiB) until `until`.
 fn read_line(channel: BorrowedFd<'_>, until: Instant) -> String {
     let mut out = Vec::new();
     let mut byte = [0u8; 1];
-    while out.len() < 1024 {
+    while out.len() < 4096 {
         match sys::poll_until(&[(channel, libc::POLLIN)], until) {
             Ok(r) if r[0] != 0 => {}
             _ => break,

@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -181,7 +181,7 @@ impl Notifier {
         let (r, w): (OwnedFd, OwnedFd) = sys::pipe_cloexec()?;
         self.notify_with_fds("BARRIER=1", &[w.as_fd()])?;
         drop(w);
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::after(timeout);
         let rev = sys::poll_until(&[(r.as_fd(), libc::POLLIN)], deadline)?;
         if rev[0] == 0 {
             return Err(io::Error::new(

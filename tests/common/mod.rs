@@ -373,3 +373,15 @@ pub fn wrapper(dir: &Path, name: &str, extra: &str) -> PathBuf {
     install(&path, script.as_bytes(), 0o755);
     path
 }
+
+/// `CLOCK_MONOTONIC` in µs, the clock of the control protocol's `since=`.
+pub fn monotonic_us() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid struct given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u128 * 1_000_000 + ts.tv_nsec as u128 / 1000
+}
