@@ -443,7 +443,6 @@ fn receive_state(
     Ok((served, 0))
 }
 
-
 enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
@@ -523,7 +522,9 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     // Every upgrade, whatever triggers it, hands `served_total` on.
     let weak = Arc::downgrade(&app);
     handover.set_state_source(config.state_version, move || {
-        let served = weak.upgrade().map_or(0, |a| a.served.load(Ordering::Relaxed));
+        let served = weak
+            .upgrade()
+            .map_or(0, |a| a.served.load(Ordering::Relaxed));
         std::io::Cursor::new(served.to_le_bytes())
     });
 

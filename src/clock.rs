@@ -63,7 +63,10 @@ mod tests {
     #[test]
     fn deadlines_saturate() {
         let now = Instant::now();
-        assert_eq!(after_from(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+        assert_eq!(
+            after_from(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
         let far = after_from(now, Duration::MAX);
         assert!(far > now + Duration::from_secs(365 * 24 * 3600));
         let _ = after(Duration::from_secs_f64(1e19));

@@ -426,7 +426,9 @@ mod server {
 
     async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> String {
         let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(r) => r.clone().unwrap_or_else(|| Err("error no outcome".to_owned())),
+            Ok(r) => r
+                .clone()
+                .unwrap_or_else(|| Err("error no outcome".to_owned())),
             Err(_) => Err("error the upgrade task ended".to_owned()),
         };
         match outcome {

@@ -387,7 +387,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("HANDOVER_PROGRAM") && e.contains("absolute"), "{e}");
+        assert!(
+            e.contains("HANDOVER_PROGRAM") && e.contains("absolute"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -502,9 +502,7 @@ impl Handover {
     /// configuration). Only the first reason is sent. After
     /// [`ready`](Self::ready), or without a predecessor, it does nothing.
     pub fn report_failure(&self, reason: &str) {
-        if self.state() != State::Starting
-            || self.inner.failure_sent.swap(true, Ordering::SeqCst)
-        {
+        if self.state() != State::Starting || self.inner.failure_sent.swap(true, Ordering::SeqCst) {
             return;
         }
         let channel = lock(&self.inner.channel);

@@ -38,7 +38,6 @@ pub(crate) const MSG_DRAINED: u8 = b'D';
 /// it counts as "closed without ready" rather than "exited".
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 
-
 /// Waits until the successor reports ready. On any failure the successor is
 /// killed (if still running) and reaped before this returns.
 pub(crate) fn wait_ready(

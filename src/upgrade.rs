@@ -211,6 +211,14 @@ impl Handover {
             // A success was counted at the commit, before the successor was
             // told.
             if let Err(e) = &result {
+                // The one log line of every failure, in the log of the
+                // generation that stays.
+                tracing::warn!(
+                    generation = self.inner.generation,
+                    error = %e,
+                    elapsed_ms = start.elapsed().as_secs_f64() * 1e3,
+                    "upgrade failed; still serving"
+                );
                 self.count_failure(e, phases);
             }
             let record = UpgradeRecord {
@@ -296,10 +304,7 @@ impl Handover {
         if let Some(w) = writer {
             join_state_writer(w, phases);
         }
-        if let Err(e) = ready {
-            tracing::warn!(pid, error = %e, elapsed_ms = start.elapsed().as_secs_f64() * 1e3, "upgrade failed; still serving");
-            return Err(e);
-        }
+        ready?;
         let ready_after = start.elapsed();
         phase(phases, "ready", exec_done.elapsed());
         if !probation.is_zero() {
@@ -315,10 +320,7 @@ impl Handover {
             let watched =
                 ready::watch_probation(ours.as_fd(), &mut child, probation, inner.drain_timeout);
             phase(phases, "probation", t.elapsed());
-            if let Err(e) = watched {
-                tracing::warn!(pid, error = %e, "upgrade failed during probation; still serving");
-                return Err(e);
-            }
+            watched?;
         }
         self.commit(ours, child, generation, phases)?;
         attempt.committed = true;

@@ -40,9 +40,12 @@ fn unshare_works() -> bool {
         Duration::from_secs(10),
     );
     if !out.status.success() {
-        eprintln!(
-            "SKIPPED: `unshare --pid --fork --mount-proc` does not work here (needs root or user namespaces): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        common::skip(
+            "pid1",
+            &format!(
+                "`unshare --pid --fork --mount-proc` does not work here (needs root or user namespaces): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         );
     }
     out.status.success()

@@ -128,7 +128,10 @@ macro_rules! manager_or_skip {
         match Manager::start() {
             Ok(m) => m,
             Err(why) => {
-                eprintln!("SKIPPED: a systemd user manager cannot run here: {why}");
+                common::skip(
+                    "systemd",
+                    &format!("a systemd user manager cannot run here: {why}"),
+                );
                 return;
             }
         }
@@ -478,13 +481,16 @@ fn fd_store_keeps_the_socket_across_restart() {
 }
 
 #[test]
-fn type_notify_reload_returns_only_after_the_handoff() {
+fn type_notify_reload_returns_only_after_the_handoff_on_systemd_253_or_later() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let version = systemd_version();
     if version < 253 {
-        eprintln!(
-            "SKIPPED: Type=notify-reload needs systemd 253+, this is {version}; \
-             set HANDOVER_SYSTEMD_ROOT to an unpacked newer systemd (see .ci/run)"
+        common::skip(
+            "notify-reload",
+            &format!(
+                "Type=notify-reload needs systemd 253+, this is {version}; \
+                 set HANDOVER_SYSTEMD_ROOT to an unpacked newer systemd (see .ci/run)"
+            ),
         );
         return;
     }
