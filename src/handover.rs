@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use socket2::Type;
 
+use crate::channel::{self, Inbox, Message, Next};
 use crate::env;
 use crate::error::Error;
 use crate::fds::{self, ListenOptions, Registry, Want};
 use crate::pidfile;
-use crate::ready;
-use crate::stats::{Counters, Message, Stats};
+use crate::stats::{Counters, Stats};
 use crate::sys;
 use crate::systemd::Notifier;
 use crate::upgrade::State;
@@ -260,9 +260,7 @@ impl Builder {
 
 /// Sends `F<reason>` to the predecessor (best effort: it may be gone).
 fn send_failure(channel: std::os::fd::BorrowedFd<'_>, reason: &str) {
-    let mut msg = vec![ready::MSG_FAILED];
-    msg.extend(reason.replace(['\n', '\r'], " ").bytes().take(4000));
-    msg.push(b'\n');
+    let msg = Message::Failed(reason.to_owned()).encode();
     if let Err(e) = sys::send_all(channel, &msg) {
         tracing::warn!(error = %e, "cannot send the failure reason to the predecessor");
     }
@@ -384,23 +382,15 @@ impl Inner {
             crate::stats::record(phases, "drain", report.elapsed);
         }
         if let Some(ch) = lock(&self.successor).as_ref() {
-            let msg = format!(
-                "{}drain_us={}\n",
-                ready::MSG_DRAINED as char,
-                report.elapsed.as_micros()
-            );
+            let msg = Message::Drained(report.elapsed).encode();
             // The successor may be gone or busy; this is only a report.
-            let _ = sys::send_all(ch.as_fd(), msg.as_bytes());
+            let _ = sys::send_all(ch.as_fd(), &msg);
         }
     }
 }
 
 /// Makes the state for one upgrade.
 pub(crate) type StateFn = Arc<dyn Fn() -> crate::upgrade::StateStream + Send + Sync>;
-
-/// The longest message the predecessor may send (a commit with a long last
-/// error stays far below it).
-const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The successor's view of the channel after it reported ready.
 #[derive(Debug, Default)]
@@ -412,8 +402,8 @@ pub(crate) struct Link {
     committed_at: Option<Instant>,
     /// The predecessor took the service back after `report_unhealthy`.
     rolled_back: bool,
-    /// The start of a message not yet complete.
-    partial: Vec<u8>,
+    /// What the predecessor sent and was not handled yet.
+    inbox: Inbox,
 }
 
 /// Locks a mutex, recovering from poisoning: every critical section here
@@ -548,9 +538,7 @@ impl Handover {
         let Some(ch) = channel.as_ref() else {
             return Ok(());
         };
-        let mut msg = vec![crate::state::MSG_REJECT];
-        msg.extend(reason.replace('\n', " ").bytes().take(1000));
-        msg.push(b'\n');
+        let msg = Message::StateRejected(reason.to_owned()).encode();
         sys::send_all(ch.as_fd(), &msg).map_err(|e| Error::io("cannot send the rejection", e))
     }
 
@@ -600,15 +588,8 @@ impl Handover {
                 match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
                     Ok(0) => closed = true,
                     Ok(n) => {
-                        link.partial.extend_from_slice(&buf[..n]);
+                        link.inbox.push(&buf[..n]);
                         self.take_messages(&mut link);
-                        if link.partial.len() > MAX_MESSAGE {
-                            tracing::warn!(
-                                bytes = link.partial.len(),
-                                "overlong message from the predecessor; dropped"
-                            );
-                            link.partial.clear();
-                        }
                         continue;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -638,40 +619,51 @@ impl Handover {
         Ok(closed)
     }
 
-    /// Handles the complete messages in `link.partial`.
+    /// Handles the complete messages in `link.inbox`.
     fn take_messages(&self, link: &mut Link) {
-        while let Some(end) = link.partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = link.partial.drain(..=end).collect();
-            match crate::stats::parse_message(&line[..line.len() - 1]) {
-                Ok(Message::Commit(mut c)) => {
+        loop {
+            let kind = link.inbox.peek_kind();
+            match link.inbox.next() {
+                Next::Incomplete => return,
+                Next::Message(Message::Commit(mut c)) => {
                     let mut mine = lock(&self.inner.counters);
                     // Attempts of our own (refused on probation) come on top.
                     c.failed += mine.failed;
                     *mine = c;
                     drop(mine);
-                    link.committed = true;
-                    link.committed_at = Some(Instant::now());
-                    tracing::info!(
-                        generation = self.inner.generation,
-                        "predecessor committed the handover"
-                    );
+                    self.mark_committed(link);
                 }
-                Ok(Message::RolledBack) => link.rolled_back = true,
-                Ok(Message::Drained(d)) => {
+                Next::Message(Message::TakenBack) => link.rolled_back = true,
+                Next::Message(Message::Drained(d)) => {
                     let mut mine = lock(&self.inner.counters);
                     mine.last.get_or_insert_with(Default::default).drain = Some(d);
                 }
-                Err(e) => {
+                Next::Message(other) => {
+                    tracing::warn!(message = ?other, "a successor's message from the predecessor; ignored");
+                }
+                Next::Unknown(kind) => {
+                    tracing::debug!(kind = %(kind as char), "a message of a newer version from the predecessor; skipped");
+                }
+                Next::Bad(e) => {
                     tracing::warn!(error = %e, "unreadable message from the predecessor; ignored");
                     // A commit that cannot be read still commits: the
                     // predecessor only sends one when the handover is final.
-                    if line.first() == Some(&ready::MSG_COMMIT) {
-                        link.committed = true;
-                        link.committed_at = Some(Instant::now());
+                    if kind == Some(channel::COMMIT) {
+                        self.mark_committed(link);
                     }
                 }
             }
         }
+    }
+
+    /// The predecessor committed: this generation's handover is final.
+    fn mark_committed(&self, link: &mut Link) {
+        link.committed = true;
+        link.committed_at = Some(Instant::now());
+        tracing::info!(
+            generation = self.inner.generation,
+            "predecessor committed the handover"
+        );
     }
 
     /// A snapshot of this generation's upgrade metrics; see [`Stats`].
@@ -745,9 +737,7 @@ impl Handover {
         let Some(ch) = self.channel_copy()? else {
             return Ok(false);
         };
-        let mut msg = vec![ready::MSG_UNHEALTHY];
-        msg.extend(reason.replace(['\n', '\r'], " ").bytes().take(1000));
-        msg.push(b'\n');
+        let msg = Message::Unhealthy(reason.to_owned()).encode();
         if let Err(e) = sys::send_all(ch.as_fd(), &msg) {
             if e.raw_os_error() == Some(libc::EPIPE) {
                 return Ok(false); // gone: serving alone
@@ -946,7 +936,7 @@ impl Handover {
         self.drain_state()?;
         let channel = lock(&self.inner.channel);
         match channel.as_ref() {
-            Some(ch) => match ready::send_ready(ch.as_fd()) {
+            Some(ch) => match sys::send_all(ch.as_fd(), &Message::Ready.encode()) {
                 Ok(()) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::EPIPE)

@@ -134,6 +134,7 @@
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
 
+mod channel;
 mod clock;
 pub mod control;
 mod env;

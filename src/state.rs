@@ -1,12 +1,11 @@
-//! The state stream from the old generation to its successor.
+//! The state stream from the old generation to its successor: its I/O. The
+//! framing (magic, version, chunks) is specified in `channel`.
 //!
-//! Over the channel, before the successor reports ready, the old generation
-//! sends: the magic `HOST`, a format version (u32, little endian), then
-//! chunks of `[u32 length][bytes]`, ended by a chunk of length 0. Chunking
-//! lets any [`Read`] stream through without knowing its size or being held
-//! whole in memory on either side. The successor accepts the version or
-//! rejects it ([`Handover::reject_state`](crate::Handover::reject_state)),
-//! which fails the upgrade with the old generation serving.
+//! Chunking lets any [`Read`] stream through without knowing its size or
+//! being held whole in memory on either side. The successor accepts the
+//! version or rejects it
+//! ([`Handover::reject_state`](crate::Handover::reject_state)), which fails
+//! the upgrade with the old generation serving.
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -15,11 +14,7 @@ use std::time::Duration;
 
 use crate::sys;
 
-pub(crate) const MAGIC: [u8; 4] = *b"HOST";
-const CHUNK: usize = 256 * 1024;
-
-/// Message byte from the successor: the state is rejected; a reason line follows.
-pub(crate) const MSG_REJECT: u8 = b'E';
+use crate::channel::{self, MAX_CHUNK as CHUNK};
 
 /// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` on a socket.
 pub(crate) fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) -> io::Result<()> {
@@ -42,10 +37,7 @@ pub(crate) fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) -> 
 /// Streams `source` with `version` over `fd` (the old generation's side).
 /// Returns the number of payload bytes sent.
 pub(crate) fn write(fd: BorrowedFd<'_>, version: u32, source: &mut dyn Read) -> io::Result<u64> {
-    let mut header = [0u8; 8];
-    header[..4].copy_from_slice(&MAGIC);
-    header[4..].copy_from_slice(&version.to_le_bytes());
-    sys::send_all(fd, &header)?;
+    sys::send_all(fd, &channel::state_header(version))?;
     let mut buf = vec![0u8; CHUNK + 4];
     let mut total = 0u64;
     loop {
@@ -96,16 +88,8 @@ impl StateReader {
     pub(crate) fn open(fd: OwnedFd, progress: Arc<Mutex<Progress>>) -> io::Result<StateReader> {
         let mut header = [0u8; 8];
         read_exact(fd.as_fd(), &mut header)?;
-        if header[..4] != MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the state stream starts with {:02x?}, not the magic \"HOST\"",
-                    &header[..4]
-                ),
-            ));
-        }
-        let version = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        let version = channel::parse_state_header(&header)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.0))?;
         Ok(StateReader {
             version,
             fd,
@@ -144,13 +128,8 @@ pub(crate) fn read_chunked(
         }
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
-        let len = u32::from_le_bytes(len);
-        if len as usize > CHUNK {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("state chunk of {len} bytes"),
-            ));
-        }
+        let len = channel::parse_chunk_len(len)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.0))? as u32;
         progress.in_chunk = len;
         progress.done = len == 0;
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::channel::{Inbox, Message};
 use crate::clock;
 use crate::env;
 use crate::error::UpgradeError;
@@ -300,7 +301,14 @@ impl Handover {
         let exec_ms = (exec_done - start).as_secs_f64() * 1e3;
         phase(phases, "spawn", exec_done - spawn_start);
 
-        let ready = ready::wait_ready(ours.as_fd(), &mut child, deadline, inner.ready_timeout);
+        let mut inbox = Inbox::default();
+        let ready = ready::wait_ready(
+            ours.as_fd(),
+            &mut inbox,
+            &mut child,
+            deadline,
+            inner.ready_timeout,
+        );
         if let Some(w) = writer {
             join_state_writer(w, phases);
         }
@@ -317,8 +325,13 @@ impl Handover {
                 "successor ready; probation started"
             );
             let t = Instant::now();
-            let watched =
-                ready::watch_probation(ours.as_fd(), &mut child, probation, inner.drain_timeout);
+            let watched = ready::watch_probation(
+                ours.as_fd(),
+                &mut inbox,
+                &mut child,
+                probation,
+                inner.drain_timeout,
+            );
             phase(phases, "probation", t.elapsed());
             watched?;
         }
@@ -532,12 +545,9 @@ impl Handover {
             let mut c = lock(&inner.counters);
             c.succeeded += 1;
             c.last = Some(*phases);
-            crate::stats::encode_commit(&c)
+            Message::Commit(c.clone()).encode()
         };
-        let mut msg = vec![ready::MSG_COMMIT];
-        msg.extend_from_slice(commit.as_bytes());
-        msg.push(b'\n');
-        if let Err(e) = sys::send_all(ours.as_fd(), &msg) {
+        if let Err(e) = sys::send_all(ours.as_fd(), &commit) {
             tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
         }
         // Keep our end of the channel open until this process exits: its EOF
