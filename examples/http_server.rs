@@ -384,17 +384,21 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     if let Some(t) = config.drain_timeout {
         builder = builder.drain_timeout(t);
     }
+    let mut defaults = handover::UpgradeOptions::new();
     if let Some(t) = config.probation {
-        builder = builder.probation(t);
+        defaults = defaults.probation(t);
     }
     if config.preflight {
         // Like `nginx -t`: the new binary must accept this process's
         // arguments before it is started for real.
         let mut check: Vec<OsString> = std::env::args_os().skip(1).collect();
         check.push("--check".into());
-        builder = builder.preflight(check);
+        defaults = defaults.preflight(check);
     }
-    builder.fd_store(config.fd_store).build()
+    builder
+        .fd_store(config.fd_store)
+        .upgrade_options(defaults)
+        .build()
 }
 
 /// The state from the old generation: `served_total` (version 1, 8 bytes),
@@ -654,6 +658,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
                 break "upgrade";
             }
             Err(e) => {
+                let e = handover::error_chain(&e);
                 event(format_args!("upgrade-failed pid={pid} error={e}"));
                 tracing::warn!(error = %e, "upgrade failed; still serving");
             }
@@ -714,6 +719,7 @@ fn reload(args: &[OsString]) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(reason) => {
+            let reason = handover::error_chain(&reason);
             eprintln!("http_server reload: upgrade failed: {reason}");
             ExitCode::FAILURE
         }
@@ -773,6 +779,7 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
     let handover = match build(&config) {
         Ok(h) => h,
         Err(e) => {
+            let e = handover::error_chain(&e);
             eprintln!("http_server: {e}");
             event(format_args!("fatal pid={} error={e}", std::process::id()));
             return ExitCode::FAILURE;
@@ -799,7 +806,8 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
         Err(e) => {
             // A successor says why it cannot start, so that the old
             // generation and `reload` can tell the operator.
-            h.report_failure(&e.to_string());
+            let e = handover::error_chain(&*e);
+            h.report_failure(&e);
             eprintln!("http_server: {e}");
             event(format_args!("fatal pid={} error={e}", std::process::id()));
             ExitCode::FAILURE

@@ -114,7 +114,8 @@ fn json_str(s: &str) -> String {
 #[cfg(feature = "tokio")]
 fn status_json(h: &Handover) -> String {
     let state = format!("{:?}", h.state()).to_lowercase();
-    let last = match h.last_upgrade() {
+    let stats = h.stats();
+    let last = match &stats.last_upgrade {
         None => "null".to_owned(),
         Some(r) => format!(
             "{{\"ok\":{},\"successor\":{},\"error\":{},\"ms\":{:.3}}}",
@@ -124,7 +125,6 @@ fn status_json(h: &Handover) -> String {
             r.duration.as_secs_f64() * 1e3
         ),
     };
-    let stats = h.stats();
     format!(
         "{{\"pid\":{},\"generation\":{},\"state\":{},\"committed\":{},\"upgrades_succeeded\":{},\"upgrades_failed\":{},\"last_upgrade\":{last}}}",
         std::process::id(),
@@ -272,7 +272,7 @@ mod server {
         });
         let mut listener = Some(listener);
         loop {
-            let ended = handover.inner.upgrade_ended.notified();
+            let ended = handover.generation_data().upgrade_ended.notified();
             if handover.state() == crate::State::HandedOver {
                 // Leave the socket to the successor.
                 listener = None;
@@ -338,7 +338,7 @@ mod server {
     /// that, or with a new upgrade once the one running (older) has ended.
     async fn upgrade(runner: &Runner, asked: u128, program: Option<PathBuf>) -> String {
         let h = &runner.handover;
-        if program.is_none() && h.inner.started_usec > asked {
+        if program.is_none() && h.generation_data().started_usec > asked {
             // This generation read the binary and its configuration after
             // the request was made: it is the answer.
             let exe = crate::program::running_binary()
@@ -348,7 +348,7 @@ mod server {
                 "ok {{\"pid\":{},\"generation\":{},\"program\":{exe},\"started_us\":{},\"already\":true}}",
                 std::process::id(),
                 h.generation(),
-                h.inner.started_usec
+                h.generation_data().started_usec
             );
         }
         loop {
@@ -369,10 +369,10 @@ mod server {
                     h.generation() + 1
                 );
             }
-            let ended = h.inner.upgrade_ended.notified();
+            let ended = h.generation_data().upgrade_ended.notified();
             let (tx, rx) = watch::channel(None);
             let started = crate::systemd::monotonic_usec();
-            *crate::handover::lock(&runner.latest) = Some(Latest {
+            *crate::lifecycle::lock(&runner.latest) = Some(Latest {
                 started,
                 program: program.clone(),
                 outcome: rx,
@@ -387,7 +387,7 @@ mod server {
                     // An upgrade triggered otherwise (a signal) runs: it
                     // started before us. Wait for its end, then start ours
                     // (or tell the client to ask the successor).
-                    *crate::handover::lock(&runner.latest) = None;
+                    *crate::lifecycle::lock(&runner.latest) = None;
                     drop(gate);
                     let _ = tokio::time::timeout(Duration::from_secs(24 * 3600), ended).await;
                     continue;
@@ -399,7 +399,7 @@ mod server {
                     json_str(&u.program.to_string_lossy()),
                     u.ready_after.as_secs_f64() * 1e3
                 )),
-                Err(e) => Err(format!("error {e}")),
+                Err(e) => Err(format!("error {}", crate::error::chain(e))),
             };
             let _ = tx.send(Some(outcome.clone()));
             drop(gate);
@@ -419,7 +419,7 @@ mod server {
         asked: u128,
         program: &Option<PathBuf>,
     ) -> Option<watch::Receiver<Option<Outcome>>> {
-        let latest = crate::handover::lock(&runner.latest);
+        let latest = crate::lifecycle::lock(&runner.latest);
         let l = latest.as_ref()?;
         (l.started > asked && &l.program == program).then(|| l.outcome.clone())
     }

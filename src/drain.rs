@@ -42,10 +42,27 @@ use tokio::sync::watch;
 ///
 /// [`Handover::drain`](crate::Handover::drain) gives the generation's own
 /// drain, which also feeds [`Handover::stats`](crate::Handover::stats).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Drain {
     inner: Arc<watch::Sender<Counts>>,
-    handover: Option<Weak<crate::handover::Inner>>,
+    observer: Option<Weak<dyn DrainObserver>>,
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = *self.inner.borrow();
+        f.debug_struct("Drain")
+            .field("draining", &c.draining)
+            .field("in_flight", &c.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Told when a drain's wait ends (the generation records it as the drain
+/// phase of its upgrade). Drain knows nothing else of whoever observes it.
+pub(crate) trait DrainObserver: Send + Sync {
+    /// The wait of the drain ended with `report`.
+    fn drained(&self, report: &DrainReport);
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -87,14 +104,14 @@ impl Drain {
     pub fn new() -> Self {
         Drain {
             inner: Arc::new(watch::Sender::new(Counts::default())),
-            handover: None,
+            observer: None,
         }
     }
 
-    /// A drain whose end is reported to the handover.
-    pub(crate) fn linked(handover: Weak<crate::handover::Inner>) -> Self {
+    /// A drain whose end is reported to `observer`.
+    pub(crate) fn observed(observer: Weak<dyn DrainObserver>) -> Self {
         Drain {
-            handover: Some(handover),
+            observer: Some(observer),
             ..Self::new()
         }
     }
@@ -139,8 +156,8 @@ impl Drain {
             remaining: self.in_flight(),
             elapsed: start.elapsed(),
         };
-        if let Some(h) = self.handover.as_ref().and_then(Weak::upgrade) {
-            h.drained(&report);
+        if let Some(o) = self.observer.as_ref().and_then(Weak::upgrade) {
+            o.drained(&report);
         }
         report
     }

@@ -1,5 +1,10 @@
 //! Error types: [`Error`] for setting up and reading what was handed over,
 //! [`UpgradeError`] for an upgrade that did not happen.
+//!
+//! Display says what failed; the underlying cause is the error's
+//! [`source`](std::error::Error::source), never repeated in Display. To show
+//! an operator the whole story on one line, join the chain (as the crate
+//! does for the `reload` reply and its logs): [`chain`].
 
 use std::fmt;
 use std::io;
@@ -110,7 +115,7 @@ impl fmt::Display for Error {
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid setting {setting}: {reason}")
             }
-            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Io { context, .. } => f.write_str(context),
         }
     }
 }
@@ -145,7 +150,7 @@ pub enum UpgradeError {
     HandedOver,
     /// This generation's own handover is not final yet: its predecessor
     /// still watches it through a probation window (see
-    /// [`Builder::probation`](crate::Builder::probation)), and may still roll
+    /// [`UpgradeOptions::probation`](crate::UpgradeOptions::probation)), and may still roll
     /// back to itself.
     OnProbation,
     /// Another process holds the upgrade lock next to the pid file.
@@ -237,7 +242,7 @@ pub enum UpgradeError {
         reason: String,
     },
     /// The successor reported ready, but failed within the probation window
-    /// (see [`Builder::probation`](crate::Builder::probation)): it exited,
+    /// (see [`UpgradeOptions::probation`](crate::UpgradeOptions::probation)): it exited,
     /// reported itself unhealthy, or closed the channel. This generation
     /// accepted alongside it throughout and keeps serving alone; the
     /// successor is gone and reaped.
@@ -319,12 +324,8 @@ impl fmt::Display for UpgradeError {
                     path.display()
                 )
             }
-            UpgradeError::Program { path, source } => {
-                write!(
-                    f,
-                    "cannot run successor program {}: {source}",
-                    path.display()
-                )
+            UpgradeError::Program { path, .. } => {
+                write!(f, "cannot run successor program {}", path.display())
             }
             UpgradeError::Preflight { status, output } => {
                 let status = match status {
@@ -333,8 +334,8 @@ impl fmt::Display for UpgradeError {
                 };
                 write!(f, "preflight check failed ({status}): {}", output.trim())
             }
-            UpgradeError::Exec { path, source } => {
-                write!(f, "successor could not exec {}: {source}", path.display())
+            UpgradeError::Exec { path, .. } => {
+                write!(f, "successor could not exec {}", path.display())
             }
             UpgradeError::Exited {
                 pid,
@@ -362,10 +363,10 @@ impl fmt::Display for UpgradeError {
                     None => Ok(()),
                 }
             }
-            UpgradeError::PidFile { path, source } => {
+            UpgradeError::PidFile { path, .. } => {
                 write!(
                     f,
-                    "cannot write the pid file {} with the successor's pid ({source}); successor killed, still serving",
+                    "cannot write the pid file {} with the successor's pid (successor killed, still serving)",
                     path.display()
                 )
             }
@@ -400,9 +401,7 @@ impl fmt::Display for UpgradeError {
                     "successor (pid {pid}) broke the handoff protocol: {reason}"
                 )
             }
-            UpgradeError::Io { context, source } => {
-                write!(f, "upgrade failed: {context}: {source}")
-            }
+            UpgradeError::Io { context, .. } => write!(f, "upgrade failed: {context}"),
         }
     }
 }
@@ -431,5 +430,43 @@ impl From<UpgradeError> for io::Error {
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
+    }
+}
+
+/// An error and its sources on one line, joined by `": "` — what an
+/// operator reads in a `reload` reply or a log line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_does_not_repeat_the_source_and_chain_joins_it() {
+        let e = Error::io(
+            "cannot write pid file /run/x.pid",
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(e.to_string(), "cannot write pid file /run/x.pid");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            chain(&e),
+            "cannot write pid file /run/x.pid: Permission denied (os error 13)"
+        );
+        let u = UpgradeError::Program {
+            path: "/srv/x".into(),
+            source: io::ErrorKind::NotFound.into(),
+        };
+        assert_eq!(u.to_string(), "cannot run successor program /srv/x");
+        assert!(chain(&u).ends_with(": entity not found"), "{}", chain(&u));
     }
 }

@@ -25,42 +25,57 @@
 //!
 //! # Example
 //!
+//! The rules it follows: `build()` first, before the runtime opens any fd;
+//! signal handlers before `ready()`; the upgrade in a task of its own, so the
+//! accept loop keeps accepting while a successor starts (up to the ready
+//! timeout); SIGTERM drains like a handover, and says `STOPPING=1`.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use handover::{Drain, Handover};
+//! use tokio::signal::unix::{SignalKind, signal};
 //!
 //! # async fn serve(_: tokio::net::TcpStream, _: Drain) {}
-//! #[tokio::main]
-//! async fn main() -> std::io::Result<()> {
+//! fn main() -> std::io::Result<()> {
+//!     // First, like sd_listen_fds: before the runtime opens fds of its own.
 //!     let handover = Handover::builder().ready_timeout(Duration::from_secs(30)).build()?;
-//!     // Inherited from the old generation, or bound now.
-//!     let listener = handover.tcp_listener("http", "127.0.0.1:8080")?;
-//!     let listener = tokio::net::TcpListener::from_std(listener)?;
-//!     handover.ready()?;
+//!     tokio::runtime::Runtime::new()?.block_on(async move {
+//!         // Inherited from the old generation, or bound now.
+//!         let listener = handover.tcp_listener("http", "127.0.0.1:8080")?;
+//!         let listener = tokio::net::TcpListener::from_std(listener)?;
+//!         let (mut hup, mut term) = (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?);
+//!         handover.ready()?; // handlers first: from now on we may be signalled
 //!
-//!     let drain: Drain = handover.drain(); // counted in handover.stats()
-//!     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-//!     let (h, d) = (handover.clone(), drain.clone());
-//!     tokio::spawn(async move {
-//!         while hup.recv().await.is_some() {
-//!             match h.upgrade().await {
-//!                 Ok(_) => return d.start(),
-//!                 Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+//!         let drain: Drain = handover.drain(); // counted in handover.stats()
+//!         let (h, d) = (handover.clone(), drain.clone());
+//!         tokio::spawn(async move {
+//!             // Upgrades run here, never in the accept loop.
+//!             loop {
+//!                 tokio::select! {
+//!                     _ = hup.recv() => match h.upgrade().await {
+//!                         Ok(_) => return d.start(), // the successor serves
+//!                         Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+//!                     },
+//!                     _ = term.recv() => {
+//!                         let _ = h.stopping(); // a real stop
+//!                         return d.start();
+//!                     }
+//!                 }
+//!             }
+//!         });
+//!         loop {
+//!             tokio::select! {
+//!                 Ok((stream, _)) = listener.accept() => {
+//!                     let (guard, drain) = (drain.guard(), drain.clone());
+//!                     tokio::spawn(async move { serve(stream, drain).await; drop(guard) });
+//!                 }
+//!                 _ = drain.draining() => break,
 //!             }
 //!         }
-//!     });
-//!     loop {
-//!         tokio::select! {
-//!             Ok((stream, _)) = listener.accept() => {
-//!                 let (guard, drain) = (drain.guard(), drain.clone());
-//!                 tokio::spawn(async move { serve(stream, drain).await; drop(guard) });
-//!             }
-//!             _ = drain.draining() => break,
-//!         }
-//!     }
-//!     drop(listener);
-//!     drain.wait(handover.drain_timeout()).await;
-//!     Ok(())
+//!         drop(listener); // stop accepting; never shutdown() a shared socket
+//!         drain.wait(handover.drain_timeout()).await;
+//!         Ok(())
+//!     })
 //! }
 //! ```
 //!
@@ -82,7 +97,7 @@
 //!
 //! # Canary upgrades
 //!
-//! With [`Builder::probation`], a successor that reported ready is not
+//! With a probation window ([`UpgradeOptions::probation`]), a successor that reported ready is not
 //! trusted at once: for the window both generations accept on the shared
 //! sockets, and if the successor exits or reports itself unhealthy
 //! ([`Handover::report_unhealthy`]) meanwhile, it is reaped and the old
@@ -134,6 +149,7 @@
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
 
+mod builder;
 mod channel;
 mod clock;
 pub mod control;
@@ -144,12 +160,14 @@ mod fds;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handover;
+mod lifecycle;
 mod pidfile;
 mod program;
 mod ready;
 mod spawn;
 mod state;
 mod stats;
+mod successor;
 pub mod supervisor;
 mod sys;
 pub mod systemd;
@@ -163,13 +181,15 @@ mod drain;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub use builder::Builder;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use drain::{Drain, DrainGuard, DrainReport};
-pub use error::{Error, UpgradeError};
+pub use error::{Error, UpgradeError, chain as error_chain};
 pub use fds::ListenOptions;
-pub use handover::{Builder, Handover};
+pub use handover::Handover;
+pub use lifecycle::{LastUpgrade, State, Stats};
 pub use pidfile::read as read_pid_file;
 pub use state::StateReader;
-pub use stats::{Phases, Stats};
-pub use upgrade::{State, UpgradeOptions, UpgradeRecord, Upgraded};
+pub use stats::Phases;
+pub use upgrade::{UpgradeOptions, Upgraded};

@@ -16,6 +16,9 @@ use crate::sys;
 
 use crate::channel::{self, MAX_CHUNK as CHUNK};
 
+/// A state for the successor: its format version and its bytes.
+pub(crate) type StateStream = (u32, Box<dyn Read + Send>);
+
 /// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` on a socket.
 pub(crate) fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) -> io::Result<()> {
     let d = d.max(Duration::from_millis(1));

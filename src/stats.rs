@@ -1,6 +1,5 @@
-//! What a generation knows about its upgrades: counters, the phases of the
-//! last upgrade, and the messages that carry them from one generation to the
-//! next.
+//! What a generation counts of its upgrades: the counters, the phases of
+//! the last upgrade, and the tracing span and events that report them.
 //!
 //! The counters live with the service, not with a process: when an old
 //! generation commits a handover it sends its counters and the phases of
@@ -10,8 +9,6 @@
 
 use std::time::Duration;
 
-use crate::upgrade::State;
-
 /// How long each phase of an upgrade took. `None`: the phase did not happen
 /// (no preflight check, no state, no probation), or has not happened yet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -19,13 +16,13 @@ use crate::upgrade::State;
 pub struct Phases {
     /// fork+exec of the successor, until its `execve` succeeded.
     pub spawn: Option<Duration>,
-    /// The preflight check ([`Builder::preflight`](crate::Builder::preflight)).
+    /// The preflight check ([`UpgradeOptions::preflight`](crate::UpgradeOptions::preflight)).
     pub preflight: Option<Duration>,
     /// Streaming the state ([`UpgradeOptions::state`](crate::UpgradeOptions::state)).
     pub state: Option<Duration>,
     /// From the successor's `execve` to its ready message.
     pub ready: Option<Duration>,
-    /// The probation window ([`Builder::probation`](crate::Builder::probation)),
+    /// The probation window ([`UpgradeOptions::probation`](crate::UpgradeOptions::probation)),
     /// as far as it ran.
     pub probation: Option<Duration>,
     /// The old generation's drain, as timed by a [`Drain`](crate::Drain)
@@ -33,7 +30,7 @@ pub struct Phases {
     pub drain: Option<Duration>,
     /// From the commit until the old generation exited, as seen by the
     /// successor (when [`Handover::predecessor_exited`](crate::Handover::predecessor_exited),
-    /// [`Handover::wait_predecessor_exit`](crate::Handover::wait_predecessor_exit)
+    /// [`Handover::predecessor_exited_blocking`](crate::Handover::predecessor_exited_blocking)
     /// or [`Handover::stats`](crate::Handover::stats) noticed it).
     pub exit: Option<Duration>,
 }
@@ -67,73 +64,6 @@ impl Phases {
         *slot = Some(d);
         true
     }
-}
-
-/// A snapshot of a generation's upgrade metrics, from
-/// [`Handover::stats`](crate::Handover::stats).
-///
-/// The counters count every upgrade of the service since its first
-/// generation, whichever generation ran it: each successor inherits them.
-///
-/// Exporting it is up to the application. For Prometheus, render the text
-/// format at `/metrics`:
-///
-/// ```
-/// use std::fmt::Write;
-///
-/// fn metrics(stats: &handover::Stats) -> String {
-///     let mut out = String::new();
-///     let _ = writeln!(out, "# TYPE handover_generation gauge");
-///     let _ = writeln!(out, "handover_generation {}", stats.generation);
-///     let _ = writeln!(out, "# TYPE handover_upgrades_total counter");
-///     let _ = writeln!(out, "handover_upgrades_total{{result=\"ok\"}} {}", stats.upgrades_succeeded);
-///     let _ = writeln!(out, "handover_upgrades_total{{result=\"failed\"}} {}", stats.upgrades_failed);
-///     let _ = writeln!(out, "# TYPE handover_draining_connections gauge");
-///     let _ = writeln!(out, "handover_draining_connections {}", stats.draining);
-///     let _ = writeln!(out, "# TYPE handover_last_upgrade_phase_seconds gauge");
-///     if let Some(phases) = &stats.last_phases {
-///         for (phase, took) in phases.iter() {
-///             if let Some(took) = took {
-///                 let _ = writeln!(
-///                     out,
-///                     "handover_last_upgrade_phase_seconds{{phase=\"{phase}\"}} {}",
-///                     took.as_secs_f64()
-///                 );
-///             }
-///         }
-///     }
-///     out
-/// }
-///
-/// let h = handover::Handover::builder().build()?;
-/// let text = metrics(&h.stats());
-/// assert!(text.contains("handover_generation 1\n"));
-/// # Ok::<(), handover::Error>(())
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// This process's generation.
-    pub generation: u64,
-    /// Where this generation is in its life.
-    pub state: State,
-    /// Whether this generation's own handover is final: always for a first
-    /// generation; for a successor once its predecessor committed (after
-    /// the probation window, if any) or exited.
-    pub committed: bool,
-    /// Upgrades that succeeded, counting the one that started this process.
-    pub upgrades_succeeded: u64,
-    /// Upgrades that failed (the generation that tried kept serving).
-    pub upgrades_failed: u64,
-    /// The error of the last failed upgrade.
-    pub last_error: Option<String>,
-    /// The phases of the last upgrade: the one that started this process,
-    /// or a later attempt of this process, whichever came last.
-    pub last_phases: Option<Phases>,
-    /// Connections still in flight while this generation drains (0 before
-    /// its drain starts); counted by the [`Drain`](crate::Drain) from
-    /// [`Handover::drain`](crate::Handover::drain).
-    pub draining: usize,
 }
 
 /// The span of the upgrade from `generation` to the next. The old

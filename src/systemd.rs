@@ -98,13 +98,15 @@ impl Notifier {
         self.watchdog
     }
 
-    /// Sends `state` (newline-separated `KEY=VALUE` assignments).
-    pub fn notify(&self, state: &str) -> io::Result<()> {
+    /// Sends `state` (newline-separated `KEY=VALUE` assignments). Crate
+    /// only: the handover's own messages (`MAINPID=`, `READY=`,
+    /// `RELOADING=`) are sent by the crate alone, at the right moments.
+    pub(crate) fn notify(&self, state: &str) -> io::Result<()> {
         self.notify_with_fds(state, &[])
     }
 
     /// Sends `state` with `fds` attached (`SCM_RIGHTS`), as `FDSTORE=1` needs.
-    pub fn notify_with_fds(&self, state: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    pub(crate) fn notify_with_fds(&self, state: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let Some((addr, sock)) = &self.target else {
             return Ok(());
         };
@@ -120,16 +122,6 @@ impl Notifier {
         send_with_fds(sock.as_fd(), addr, state.as_bytes(), fds)
     }
 
-    /// `READY=1`.
-    pub fn ready(&self) -> io::Result<()> {
-        self.notify("READY=1")
-    }
-
-    /// `RELOADING=1` with `MONOTONIC_USEC=` (needed by `Type=notify-reload`).
-    pub fn reloading(&self) -> io::Result<()> {
-        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))
-    }
-
     /// `STOPPING=1`: the whole service is stopping. Never send it from a
     /// generation that drains after handing over: systemd would stop the unit.
     pub fn stopping(&self) -> io::Result<()> {
@@ -139,11 +131,6 @@ impl Notifier {
     /// `STATUS=`: a one-line status for `systemctl status`.
     pub fn status(&self, status: &str) -> io::Result<()> {
         self.notify(&format!("STATUS={}", status.replace('\n', " ")))
-    }
-
-    /// `MAINPID=`: the service's main process is now `pid`.
-    pub fn main_pid(&self, pid: u32) -> io::Result<()> {
-        self.notify(&format!("MAINPID={pid}"))
     }
 
     /// `EXTEND_TIMEOUT_USEC=`: the current start, reload or stop may take
@@ -295,7 +282,7 @@ mod tests {
     fn unset_is_a_silent_no_op() {
         let n = Notifier::from_getter(getter(&[]), 1).unwrap();
         assert!(!n.is_enabled());
-        n.ready().unwrap();
+        n.notify("READY=1").unwrap();
         n.barrier(Duration::from_millis(1)).unwrap();
     }
 
@@ -353,11 +340,11 @@ mod tests {
         for (server, value) in &servers {
             let n = Notifier::from_getter(getter(&[("NOTIFY_SOCKET", value)]), 1).unwrap();
             assert!(n.is_enabled());
-            n.ready().unwrap();
+            n.notify("READY=1").unwrap();
             assert_eq!(recv_with_fds(server).0, "READY=1");
-            n.reloading().unwrap();
+            n.status("upgrading").unwrap();
             let (m, _) = recv_with_fds(server);
-            assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m}");
+            assert_eq!(m, "STATUS=upgrading");
             let (r, _w) = sys::pipe_cloexec().unwrap();
             n.fd_store("http", &[r.as_fd()]).unwrap();
             let (m, fds) = recv_with_fds(server);

@@ -1,5 +1,7 @@
-//! The upgrade state machine: Starting → Serving → Upgrading → Serving (on
-//! failure) or HandedOver (on success). One upgrade at a time.
+//! The upgrade, as named phases: begin (or refuse), announce, choose the
+//! program, preflight, spawn, state, wait for ready, probation, commit. The
+//! states it moves through belong to `lifecycle`; the bytes it exchanges
+//! with the successor, to `channel`.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -12,43 +14,30 @@ use crate::channel::{Inbox, Message};
 use crate::clock;
 use crate::env;
 use crate::error::UpgradeError;
-use crate::handover::{Handover, lock};
+use crate::lifecycle::{Generation, LastUpgrade, lock};
 use crate::pidfile;
 use crate::ready;
 use crate::spawn::{self, SpawnError};
+use crate::state::StateStream;
 use crate::stats::Phases;
 use crate::sys;
 
-/// Where a generation is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum State {
-    /// Built, not ready yet.
-    Starting,
-    /// Ready; may upgrade.
-    Serving,
-    /// An upgrade is running.
-    Upgrading,
-    /// A successor is ready and serving: this generation should stop
-    /// accepting, drain and exit.
-    HandedOver,
-    /// This generation reported itself unhealthy during its probation
-    /// ([`Handover::report_unhealthy`]) and its predecessor took the service
-    /// back: stop accepting, drain and exit.
-    RolledBack,
-}
-
 type StateSource = Arc<Mutex<Option<StateStream>>>;
 
-/// Options for one upgrade.
+/// What an upgrade runs and how it is checked: the defaults of a generation
+/// ([`Builder::upgrade_options`](crate::Builder::upgrade_options)), and the
+/// overrides of one upgrade
+/// ([`Handover::upgrade_with`](crate::Handover::upgrade_with)). What is not
+/// set falls back: an upgrade's option to the generation's, the
+/// generation's to the documented default.
 #[derive(Clone, Default)]
 #[must_use]
 pub struct UpgradeOptions {
-    program: Option<PathBuf>,
-    args: Option<Vec<OsString>>,
-    preflight: Option<Vec<OsString>>,
-    state: Option<StateSource>,
-    probation: Option<Duration>,
+    pub(crate) program: Option<PathBuf>,
+    pub(crate) args: Option<Vec<OsString>>,
+    pub(crate) preflight: Option<Vec<OsString>>,
+    pub(crate) state: Option<StateSource>,
+    pub(crate) probation: Option<Duration>,
 }
 
 impl std::fmt::Debug for UpgradeOptions {
@@ -64,30 +53,41 @@ impl std::fmt::Debug for UpgradeOptions {
 }
 
 impl UpgradeOptions {
-    /// The defaults: the builder's program and arguments.
+    /// Nothing set: everything falls back.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Run this program instead (e.g. a kept previous binary, to roll back).
+    /// The program to run. Default: the path this service was started with
+    /// (`argv[0]` made absolute, when it names the running binary; else the
+    /// running binary), carried on to every successor — also one started
+    /// from another program, such as a rollback's. It is resolved at each
+    /// upgrade, symlinks followed, so a deploy that renames a new binary
+    /// over the path, or switches a symlink on the way to it, runs the new
+    /// version; [`Upgraded::program`] names the binary that ran. As the
+    /// option of one upgrade it is a one-off (a rollback to a kept previous
+    /// binary); later upgrades run the default again. A relative path is
+    /// made absolute against the current directory when the builder builds.
     pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
         self.program = Some(path.into());
         self
     }
 
-    /// Streams `source` to the successor as its state, with format
-    /// `version`, before it reports ready (see
-    /// [`Handover::take_state`](crate::Handover::take_state)). The stream is
-    /// chunked and never held whole in memory; it must be delivered within
-    /// the ready timeout. A successor that rejects the version fails the
-    /// upgrade with [`UpgradeError::StateRejected`].
-    pub fn state(mut self, version: u32, source: impl Read + Send + 'static) -> Self {
-        self.state = Some(Arc::new(Mutex::new(Some((version, Box::new(source))))));
+    /// The arguments the successor gets (without `argv[0]`). Default: this
+    /// process's arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
         self
     }
 
-    /// Run this preflight check instead of the builder's (see
-    /// [`Builder::preflight`](crate::Builder::preflight)).
+    /// Preflight: before the upgrade, run the successor's program with these
+    /// arguments (like `nginx -t`) and abort the upgrade, with the check's
+    /// output in the error ([`UpgradeError::Preflight`]), unless it exits 0
+    /// within the ready timeout. Default: none.
     pub fn preflight<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -97,20 +97,35 @@ impl UpgradeOptions {
         self
     }
 
-    /// Use this probation window instead of the builder's (see
-    /// [`Builder::probation`](crate::Builder::probation)); zero for none.
+    /// Probation (canary): after the successor reports ready, keep this
+    /// generation accepting alongside it for `window`, and commit the
+    /// handover only if the successor neither exits nor reports itself
+    /// unhealthy ([`Handover::report_unhealthy`](crate::Handover::report_unhealthy))
+    /// meanwhile. Otherwise the successor is reaped and this generation
+    /// carries on alone, having lost no connection of its own; the upgrade
+    /// fails with [`UpgradeError::Probation`].
+    ///
+    /// Only a committed upgrade is a success: the upgrade call returns, the
+    /// pid file and the service manager (`MAINPID=`, `READY=1`) name the
+    /// successor, and the successor learns that it is final only after the
+    /// window. Until then the successor refuses to upgrade itself
+    /// ([`UpgradeError::OnProbation`]). Default: zero (no probation); at most
+    /// one day.
     pub fn probation(mut self, window: Duration) -> Self {
         self.probation = Some(window);
         self
     }
 
-    /// Pass these arguments (without `argv[0]`) instead.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        self.args = Some(args.into_iter().map(Into::into).collect());
+    /// Streams `source` to the successor as its state, with format
+    /// `version`, before it reports ready (see
+    /// [`Handover::take_state`](crate::Handover::take_state)); for this
+    /// upgrade only, in place of the state source
+    /// ([`Handover::set_state_source`](crate::Handover::set_state_source)).
+    /// The stream is chunked and never held whole in memory; it must be
+    /// delivered within the ready timeout. A successor that rejects the
+    /// version fails the upgrade with [`UpgradeError::StateRejected`].
+    pub fn state(mut self, version: u32, source: impl Read + Send + 'static) -> Self {
+        self.state = Some(Arc::new(Mutex::new(Some((version, Box::new(source))))));
         self
     }
 }
@@ -134,22 +149,10 @@ pub struct Upgraded {
     pub phases: Phases,
 }
 
-/// The outcome of the last upgrade this generation attempted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct UpgradeRecord {
-    /// The successor's pid, if it became ready.
-    pub successor: Option<u32>,
-    /// Why it failed, if it did.
-    pub error: Option<String>,
-    /// From the start of the attempt to its end.
-    pub duration: Duration,
-}
-
-/// Resets the state to Serving unless the upgrade committed, and tells the
-/// service manager that this generation still serves.
+/// Puts the state back to Serving unless the upgrade committed, and tells
+/// the service manager that this generation still serves.
 struct Attempt<'a> {
-    handover: &'a Handover,
+    generation: &'a Generation,
     committed: bool,
     reloading_sent: bool,
 }
@@ -159,94 +162,69 @@ impl Drop for Attempt<'_> {
         if self.committed {
             return;
         }
-        let inner = &self.handover.inner;
-        *lock(&inner.state) = State::Serving;
+        let g = self.generation;
+        g.life().upgrade_failed();
         if self.reloading_sent {
             let msg = format!(
                 "READY=1\nSTATUS=upgrade failed; serving (generation {})",
-                inner.generation
+                g.generation
             );
-            if let Err(e) = inner.notifier.notify(&msg) {
+            if let Err(e) = g.notifier.notify(&msg) {
                 tracing::warn!(error = %e, "cannot notify the service manager");
             }
         }
     }
 }
 
-impl Handover {
-    /// Where this generation is in its life.
-    pub fn state(&self) -> State {
-        *lock(&self.inner.state)
-    }
-
-    /// Upgrades with the default program and arguments, blocking until the
-    /// successor is ready or the upgrade failed. See
-    /// [`upgrade_blocking_with`](Self::upgrade_blocking_with).
-    pub fn upgrade_blocking(&self) -> Result<Upgraded, UpgradeError> {
-        self.upgrade_blocking_with(UpgradeOptions::new())
-    }
-
-    /// Fork+execs a successor, hands it this generation's registered fds,
-    /// and waits until it reports ready.
-    ///
-    /// Refused without spawning anything when this generation is not ready
-    /// yet, is already upgrading, has already handed over, or another process
-    /// holds the upgrade lock. On any failure the successor (if one was
-    /// started) is killed and reaped, and this generation keeps serving,
-    /// untouched.
-    ///
-    /// On success the pid file names the successor, this generation drops its
-    /// own copies of the fds (the application drops its listeners itself),
-    /// and the channel stays open until this process exits, so the successor
-    /// learns when its predecessor is gone. The successor is never this
-    /// process's child: it is started through an intermediate process, which
-    /// exits on success so that the successor is reparented to the nearest
-    /// subreaper (the service manager under systemd) or init. Under systemd
-    /// the manager is told `MAINPID=<successor>` and `READY=1` (see
-    /// [`systemd`](crate::systemd)).
-    pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+impl Generation {
+    /// Runs one upgrade, records its outcome (counters, last upgrade, the
+    /// one log line of a failure) and wakes whoever waits for its end.
+    pub(crate) fn upgrade(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         let start = Instant::now();
         let mut phases = Phases::default();
         let result = self.run_upgrade(opts, &mut phases);
         if !matches!(result, Err(UpgradeError::InProgress)) {
-            // A success was counted at the commit, before the successor was
-            // told.
             if let Err(e) = &result {
                 // The one log line of every failure, in the log of the
                 // generation that stays.
                 tracing::warn!(
-                    generation = self.inner.generation,
-                    error = %e,
+                    generation = self.generation,
+                    error = %crate::error::chain(e),
                     elapsed_ms = start.elapsed().as_secs_f64() * 1e3,
                     "upgrade failed; still serving"
                 );
-                self.count_failure(e, phases);
             }
-            let record = UpgradeRecord {
-                successor: result.as_ref().ok().map(|u| u.pid),
-                error: result.as_ref().err().map(|e| e.to_string()),
-                duration: start.elapsed(),
-            };
-            *lock(&self.inner.last_upgrade) = Some(record);
+            self.record_outcome(result.as_ref().map(|u| u.pid), phases, start.elapsed());
         }
         #[cfg(feature = "tokio")]
-        self.inner.upgrade_ended.notify_waiters();
+        self.upgrade_ended.notify_waiters();
         result
     }
 
-    /// Counts a failed upgrade with its reason.
-    fn count_failure(&self, e: &UpgradeError, phases: Phases) {
-        let mut c = lock(&self.inner.counters);
-        c.failed += 1;
-        c.last_error = Some(e.to_string());
-        if phases != Phases::default() {
-            c.last = Some(phases);
+    /// Counts a failed upgrade with its reason (a success was counted at
+    /// the commit, before the successor was told), and keeps this
+    /// generation's last attempt.
+    pub(crate) fn record_outcome(
+        &self,
+        outcome: Result<u32, &UpgradeError>,
+        phases: Phases,
+        duration: Duration,
+    ) {
+        let mut life = self.life();
+        let error = outcome.as_ref().err().map(|e| crate::error::chain(*e));
+        if let Some(e) = &error {
+            let c = &mut life.counters;
+            c.failed += 1;
+            c.last_error = Some(e.clone());
+            if phases != Phases::default() {
+                c.last = Some(phases);
+            }
         }
-    }
-
-    /// The outcome of the last upgrade attempt of this generation.
-    pub fn last_upgrade(&self) -> Option<UpgradeRecord> {
-        lock(&self.inner.last_upgrade).clone()
+        life.last = Some(LastUpgrade {
+            successor: outcome.ok(),
+            error,
+            duration,
+        });
     }
 
     /// One upgrade, phase by phase: refuse or begin, announce, choose the
@@ -258,24 +236,24 @@ impl Handover {
         opts: UpgradeOptions,
         phases: &mut Phases,
     ) -> Result<Upgraded, UpgradeError> {
-        let inner = &self.inner;
-        let probation = opts.probation.unwrap_or(inner.probation);
+        let cfg = &self.config;
+        let probation = opts.probation.unwrap_or(cfg.probation);
         clock::check_setting(probation, true).map_err(|reason| UpgradeError::InvalidOptions {
             setting: "probation",
             reason,
         })?;
         let mut attempt = self.begin()?;
-        let generation = inner.generation + 1;
+        let generation = self.generation + 1;
         let start = Instant::now();
-        let deadline = clock::after_from(start, inner.ready_timeout);
-        let span = crate::stats::upgrade_span(inner.generation);
+        let deadline = clock::after_from(start, cfg.ready_timeout);
+        let span = crate::stats::upgrade_span(self.generation);
         let _enter = span.enter();
 
         let _lock = self.upgrade_lock()?;
         attempt.reloading_sent = self.announce_reload(generation, probation);
         let program = self.choose_program(&opts)?;
-        let args = opts.args.as_ref().unwrap_or(&inner.args);
-        if let Some(check) = opts.preflight.as_ref().or(inner.preflight.as_ref()) {
+        let args = opts.args.as_ref().unwrap_or(&cfg.args);
+        if let Some(check) = opts.preflight.as_ref().or(cfg.preflight.as_ref()) {
             let t = Instant::now();
             let checked = spawn::preflight(&program, check, deadline);
             phase(phases, "preflight", t.elapsed());
@@ -307,7 +285,7 @@ impl Handover {
             &mut inbox,
             &mut child,
             deadline,
-            inner.ready_timeout,
+            cfg.ready_timeout,
         );
         if let Some(w) = writer {
             join_state_writer(w, phases);
@@ -330,7 +308,7 @@ impl Handover {
                 &mut inbox,
                 &mut child,
                 probation,
-                inner.drain_timeout,
+                cfg.drain_timeout,
             );
             phase(phases, "probation", t.elapsed());
             watched?;
@@ -357,22 +335,12 @@ impl Handover {
     /// [`State::Upgrading`]; the returned guard moves it back unless the
     /// upgrade commits.
     fn begin(&self) -> Result<Attempt<'_>, UpgradeError> {
-        let inner = &self.inner;
         // Take in what the predecessor sent: its commit ends this
         // generation's probation.
-        let _ = self.pump_channel();
-        if !lock(&inner.link).committed {
-            return Err(UpgradeError::OnProbation);
-        }
-        let mut state = lock(&inner.state);
-        match *state {
-            State::Starting => return Err(UpgradeError::NotReady),
-            State::Upgrading => return Err(UpgradeError::InProgress),
-            State::HandedOver | State::RolledBack => return Err(UpgradeError::HandedOver),
-            State::Serving => *state = State::Upgrading,
-        }
+        let _ = self.pump();
+        self.life().begin_upgrade()?;
         Ok(Attempt {
-            handover: self,
+            generation: self,
             committed: false,
             reloading_sent: false,
         })
@@ -381,7 +349,7 @@ impl Handover {
     /// The lock next to the pid file, so that two processes never upgrade
     /// one service at once.
     fn upgrade_lock(&self) -> Result<Option<pidfile::UpgradeLock>, UpgradeError> {
-        let Some(pid_file) = &self.inner.pid_file else {
+        let Some(pid_file) = &self.config.pid_file else {
             return Ok(None);
         };
         let path = pidfile::lock_path(pid_file);
@@ -400,9 +368,9 @@ impl Handover {
     /// status. The reload may take as long as the ready timeout and the
     /// probation window allow. Returns whether the manager was told.
     fn announce_reload(&self, generation: u64, probation: Duration) -> bool {
-        let inner = &self.inner;
-        let n = &inner.notifier;
-        let extend = inner
+        let n = &self.notifier;
+        let extend = self
+            .config
             .ready_timeout
             .saturating_add(probation)
             .saturating_add(Duration::from_secs(5));
@@ -424,7 +392,7 @@ impl Handover {
     /// of these options), resolved now, symlinks followed, and checked to be
     /// an executable file.
     fn choose_program(&self, opts: &UpgradeOptions) -> Result<PathBuf, UpgradeError> {
-        let asked: &Path = opts.program.as_deref().unwrap_or(&self.inner.program);
+        let asked: &Path = opts.program.as_deref().unwrap_or(&self.config.program);
         let fail = |source: std::io::Error| {
             tracing::warn!(program = %asked.display(), error = %source, "successor program cannot run");
             UpgradeError::Program {
@@ -446,7 +414,7 @@ impl Handover {
     /// The state the application provides for every upgrade (see
     /// [`Handover::set_state_source`]), if any.
     fn default_state(&self) -> Option<StateStream> {
-        let source = lock(&self.inner.state_source).clone()?;
+        let source = lock(&self.state_source).clone()?;
         Some(source())
     }
 
@@ -460,11 +428,10 @@ impl Handover {
         with_state: bool,
         deadline: Instant,
     ) -> Result<(std::os::fd::OwnedFd, spawn::Child), UpgradeError> {
-        let inner = &self.inner;
         let (ours, theirs) =
             sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
         let child = {
-            let registry = lock(&inner.registry);
+            let registry = lock(&self.registry);
             let handed = registry.handed();
             let names: Vec<&str> = handed.iter().map(|(n, _)| *n).collect();
             let mut fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
@@ -472,7 +439,8 @@ impl Handover {
             let vars =
                 std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
             // The successor upgrades to the deploy path, whatever it runs.
-            let succ_vars = env::successor_vars(&names, generation, with_state, &inner.program);
+            let succ_vars =
+                env::successor_vars(&names, generation, with_state, &self.config.program);
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
             spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
         };
@@ -493,7 +461,7 @@ impl Handover {
                 );
                 Err(UpgradeError::Timeout {
                     pid: pid as u32,
-                    after: inner.ready_timeout,
+                    after: self.config.ready_timeout,
                 })
             }
             Err(SpawnError::Parent(what, err)) => Err(UpgradeError::io(what, err)),
@@ -513,9 +481,8 @@ impl Handover {
         generation: u64,
         phases: &Phases,
     ) -> Result<(), UpgradeError> {
-        let inner = &self.inner;
         let pid = child.pid as u32;
-        if let Some(path) = &inner.pid_file {
+        if let Some(path) = &self.config.pid_file {
             if let Err(source) = pidfile::write(path, pid) {
                 tracing::error!(path = %path.display(), error = %source, "cannot write the pid file; killing the successor");
                 drop(child); // kills and reaps it: it was not released
@@ -529,7 +496,7 @@ impl Handover {
         // The old main process names its successor main and ready, and waits
         // until the manager has taken that in before it drains, so the
         // manager never sees the main process exit.
-        let n = &inner.notifier;
+        let n = &self.notifier;
         let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
         if let Err(e) = n
             .notify(&msg)
@@ -537,61 +504,40 @@ impl Handover {
         {
             tracing::warn!(error = %e, "cannot notify the service manager of the new main pid");
         }
-        *lock(&inner.state) = State::HandedOver;
-        lock(&inner.registry).clear();
+        lock(&self.registry).clear();
         // The counters travel with the service: the successor carries on
-        // counting from ours.
-        let commit = {
-            let mut c = lock(&inner.counters);
-            c.succeeded += 1;
-            c.last = Some(*phases);
-            Message::Commit(c.clone()).encode()
-        };
-        if let Err(e) = sys::send_all(ours.as_fd(), &commit) {
-            tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
-        }
-        // Keep our end of the channel open until this process exits: its EOF
-        // tells the successor that its predecessor is gone. It is
-        // close-on-exec, so no other child ever holds it.
-        *lock(&inner.successor) = Some(ours);
-        // Our own predecessor's channel is of no further use.
-        lock(&inner.channel).take();
-        Ok(())
-    }
-
-    /// Upgrades with the default program and arguments; the async form of
-    /// [`upgrade_blocking`](Self::upgrade_blocking).
-    #[cfg(feature = "tokio")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
-        self.upgrade_with(UpgradeOptions::new()).await
-    }
-
-    /// The async form of [`upgrade_blocking_with`](Self::upgrade_blocking_with).
-    ///
-    /// The work runs on tokio's blocking pool. Dropping the future does not
-    /// cancel the upgrade: it runs to its end, and [`state`](Self::state)
-    /// tells how it ended.
-    #[cfg(feature = "tokio")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn upgrade_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
-        let this = self.clone();
-        match tokio::task::spawn_blocking(move || this.upgrade_blocking_with(opts)).await {
-            Ok(result) => result,
-            Err(e) => {
-                // A panic inside the upgrade (a bug): count it like any
-                // failure, and say so.
-                let e = UpgradeError::io("upgrade task", std::io::Error::other(e.to_string()));
-                // (The attempt's guard has put the state back while unwinding.)
-                self.count_failure(&e, Phases::default());
-                Err(e)
+        // counting from ours. Our end of the channel stays open until this
+        // process exits: its EOF tells the successor that its predecessor is
+        // gone. It is close-on-exec, so no other child ever holds it.
+        let commit = Message::Commit(self.life().handed_over(ours, *phases)).encode();
+        if let Some(ch) = self.life().successor.as_ref() {
+            if let Err(e) = sys::send_all(ch.as_fd(), &commit) {
+                tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
             }
         }
+        Ok(())
     }
 }
 
-/// A state for the successor: its format version and its bytes.
-pub(crate) type StateStream = (u32, Box<dyn Read + Send>);
+#[cfg(feature = "tokio")]
+impl crate::drain::DrainObserver for Generation {
+    /// The application's drain ended: after a handover, record its duration
+    /// as the drain phase of that upgrade, and tell the successor.
+    fn drained(&self, report: &crate::drain::DrainReport) {
+        let mut life = self.life();
+        if life.state != crate::lifecycle::State::HandedOver {
+            return; // a stop, not the end of an upgrade
+        }
+        let span = crate::stats::upgrade_span(self.generation);
+        let _e = span.enter();
+        let phases = life.counters.last.get_or_insert_with(Default::default);
+        crate::stats::record(phases, "drain", report.elapsed);
+        if let Some(ch) = life.successor.as_ref() {
+            // The successor may be gone or busy; this is only a report.
+            let _ = sys::send_all(ch.as_fd(), &Message::Drained(report.elapsed).encode());
+        }
+    }
+}
 
 /// Streams `state` over a copy of the channel from a thread of its own, so
 /// that waiting for ready goes on meanwhile. Its sends time out at the

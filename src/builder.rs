@@ -1,0 +1,232 @@
+//! [`Builder`]: a generation's configuration, and `build()`, which reads
+//! what a predecessor or systemd handed to this process.
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use socket2::Type;
+
+use crate::env;
+use crate::error::Error;
+use crate::fds::{self, Registry};
+use crate::handover::Handover;
+use crate::lifecycle::{Birth, Config, Generation};
+use crate::successor::send_failure;
+use crate::sys;
+use crate::systemd::Notifier;
+use crate::upgrade::UpgradeOptions;
+
+impl Handover {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+/// Set once the inherited fds are owned by a `Handover`: they can be owned
+/// only once per process.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Configures and builds a [`Handover`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    pid_file: Option<PathBuf>,
+    fd_store: bool,
+    defaults: UpgradeOptions,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            ready_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            pid_file: None,
+            fd_store: false,
+            defaults: UpgradeOptions::new(),
+        }
+    }
+}
+
+impl Builder {
+    /// How long a successor may take from spawn to `ready()` before it is
+    /// killed and the upgrade fails. Default: 60 s. At least 1 ms and at
+    /// most one day, or [`build`](Self::build) fails with
+    /// [`Error::InvalidConfig`].
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long the old generation should drain after a successful upgrade.
+    /// `handover` does not enforce it; [`Handover::drain_timeout`] hands it to
+    /// the application's drain (see [`Drain`](crate::Drain)). Default: 30 s;
+    /// at most one day.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// A pid file naming the serving generation. It is written atomically
+    /// (temporary file, then rename): by the first generation when it calls
+    /// [`Handover::ready`], and by an old generation with its successor's pid
+    /// once the successor is ready. A failed upgrade leaves it unchanged.
+    ///
+    /// `<path>.lock` is `flock`ed during an upgrade, so that two processes
+    /// cannot upgrade one service at once. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The options of every upgrade of this generation and its successors'
+    /// defaults: the program, its arguments, a preflight check, a probation
+    /// window (see [`UpgradeOptions`], whose setters document each). An
+    /// upgrade may override any of them for itself
+    /// ([`Handover::upgrade_with`]). A state streams once, so it is not a
+    /// default: give every upgrade one with
+    /// [`Handover::set_state_source`]. Default: [`UpgradeOptions::new`].
+    pub fn upgrade_options(mut self, defaults: UpgradeOptions) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// FD-store mode: when a first generation (one not started by a
+    /// predecessor) calls [`Handover::ready`], it also stores every
+    /// registered fd in systemd's fd store under its name (`FDSTORE=1`,
+    /// `FDNAME=`), so that even `systemctl restart` — stop, then start —
+    /// hands the same sockets to the next start through `LISTEN_FDNAMES`,
+    /// and no queued connection is refused. The unit needs
+    /// `FileDescriptorStoreMax=` (at least the number of fds). Without
+    /// `NOTIFY_SOCKET` it does nothing. Default: off.
+    pub fn fd_store(mut self, on: bool) -> Self {
+        self.fd_store = on;
+        self
+    }
+
+    /// Reads what a predecessor or systemd handed to this process and
+    /// builds the [`Handover`].
+    ///
+    /// The `LISTEN_*` variables count only when `LISTEN_PID` names this
+    /// process. Each inherited fd is checked to be open and made
+    /// close-on-exec at once. Errors name the variable or fd that is wrong.
+    pub fn build(self) -> Result<Handover, Error> {
+        let d = self.defaults;
+        if d.state.is_some() {
+            return Err(Error::InvalidConfig {
+                setting: "upgrade_options",
+                reason: "a state streams once, so it cannot be a default: use \
+                         Handover::set_state_source"
+                    .to_owned(),
+            });
+        }
+        let probation = d.probation.unwrap_or(Duration::ZERO);
+        let settings = [
+            ("ready_timeout", self.ready_timeout, false),
+            ("drain_timeout", self.drain_timeout, true),
+            ("probation", probation, true),
+        ];
+        for (setting, value, zero_ok) in settings {
+            crate::clock::check_setting(value, zero_ok)
+                .map_err(|reason| Error::InvalidConfig { setting, reason })?;
+        }
+        let own_pid = std::process::id();
+        let notifier = Notifier::from_env()?;
+        let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
+        let (fds, channel, generation, state_expected, deploy_path) = match inherited {
+            None => (Vec::new(), None, 1, false, None),
+            Some(inh) => {
+                if TAKEN.swap(true, Ordering::SeqCst) {
+                    return Err(Error::AlreadyTaken);
+                }
+                let channel = match inh.channel {
+                    Some(raw) => Some(adopt_channel(raw)?),
+                    None => None,
+                };
+                let fds = match fds::adopt(&inh.fds) {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        if let Some(ch) = &channel {
+                            send_failure(ch.as_fd(), &e.to_string());
+                        }
+                        return Err(e);
+                    }
+                };
+                (fds, channel, inh.generation, inh.state, inh.program)
+            }
+        };
+        let program = match (d.program, deploy_path) {
+            (Some(p), _) if p.is_absolute() => p,
+            (Some(p), _) => std::env::current_dir()
+                .map_err(|e| Error::io("cannot make the program path absolute", e))?
+                .join(p),
+            (None, Some(p)) => p,
+            (None, None) => crate::program::started_as()
+                .map_err(|e| Error::io("cannot find the running binary", e))?,
+        };
+        let args = d
+            .args
+            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let from_predecessor = channel.is_some();
+        tracing::info!(
+            generation,
+            inherited = fds.len(),
+            from_predecessor,
+            names = ?fds.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "handover started"
+        );
+        Ok(Handover::from_generation(Generation::new(Birth {
+            config: Config {
+                ready_timeout: self.ready_timeout,
+                drain_timeout: self.drain_timeout,
+                pid_file: self.pid_file,
+                program,
+                args,
+                preflight: d.preflight,
+                probation,
+                fd_store: self.fd_store,
+            },
+            generation,
+            notifier,
+            registry: Registry::new(fds),
+            predecessor: channel,
+            state_expected,
+        })))
+    }
+}
+
+fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
+    let name = env::CHANNEL_FD;
+    if let Err(e) = sys::fd_flags(raw) {
+        return Err(Error::InvalidFd {
+            fd: raw,
+            name: name.into(),
+            reason: format!("not open ({e})"),
+        });
+    }
+    // SAFETY: the fd is open, and the protocol (LISTEN_PID names this process)
+    // hands it to us; `TAKEN` makes this run once per process.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    sys::set_cloexec(fd.as_fd())
+        .map_err(|e| Error::io("cannot set FD_CLOEXEC on the channel", e))?;
+    let mode = sys::file_mode(fd.as_fd()).map_err(|e| Error::io("fstat on the channel", e))?;
+    let sock = socket2::SockRef::from(&fd);
+    let ok = mode & libc::S_IFMT == libc::S_IFSOCK
+        && sock.domain().ok() == Some(socket2::Domain::UNIX)
+        && sock.r#type().ok() == Some(Type::STREAM);
+    if !ok {
+        return Err(Error::InvalidFd {
+            fd: raw,
+            name: name.into(),
+            reason: format!(
+                "expected a Unix stream socket, found {}",
+                sys::describe_mode(mode)
+            ),
+        });
+    }
+    Ok(fd)
+}

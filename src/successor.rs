@@ -1,0 +1,355 @@
+//! The successor's side of the channel: the state it receives, the reasons
+//! it sends (failure, unhealthy), and what it takes in from its predecessor
+//! after `ready()` (the commit, a taking back, the drain report, EOF).
+//!
+//! Before `ready()` the channel carries the state stream, read with blocking
+//! calls; nothing here reads messages until then.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::channel::{self, Message, Next};
+use crate::error::Error;
+use crate::lifecycle::{Generation, Life, State, lock};
+use crate::pidfile;
+use crate::sys;
+
+/// Sends `F<reason>` to the predecessor (best effort: it may be gone).
+pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
+    let msg = Message::Failed(reason.to_owned()).encode();
+    if let Err(e) = sys::send_all(channel, &msg) {
+        tracing::warn!(error = %e, "cannot send the failure reason to the predecessor");
+    }
+}
+
+impl Generation {
+    /// A copy of the channel to the predecessor, so that waiting on it holds
+    /// no lock.
+    pub(crate) fn channel_copy(&self) -> Result<Option<OwnedFd>, Error> {
+        let life = self.life();
+        match life.predecessor.as_ref() {
+            None => Ok(None),
+            Some(ch) => ch
+                .try_clone()
+                .map(Some)
+                .map_err(|e| Error::io("duplicating the channel", e)),
+        }
+    }
+
+    /// Sends the reason this successor cannot start (once, before ready).
+    pub(crate) fn report_failure(&self, reason: &str) {
+        let life = self.life();
+        if life.state != State::Starting || self.failure_sent.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(ch) = life.predecessor.as_ref() {
+            send_failure(ch.as_fd(), reason);
+        }
+    }
+
+    /// Passes `result` through, reporting its error to the predecessor first.
+    pub(crate) fn reported<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &result {
+            self.report_failure(&crate::error::chain(e));
+        }
+        result
+    }
+
+    /// The state stream, once.
+    pub(crate) fn take_state(&self) -> Result<Option<crate::state::StateReader>, Error> {
+        if !self.state_expected || self.state_taken.swap(true, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(None);
+        };
+        crate::state::set_timeout(ch.as_fd(), libc::SO_RCVTIMEO, self.config.ready_timeout)
+            .map_err(|e| Error::io("setting the state stream timeout", e))?;
+        let opened = crate::state::StateReader::open(ch, self.state_progress.clone())
+            .map(Some)
+            .map_err(|e| Error::io("reading the state stream header", e));
+        self.reported(opened)
+    }
+
+    pub(crate) fn reject_state(&self, reason: &str) -> Result<(), Error> {
+        let life = self.life();
+        let Some(ch) = life.predecessor.as_ref() else {
+            return Ok(());
+        };
+        let msg = Message::StateRejected(reason.to_owned()).encode();
+        sys::send_all(ch.as_fd(), &msg).map_err(|e| Error::io("cannot send the rejection", e))
+    }
+
+    /// Reads and discards what is left of the state stream.
+    pub(crate) fn drain_state(&self) -> Result<(), Error> {
+        if !self.state_expected {
+            return Ok(());
+        }
+        let reader = self.take_state()?;
+        if lock(&self.state_progress).done {
+            return Ok(());
+        }
+        let fd = match reader {
+            Some(r) => r.into_fd(),
+            None => match self.channel_copy()? {
+                Some(fd) => fd,
+                None => return Ok(()),
+            },
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut progress = lock(&self.state_progress);
+        while crate::state::read_chunked(fd.as_fd(), &mut progress, &mut buf)
+            .map_err(|e| Error::io("discarding the unread state", e))?
+            > 0
+        {}
+        Ok(())
+    }
+
+    /// Takes in what the predecessor sent since this generation reported
+    /// ready (its commit, its drain report), without blocking. `Ok(true)`
+    /// once the predecessor is gone (or there never was one).
+    pub(crate) fn pump(&self) -> io::Result<bool> {
+        let mut closed = false;
+        {
+            let mut guard = self.life();
+            let life: &mut Life = &mut guard;
+            if life.state == State::Starting {
+                // The channel carries the state stream until ready().
+                return Ok(life.predecessor.is_none());
+            }
+            let Some(ch) = life.predecessor.as_ref() else {
+                return Ok(true);
+            };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // What is pending now, at most 1 MiB per call.
+            while got.len() < 1 << 20 {
+                match sys::recv(ch.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(0) => closed = true,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => closed = true,
+                    Err(e) => return Err(e),
+                }
+                break;
+            }
+            life.inbox.push(&got);
+            self.take_messages(life);
+            if closed {
+                if let Some(at) = life.committed_at {
+                    let span = crate::stats::upgrade_span(self.generation - 1);
+                    let _e = span.enter();
+                    let phases = life.counters.last.get_or_insert_with(Default::default);
+                    crate::stats::record(phases, "exit", at.elapsed());
+                }
+                life.predecessor_gone();
+            }
+        }
+        if closed {
+            self.claim_pid_file();
+        }
+        Ok(closed)
+    }
+
+    /// Handles the complete messages in the inbox.
+    fn take_messages(&self, life: &mut Life) {
+        loop {
+            let kind = life.inbox.peek_kind();
+            match life.inbox.next() {
+                Next::Incomplete => return,
+                Next::Message(Message::Commit(c)) => {
+                    life.commit_received(c);
+                    tracing::info!(
+                        generation = self.generation,
+                        "predecessor committed the handover"
+                    );
+                }
+                Next::Message(Message::TakenBack) => life.taken_back(),
+                Next::Message(Message::Drained(d)) => {
+                    life.counters
+                        .last
+                        .get_or_insert_with(Default::default)
+                        .drain = Some(d);
+                }
+                Next::Message(other) => {
+                    tracing::warn!(message = ?other, "a successor's message from the predecessor; ignored");
+                }
+                Next::Unknown(kind) => {
+                    tracing::debug!(kind = %(kind as char), "a message of a newer version from the predecessor; skipped");
+                }
+                Next::Bad(e) => {
+                    tracing::warn!(error = %e, "unreadable message from the predecessor; ignored");
+                    // A commit that cannot be read still commits: the
+                    // predecessor only sends one when the handover is final.
+                    if kind == Some(channel::COMMIT) {
+                        life.mark_committed();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Once the predecessor is gone, this generation serves: make sure the
+    /// pid file says so, even if the predecessor died before writing it.
+    pub(crate) fn claim_pid_file(&self) {
+        let Some(path) = &self.config.pid_file else {
+            return;
+        };
+        // Held across the write: no upgrade can start (and write the file
+        // with its successor's pid) meanwhile.
+        let life = self.life();
+        if life.state != State::Serving {
+            return;
+        }
+        let me = std::process::id();
+        if pidfile::read(path).ok() != Some(me) {
+            if let Err(e) = pidfile::write(path, me) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the pid file");
+            }
+        }
+    }
+
+    /// Reports unhealthy during probation; see `Handover::report_unhealthy`.
+    pub(crate) fn report_unhealthy(&self, reason: &str) -> Result<bool, Error> {
+        if self.state() == State::Starting {
+            return Err(Error::io(
+                "report_unhealthy before ready()",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "exit instead: a successor that never reports ready fails the upgrade",
+                ),
+            ));
+        }
+        let _ = self.pump();
+        if self.life().committed {
+            return Ok(false);
+        }
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(false);
+        };
+        let msg = Message::Unhealthy(reason.to_owned()).encode();
+        if let Err(e) = sys::send_all(ch.as_fd(), &msg) {
+            if e.raw_os_error() == Some(libc::EPIPE) {
+                return Ok(false); // gone: serving alone
+            }
+            return Err(Error::io("cannot report unhealthy to the predecessor", e));
+        }
+        // The answer: taken back, or committed just before (a race), or the
+        // predecessor is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = self
+                .pump()
+                .map_err(|e| Error::io("reading the channel", e))?;
+            {
+                let mut life = self.life();
+                if life.rolled_back {
+                    life.state = State::RolledBack;
+                    drop(life);
+                    tracing::warn!(generation = self.generation, %reason, "reported unhealthy; the predecessor took the service back");
+                    return Ok(true);
+                }
+                if life.committed || closed {
+                    return Ok(false);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::io(
+                    "no answer from the predecessor to the unhealthy report",
+                    io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            // Another task (awaiting `predecessor_exited`) may take in the
+            // answer first: look again at least every 10 ms.
+            let slice = deadline.min(Instant::now() + Duration::from_millis(10));
+            sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], slice)
+                .map_err(|e| Error::io("poll on the channel", e))?;
+        }
+    }
+
+    /// Waits until `done` holds or `deadline` passes, taking in the
+    /// predecessor's messages; `done` is given whether the channel closed.
+    pub(crate) fn wait_channel_blocking(
+        &self,
+        deadline: Instant,
+        done: impl Fn(&Self, bool) -> bool,
+    ) -> Result<bool, Error> {
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(true);
+        };
+        loop {
+            let closed = self
+                .pump()
+                .map_err(|e| Error::io("reading the channel", e))?;
+            if done(self, closed) {
+                return Ok(true);
+            }
+            let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
+                .map_err(|e| Error::io("poll on the channel", e))?;
+            if rev[0] == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Takes in the predecessor's messages as they come until `done` (given
+    /// whether the channel closed) holds.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_channel(
+        &self,
+        done: impl Fn(&Self, bool) -> bool,
+    ) -> Result<(), Error> {
+        // Before ready() the channel carries the state stream, read with
+        // blocking calls: leave it alone (and blocking) until then.
+        loop {
+            let readied = self.readied.notified();
+            if self.state() != State::Starting {
+                break;
+            }
+            readied.await;
+        }
+        let pumped = self
+            .pump()
+            .map_err(|e| Error::io("reading the channel", e))?;
+        if done(self, pumped) {
+            return Ok(());
+        }
+        let Some(ch) = self.channel_copy()? else {
+            return Ok(());
+        };
+        // The channel is a Unix stream socket. tokio needs it non-blocking:
+        // the flag is shared with the original fd, whose every read and
+        // write here uses MSG_DONTWAIT or polls first, and retries EINTR.
+        let stream = std::os::unix::net::UnixStream::from(ch);
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("making the channel non-blocking", e))?;
+        let stream = tokio::net::UnixStream::from_std(stream)
+            .map_err(|e| Error::io("registering the channel with tokio", e))?;
+        loop {
+            stream
+                .readable()
+                .await
+                .map_err(|e| Error::io("waiting on the channel", e))?;
+            // Read through pump; a WouldBlock from it clears tokio's
+            // readiness so that the next `readable()` waits.
+            let pumped = stream.try_io(tokio::io::Interest::READABLE, || {
+                let closed = self.pump()?;
+                match done(self, closed) {
+                    true => Ok(()),
+                    false => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            });
+            match pumped {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::io("reading the channel", e)),
+            }
+        }
+    }
+}
