@@ -19,22 +19,24 @@ use crate::channel::{self, MAX_CHUNK as CHUNK};
 /// A state for the successor: its format version and its bytes.
 pub(crate) type StateStream = (u32, Box<dyn Read + Send>);
 
-/// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` on a socket.
-pub(crate) fn set_timeout(fd: BorrowedFd<'_>, opt: libc::c_int, d: Duration) -> io::Result<()> {
-    let d = d.max(Duration::from_millis(1));
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    // setsockopt reads one timeval from a valid pointer.
-    sys::syscall!(setsockopt(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        libc::SOL_SOCKET,
-        opt,
-        (&tv as *const libc::timeval).cast(),
-        std::mem::size_of::<libc::timeval>() as libc::socklen_t
-    ))?;
-    Ok(())
+/// Which way a socket timeout applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Direction {
+    /// `SO_RCVTIMEO`
+    Receive,
+    /// `SO_SNDTIMEO`
+    Send,
+}
+
+/// Sets a receive or send timeout on a socket (at least 1 ms: zero would
+/// mean none).
+pub(crate) fn set_timeout(fd: BorrowedFd<'_>, dir: Direction, d: Duration) -> io::Result<()> {
+    let d = Some(d.max(Duration::from_millis(1)));
+    let sock = socket2::SockRef::from(&fd);
+    match dir {
+        Direction::Receive => sock.set_read_timeout(d),
+        Direction::Send => sock.set_write_timeout(d),
+    }
 }
 
 /// Streams `source` with `version` over `fd` (the old generation's side).

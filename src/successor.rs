@@ -65,7 +65,11 @@ impl Generation {
         let Some(ch) = self.channel_copy()? else {
             return Ok(None);
         };
-        crate::state::set_timeout(ch.as_fd(), libc::SO_RCVTIMEO, self.config.ready_timeout)
+        crate::state::set_timeout(
+            ch.as_fd(),
+            crate::state::Direction::Receive,
+            self.config.ready_timeout,
+        )
             .map_err(|e| Error::io("setting the state stream timeout", e))?;
         let opened = crate::state::StateReader::open(ch, self.state_progress.clone())
             .map(Some)

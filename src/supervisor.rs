@@ -28,25 +28,29 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
-use crate::sys::{self, syscall};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::sys;
 
 /// Set in the server's environment by the supervisor: a server that sees it
 /// must not start another supervisor.
 pub const SUPERVISED_VAR: &str = "HANDOVER_SUPERVISED";
 
 /// The signals the supervisor passes on to the main process.
-const FORWARDED: [libc::c_int; 7] = [
-    libc::SIGHUP,
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
+const FORWARDED: [Signal; 7] = [
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
 ];
 
 /// Whether this process should become the supervisor of the server rather
@@ -118,26 +122,20 @@ impl Supervisor {
     pub fn run(self) -> Result<u8, crate::Error> {
         let err = |what: &str, e: io::Error| crate::Error::io(what.to_owned(), e);
         // Orphans come to us even when we are not PID 1.
-        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag.
-        syscall!(prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
-            .map_err(|e| err("cannot become a child subreaper", e))?;
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| err("cannot become a child subreaper", e.into()))?;
         let (sock, name) = bind_notify().map_err(|e| err("cannot bind the notify socket", e))?;
         let signals = block_signals().map_err(|e| err("cannot set up signal handling", e))?;
 
         let mut cmd = std::process::Command::new(&self.program);
-        // SAFETY: the closure runs between fork and exec and only calls
-        // pthread_sigmask, which is async-signal-safe, on a set built on
-        // its own stack.
+        // SAFETY: the closure runs between fork and exec; it only calls
+        // pthread_sigmask (async-signal-safe) with an empty set built on its
+        // own stack, and allocates nothing.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
                 // The server starts with no signal blocked, as if started
                 // by a service manager.
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
-                    0 => Ok(()),
-                    e => Err(io::Error::from_raw_os_error(e)),
-                }
+                SigSet::empty().thread_set_mask().map_err(io::Error::from)
             });
         }
         let child = cmd
@@ -149,10 +147,10 @@ impl Supervisor {
             .env_remove("LISTEN_FDNAMES")
             .spawn()
             .map_err(|e| err(&format!("cannot start {}", self.program.display()), e))?;
-        let mut main = child.id() as libc::pid_t;
+        let mut main = Pid::from_raw(child.id() as i32);
         // Reaped below with waitpid, not through the handle.
         drop(child);
-        tracing::info!(pid = main, program = %self.program.display(), "supervising");
+        tracing::info!(pid = main.as_raw(), program = %self.program.display(), "supervising");
 
         loop {
             let rev = match sys::poll_until(
@@ -171,28 +169,21 @@ impl Supervisor {
             if rev[1] == 0 {
                 continue;
             }
-            for sig in read_signals(signals.as_fd()) {
-                if sig != libc::SIGCHLD {
-                    tracing::info!(signal = sig, pid = main, "forwarding a signal");
-                    // SAFETY: kill takes a pid and a signal number.
-                    let _ = syscall!(kill(main, sig));
+            for sig in read_signals(&signals) {
+                if sig != Signal::SIGCHLD {
+                    tracing::info!(signal = %sig, pid = main.as_raw(), "forwarding a signal");
+                    let _ = nix::sys::signal::kill(main, sig);
                     continue;
                 }
                 // Messages sent before an exit are taken in first: an old
                 // main names its successor before it drains and exits.
                 take_notifications(sock.as_fd(), &mut main);
-                while let Some((pid, status)) = reap_one() {
+                while let Some((pid, code)) = reap_one() {
                     if pid != main {
-                        tracing::debug!(pid, status, "reaped");
+                        tracing::debug!(pid = pid.as_raw(), code, "reaped");
                         continue;
                     }
-                    let status = std::process::ExitStatus::from_raw(status);
-                    let code = match (status.code(), status.signal()) {
-                        (Some(c), _) => c as u8,
-                        (None, Some(s)) => 128u8.wrapping_add(s as u8),
-                        _ => 1,
-                    };
-                    tracing::info!(pid, %status, code, "main process exited; supervisor exits");
+                    tracing::info!(pid = pid.as_raw(), code, "main process exited; supervisor exits");
                     return Ok(code);
                 }
             }
@@ -202,94 +193,78 @@ impl Supervisor {
 
 /// Far enough to mean "no deadline" for [`sys::poll_until`].
 fn far_future() -> std::time::Instant {
-    std::time::Instant::now() + std::time::Duration::from_secs(86400 * 365)
+    crate::clock::after(std::time::Duration::MAX)
 }
 
 /// A datagram socket with credentials passing, bound to a fresh abstract
 /// name (no file to clean up); `(socket, name)`.
 fn bind_notify() -> io::Result<(OwnedFd, String)> {
-    let mut random = [0u8; 8];
-    // getrandom fills at most the length of the buffer it is given.
-    syscall!(getrandom(random.as_mut_ptr().cast(), random.len(), 0))?;
+    use std::hash::{BuildHasher, Hasher};
+    // std seeds every RandomState from the OS: a random name, no syscall
+    // of our own.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     let name = format!(
-        "handover/supervisor/{}/{:016x}",
-        std::process::id(),
-        u64::from_ne_bytes(random)
+        "handover/supervisor/{}/{random:016x}",
+        std::process::id()
     );
     use std::os::linux::net::SocketAddrExt;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
     // std creates the socket close-on-exec.
     let sock = OwnedFd::from(std::os::unix::net::UnixDatagram::bind_addr(&addr)?);
-    let one: libc::c_int = 1;
-    // setsockopt reads an int from a valid pointer of the given size.
-    syscall!(setsockopt(
-        sock.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_PASSCRED,
-        (&one as *const libc::c_int).cast(),
-        std::mem::size_of::<libc::c_int>() as libc::socklen_t
-    ))?;
+    socket2::SockRef::from(&sock).set_passcred(true)?;
     Ok((sock, name))
 }
 
 /// Blocks the forwarded signals and SIGCHLD, and returns a signalfd for
 /// them.
-fn block_signals() -> io::Result<OwnedFd> {
-    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // sigemptyset/sigaddset write into the set they are given.
-    syscall!(sigemptyset(&mut set))?;
-    for sig in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
-        syscall!(sigaddset(&mut set, *sig))?;
+fn block_signals() -> io::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    for sig in FORWARDED.iter().chain(&[Signal::SIGCHLD]) {
+        set.add(*sig);
     }
-    // SAFETY: pthread_sigmask reads the set and writes no old set (null).
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    // signalfd reads the set; -1 asks for a new fd.
-    let fd = syscall!(signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK))?;
-    // SAFETY: signalfd succeeded: a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    set.thread_block()?;
+    Ok(SignalFd::with_flags(
+        &set,
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?)
 }
 
 /// The signals pending on the signalfd.
-fn read_signals(fd: BorrowedFd<'_>) -> Vec<libc::c_int> {
+fn read_signals(fd: &SignalFd) -> Vec<Signal> {
     let mut out = Vec::new();
     loop {
-        // SAFETY: an all-zero signalfd_siginfo is a valid value.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // read writes at most `size` bytes into `info`.
-        match syscall!(read(
-            fd.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            size
-        )) {
-            Ok(n) if n as usize == size => out.push(info.ssi_signo as libc::c_int),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        match fd.read_signal() {
+            Ok(Some(info)) => {
+                if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                    out.push(sig);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
             _ => return out,
         }
     }
 }
 
-/// Reaps one exited child, without waiting: `(pid, wait status)`.
-fn reap_one() -> Option<(libc::pid_t, libc::c_int)> {
-    let mut status = 0;
-    // waitpid writes the status into the int it is given.
-    match syscall!(waitpid(-1, &mut status, libc::WNOHANG)) {
-        Ok(pid) if pid > 0 => Some((pid, status)),
-        _ => None,
+/// Reaps one exited child, without waiting: `(pid, exit code)`, the code
+/// being `128 + signal` for a child killed by a signal.
+fn reap_one() -> Option<(Pid, u8)> {
+    match nix::sys::wait::waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(pid, code)) => Some((pid, code as u8)),
+        Ok(WaitStatus::Signaled(pid, sig, _)) => Some((pid, 128u8.wrapping_add(sig as u8))),
+        Ok(WaitStatus::StillAlive) | Err(_) => None,
+        // Stopped or continued children are not gone: look again.
+        Ok(_) => reap_one(),
     }
 }
 
 /// Whether `pid` names a process of this PID namespace (by `kill(pid, 0)`,
 /// not /proc, which may be the parent namespace's when it was not remounted).
-fn exists(pid: libc::pid_t) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    match syscall!(kill(pid, 0)) {
-        Ok(_) => true,
-        Err(e) => e.raw_os_error() == Some(libc::EPERM),
+fn exists(pid: Pid) -> bool {
+    match nix::sys::signal::kill(pid, None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
     }
 }
 
@@ -297,7 +272,7 @@ fn exists(pid: libc::pid_t) -> bool {
 /// (`NotifyAccess=main`); `MAINPID=` from it names the new main process.
 /// Received fds (a `BARRIER=1` pipe) are closed at once, which is what
 /// releases the barrier.
-fn take_notifications(sock: BorrowedFd<'_>, main: &mut libc::pid_t) {
+fn take_notifications(sock: BorrowedFd<'_>, main: &mut Pid) {
     loop {
         let (text, sender) = match sys::recv_notification(sock, libc::MSG_DONTWAIT) {
             Ok(Some(m)) => {
@@ -311,25 +286,25 @@ fn take_notifications(sock: BorrowedFd<'_>, main: &mut libc::pid_t) {
                 return;
             }
         };
-        if sender != Some(*main) {
+        if sender != Some(main.as_raw()) {
             tracing::debug!(
                 ?sender,
-                main = *main,
+                main = main.as_raw(),
                 "notification from a process that is not the main one; ignored"
             );
             continue;
         }
         for line in text.lines() {
             if let Some(v) = line.strip_prefix("MAINPID=") {
-                match v.parse::<libc::pid_t>() {
-                    Ok(pid) if pid > 0 && exists(pid) => {
-                        tracing::info!(old = *main, new = pid, "new main process");
+                match v.parse::<i32>().map(Pid::from_raw) {
+                    Ok(pid) if pid.as_raw() > 0 && exists(pid) => {
+                        tracing::info!(old = main.as_raw(), new = pid.as_raw(), "new main process");
                         *main = pid;
                     }
                     _ => tracing::warn!(value = v, "MAINPID= names no live process; ignored"),
                 }
             } else if line == "READY=1" || line == "STOPPING=1" || line == "RELOADING=1" {
-                tracing::debug!(pid = *main, message = line, "notification");
+                tracing::debug!(pid = main.as_raw(), message = line, "notification");
             }
         }
     }

@@ -13,10 +13,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr};
+use socket2::{Domain, Socket, Type};
 
 use crate::error::Error;
-use crate::sys::{self, syscall};
+use crate::sys;
 
 /// The variable naming the notification socket.
 pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -31,7 +32,7 @@ pub const MAX_FDS_PER_MESSAGE: usize = 253;
 /// A client of the service manager's notification socket.
 #[derive(Debug)]
 pub struct Notifier {
-    target: Option<(SockAddr, Socket)>,
+    target: Option<(UnixAddr, Socket)>,
     watchdog: Option<Duration>,
 }
 
@@ -69,12 +70,8 @@ impl Notifier {
             reason: reason.to_owned(),
         };
         let addr = match bytes.first() {
-            Some(b'/') => SockAddr::unix(std::path::Path::new(&value)),
-            Some(b'@') if bytes.len() > 1 => {
-                let mut name = vec![0u8];
-                name.extend_from_slice(&bytes[1..]);
-                SockAddr::unix(std::ffi::OsStr::from_bytes(&name))
-            }
+            Some(b'/') => UnixAddr::new(std::path::Path::new(&value)),
+            Some(b'@') if bytes.len() > 1 => UnixAddr::new_abstract(&bytes[1..]),
             _ => return Err(bad("neither an absolute path nor @abstract-name")),
         }
         .map_err(|e| bad(&e.to_string()))?;
@@ -206,61 +203,34 @@ fn watchdog_interval(
 
 /// `CLOCK_MONOTONIC` in microseconds, as `MONOTONIC_USEC=` wants it.
 pub(crate) fn monotonic_usec() -> u128 {
-    // SAFETY: an all-zero timespec is a valid value of this plain C struct.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // clock_gettime writes into the struct it is given.
-    let _ = syscall!(clock_gettime(libc::CLOCK_MONOTONIC, &mut ts));
-    ts.tv_sec as u128 * 1_000_000 + ts.tv_nsec as u128 / 1_000
+    use nix::time::{ClockId, clock_gettime};
+    // CLOCK_MONOTONIC exists on every Linux; a failure would read as 0.
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    ts.tv_sec() as u128 * 1_000_000 + ts.tv_nsec() as u128 / 1_000
 }
 
 /// `sendmsg(2)` of one datagram to `addr`, with `fds` as `SCM_RIGHTS`.
 fn send_with_fds(
     sock: BorrowedFd<'_>,
-    addr: &SockAddr,
+    addr: &UnixAddr,
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let payload = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE computes a size from an integer; it touches no memory.
-    let cmsg_space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-    let space = if raw.is_empty() { 0 } else { cmsg_space };
-    // u64 elements keep the control buffer aligned for cmsghdr.
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
-    msg.msg_namelen = addr.len();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, so the
-        // first header and its payload of `raw.len()` ints fit in it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                raw.as_ptr(),
-                libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
-                raw.len(),
-            );
-        }
-    }
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [io::IoSlice::new(data)];
     loop {
-        // msg points at live buffers: the address, one iovec over `data`, and
-        // the control buffer.
-        match syscall!(sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)) {
+        match nix::sys::socket::sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(addr),
+        ) {
             Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

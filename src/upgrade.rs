@@ -552,7 +552,7 @@ fn stream_state(
         .try_clone()
         .map_err(|e| UpgradeError::io("duplicating the channel", e))?;
     let left = deadline.saturating_duration_since(Instant::now());
-    crate::state::set_timeout(fd.as_fd(), libc::SO_SNDTIMEO, left)
+    crate::state::set_timeout(fd.as_fd(), crate::state::Direction::Send, left)
         .map_err(|e| UpgradeError::io("setting the state timeout", e))?;
     Ok(std::thread::spawn(move || {
         let t = Instant::now();
