@@ -33,6 +33,56 @@ use crate::upgrade::{UpgradeOptions, Upgraded};
 #[derive(Debug, Clone)]
 pub struct Handover {
     g: Arc<Generation>,
+    /// The thread that runs async upgrades, started by `ready()` so that no
+    /// thread is created on the way from a trigger to the fork.
+    #[cfg(feature = "tokio")]
+    upgrader: Arc<std::sync::OnceLock<Upgrader>>,
+}
+
+/// An upgrade for the upgrade thread, and where its result goes.
+#[cfg(feature = "tokio")]
+type Job = (
+    UpgradeOptions,
+    tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>,
+);
+
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+struct Upgrader(std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
+
+#[cfg(feature = "tokio")]
+impl Upgrader {
+    /// A thread of its own that runs upgrades one after another until every
+    /// handle of the generation is gone.
+    fn start(g: Arc<Generation>) -> std::io::Result<Upgrader> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("handover-upgrade".into())
+            .spawn(move || {
+                for (opts, reply) in rx {
+                    let _ = reply.send(run_caught(&g, opts));
+                }
+            })?;
+        Ok(Upgrader(std::sync::Mutex::new(tx)))
+    }
+}
+
+/// Runs an upgrade; a panic inside it (a bug) is counted like any failure
+/// and returned as one. The attempt's guard puts the state back while
+/// unwinding.
+#[cfg(feature = "tokio")]
+fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+    let run = std::panic::AssertUnwindSafe(|| g.upgrade(opts));
+    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        let e = UpgradeError::io("upgrade task panicked", std::io::Error::other(what));
+        g.record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
+        Err(e)
+    })
 }
 
 fn one_addr(addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
@@ -49,7 +99,11 @@ fn one_addr(addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
 
 impl Handover {
     pub(crate) fn from_generation(g: Generation) -> Handover {
-        Handover { g: Arc::new(g) }
+        Handover {
+            g: Arc::new(g),
+            #[cfg(feature = "tokio")]
+            upgrader: Arc::default(),
+        }
     }
 
     /// The generation behind this handle (for the control server).
@@ -379,7 +433,15 @@ impl Handover {
             }
         }
         #[cfg(feature = "tokio")]
-        g.readied.notify_waiters();
+        {
+            g.readied.notify_waiters();
+            match Upgrader::start(g.clone()) {
+                Ok(u) => {
+                    let _ = self.upgrader.set(u);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start the upgrade thread; upgrades will use tokio's blocking pool"),
+            }
+        }
         if alone {
             g.claim_pid_file();
         }
@@ -456,9 +518,10 @@ impl Handover {
     /// the manager is told `MAINPID=<successor>` and `READY=1` (see
     /// [`systemd`](crate::systemd)).
     ///
-    /// The work runs on tokio's blocking pool. Dropping the future does not
-    /// cancel the upgrade: it runs to its end, and [`state`](Self::state)
-    /// tells how it ended. Keep accepting while it runs: call it from a task
+    /// The work runs on a thread of this generation's, started by
+    /// [`ready`](Self::ready) so that none is created on the trigger path.
+    /// Dropping the future does not cancel the upgrade: it runs to its end,
+    /// and [`state`](Self::state) tells how it ended. Keep accepting while it runs: call it from a task
     /// of its own (the one that owns the signal), not from the accept loop.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
@@ -471,19 +534,25 @@ impl Handover {
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn upgrade_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
-        let g = self.g.clone();
-        match tokio::task::spawn_blocking(move || g.upgrade(opts)).await {
-            Ok(result) => result,
-            Err(e) => {
-                // A panic inside the upgrade (a bug): count it like any
-                // failure, and say so. (The attempt's guard has put the
-                // state back while unwinding.)
-                let e = UpgradeError::io("upgrade task", std::io::Error::other(e.to_string()));
-                self.g
-                    .record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
-                Err(e)
-            }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = match self.upgrader.get() {
+            Some(u) => lock(&u.0).send((opts, tx)).map_err(|e| e.0),
+            None => Err((opts, tx)),
+        };
+        if let Err((opts, _)) = sent {
+            // No upgrade thread (not ready yet, or it could not start): one
+            // from tokio's blocking pool.
+            let g = self.g.clone();
+            return tokio::task::spawn_blocking(move || run_caught(&g, opts))
+                .await
+                .unwrap_or_else(|e| Err(UpgradeError::io("upgrade task", std::io::Error::other(e))));
         }
+        rx.await.unwrap_or_else(|_| {
+            Err(UpgradeError::io(
+                "upgrade task",
+                std::io::Error::other("the upgrade thread ended"),
+            ))
+        })
     }
 
     /// The blocking form of [`upgrade`](Self::upgrade).
