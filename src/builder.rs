@@ -201,18 +201,17 @@ impl Builder {
 
 fn adopt_channel(raw: RawFd) -> Result<OwnedFd, Error> {
     let name = env::CHANNEL_FD;
-    if let Err(e) = sys::fd_flags(raw) {
+    if let Err(e) = sys::mark_cloexec_raw(raw) {
         return Err(Error::InvalidFd {
             fd: raw,
             name: name.into(),
             reason: format!("not open ({e})"),
         });
     }
-    // SAFETY: the fd is open, and the protocol (LISTEN_PID names this process)
-    // hands it to us; `TAKEN` makes this run once per process.
+    // SAFETY: the fd is open (F_SETFD succeeded), and the protocol
+    // (LISTEN_PID names this process) hands it to us; `TAKEN` makes this run
+    // once per process, so nobody else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    sys::set_cloexec(fd.as_fd())
-        .map_err(|e| Error::io("cannot set FD_CLOEXEC on the channel", e))?;
     let mode = sys::file_mode(fd.as_fd()).map_err(|e| Error::io("fstat on the channel", e))?;
     let sock = socket2::SockRef::from(&fd);
     let ok = mode & libc::S_IFMT == libc::S_IFSOCK

@@ -266,21 +266,28 @@ fn type_name(t: Type) -> String {
 /// for (any port where port 0 was asked for).
 pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), Error> {
     let io_err = |what: &str, e: io::Error| invalid(fd, name, format!("{what} failed: {e}"));
-    let mode = sys::file_mode(fd).map_err(|e| io_err("fstat", e))?;
     if *want == Want::Any {
+        // Adopting it proved it open; what it is, is the application's
+        // business.
         return Ok(());
     }
-    if mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(invalid(
+    // Three calls per socket: its type, whether it listens, its address
+    // (which carries the family). A file that is not a socket fails the
+    // first with ENOTSOCK, and only then is it looked at closer.
+    let not_a_socket = |e: io::Error| {
+        if e.raw_os_error() != Some(libc::ENOTSOCK) {
+            return io_err("getsockopt(SO_TYPE)", e);
+        }
+        let found = match sys::file_mode(fd) {
+            Ok(mode) => sys::describe_mode(mode),
+            Err(_) => "a file that is not a socket",
+        };
+        invalid(
             fd,
             name,
-            format!(
-                "expected {}, found {}",
-                want.describe(),
-                sys::describe_mode(mode)
-            ),
-        ));
-    }
+            format!("expected {}, found {found}", want.describe()),
+        )
+    };
     let sock = SockRef::from(&fd);
     let (want_type, want_domain, listening) = match want {
         Want::TcpListener(a) => (Type::STREAM, Domain::for_address(*a), true),
@@ -289,9 +296,9 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
         Want::UnixDatagram(_) => (Type::DGRAM, Domain::UNIX, false),
         Want::Any => unreachable!("handled above"),
     };
-    let domain = sock
-        .domain()
-        .map_err(|e| io_err("getsockopt(SO_DOMAIN)", e))?;
+    let ty = sock.r#type().map_err(not_a_socket)?;
+    let local = sock.local_addr().map_err(|e| io_err("getsockname", e))?;
+    let domain = Domain::from(i32::from(local.family()));
     if domain != want_domain {
         return Err(invalid(
             fd,
@@ -304,9 +311,6 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
             ),
         ));
     }
-    let ty = sock
-        .r#type()
-        .map_err(|e| io_err("getsockopt(SO_TYPE)", e))?;
     if ty != want_type {
         return Err(invalid(
             fd,
@@ -335,7 +339,6 @@ pub(crate) fn check(fd: BorrowedFd<'_>, name: &str, want: &Want) -> Result<(), E
             format!("expected {}, found {state}", want.describe()),
         ));
     }
-    let local = sock.local_addr().map_err(|e| io_err("getsockname", e))?;
     let matches = match want {
         Want::TcpListener(a) | Want::Udp(a) => match local.as_socket() {
             Some(l) => l.ip() == a.ip() && (a.port() == 0 || l.port() == a.port()),
@@ -489,27 +492,25 @@ fn remove_stale_socket(path: &Path, ty: Type) -> io::Result<()> {
     }
 }
 
-/// Takes ownership of the fds listed in the environment after checking each
-/// is open, and makes each close-on-exec so that no other child inherits it.
+/// Takes ownership of the fds listed in the environment, making each
+/// close-on-exec so that no other child inherits it. One `fcntl(F_SETFD)`
+/// per fd both sets the flag and proves the fd open (`EBADF` otherwise).
 pub(crate) fn adopt(list: &[(String, RawFd)]) -> Result<Vec<(String, OwnedFd)>, Error> {
     use std::os::fd::FromRawFd;
     let mut out = Vec::with_capacity(list.len());
     for (name, raw) in list {
-        if let Err(e) = sys::fd_flags(*raw) {
+        if let Err(e) = sys::mark_cloexec_raw(*raw) {
             return Err(Error::InvalidFd {
                 fd: *raw,
                 name: name.clone(),
                 reason: format!("LISTEN_FDS lists it, but it is not open ({e})"),
             });
         }
-        // SAFETY: the fd is open (F_GETFD succeeded), and the LISTEN_* protocol,
-        // whose LISTEN_PID names this process, hands its ownership to us. The
-        // caller guarantees this runs once per process (see `TAKEN` in
-        // handover.rs), so no other owner exists.
-        let fd = unsafe { OwnedFd::from_raw_fd(*raw) };
-        sys::set_cloexec(fd.as_fd())
-            .map_err(|e| Error::io(format!("cannot set FD_CLOEXEC on fd {raw}"), e))?;
-        out.push((name.clone(), fd));
+        // SAFETY: the fd is open (F_SETFD succeeded on it), and the LISTEN_*
+        // protocol, whose LISTEN_PID names this process, hands its ownership
+        // to us. The caller guarantees this runs once per process (see
+        // `TAKEN` in builder.rs), so no other owner exists.
+        out.push((name.clone(), unsafe { OwnedFd::from_raw_fd(*raw) }));
     }
     Ok(out)
 }

@@ -61,6 +61,19 @@ pub(crate) fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
     syscall!(fcntl(fd, libc::F_GETFD))
 }
 
+/// Sets `FD_CLOEXEC` on the fd number `fd`, which need not be owned yet (an
+/// inherited fd about to be adopted): one `fcntl(F_SETFD)`, which also
+/// tells whether it is open (`EBADF`). `FD_CLOEXEC` is the only fd flag.
+pub(crate) fn mark_cloexec_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) takes an fd number and an int; the kernel
+    // checks the number, and no memory is passed.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether `fd` has `FD_CLOEXEC` set.
 #[cfg(test)]
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
