@@ -490,10 +490,12 @@ impl std::error::Error for ControlError {
     }
 }
 
-/// A reply line: `ok`, `error` or `retry`, with its text.
+/// A reply line: `ok` or `retry` with its text, or none at all (the
+/// connection closed first).
 enum Reply {
     Ok(String),
     Retry(String),
+    Closed,
 }
 
 fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Reply, ControlError> {
@@ -513,10 +515,12 @@ fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Reply, Cont
     // if sending failed.
     let sent = s.write_all(format!("{request}\n").as_bytes());
     let mut line = String::new();
-    BufReader::new(s)
-        .take(1 << 20)
-        .read_line(&mut line)
-        .map_err(io_err)?;
+    match BufReader::new(s).take(1 << 20).read_line(&mut line) {
+        Ok(_) => {}
+        // The server went away mid-request: no reply, as with an EOF.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Reply::Closed),
+        Err(e) => return Err(io_err(e)),
+    }
     let line = line.trim_end();
     if let (Err(e), true) = (sent, line.is_empty()) {
         return Err(io_err(e));
@@ -528,9 +532,7 @@ fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Reply, Cont
     } else if let Some(reason) = line.strip_prefix("error ") {
         Err(ControlError::Failed(reason.to_owned()))
     } else if line.is_empty() {
-        Err(ControlError::Protocol(
-            "the control socket closed without a reply".to_owned(),
-        ))
+        Ok(Reply::Closed)
     } else {
         Err(ControlError::Protocol(format!("unexpected reply {line:?}")))
     }
@@ -547,6 +549,9 @@ pub fn request(
     match exchange(path.as_ref(), request, timeout)? {
         Reply::Ok(body) => Ok(body),
         Reply::Retry(reason) => Err(ControlError::Protocol(format!("retry {reason}"))),
+        Reply::Closed => Err(ControlError::Protocol(
+            "the control socket closed without a reply".to_owned(),
+        )),
     }
 }
 
@@ -571,19 +576,22 @@ pub fn reload(
     let mut pause = Duration::from_millis(5);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match exchange(path, &req, left)? {
+        let reason = match exchange(path, &req, left)? {
             Reply::Ok(body) => return Ok(body),
-            Reply::Retry(reason) => {
-                if left <= pause {
-                    return Err(ControlError::Protocol(format!(
-                        "still told to retry at the deadline: {reason}"
-                    )));
-                }
-                // The successor takes over the socket within moments.
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
+            Reply::Retry(reason) => reason,
+            // A generation that handed over may exit before it answers. Asking
+            // again is safe: only a generation or an upgrade that started
+            // after `since` may answer, so the reply is still the truth.
+            Reply::Closed => "the control socket closed without a reply".to_owned(),
+        };
+        if left <= pause {
+            return Err(ControlError::Protocol(format!(
+                "still no answer at the deadline: {reason}"
+            )));
         }
+        // The successor takes over the socket within moments.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 
