@@ -439,7 +439,9 @@ impl Handover {
                 Ok(u) => {
                     let _ = self.upgrader.set(u);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot start the upgrade thread; upgrades will use tokio's blocking pool"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the upgrade thread; upgrades will use tokio's blocking pool")
+                }
             }
         }
         if alone {
@@ -545,7 +547,9 @@ impl Handover {
             let g = self.g.clone();
             return tokio::task::spawn_blocking(move || run_caught(&g, opts))
                 .await
-                .unwrap_or_else(|e| Err(UpgradeError::io("upgrade task", std::io::Error::other(e))));
+                .unwrap_or_else(|e| {
+                    Err(UpgradeError::io("upgrade task", std::io::Error::other(e)))
+                });
         }
         rx.await.unwrap_or_else(|_| {
             Err(UpgradeError::io(

@@ -70,7 +70,7 @@ impl Generation {
             crate::state::Direction::Receive,
             self.config.ready_timeout,
         )
-            .map_err(|e| Error::io("setting the state stream timeout", e))?;
+        .map_err(|e| Error::io("setting the state stream timeout", e))?;
         let opened = crate::state::StateReader::open(ch, self.state_progress.clone())
             .map(Some)
             .map_err(|e| Error::io("reading the state stream header", e));

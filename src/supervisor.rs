@@ -183,7 +183,11 @@ impl Supervisor {
                         tracing::debug!(pid = pid.as_raw(), code, "reaped");
                         continue;
                     }
-                    tracing::info!(pid = pid.as_raw(), code, "main process exited; supervisor exits");
+                    tracing::info!(
+                        pid = pid.as_raw(),
+                        code,
+                        "main process exited; supervisor exits"
+                    );
                     return Ok(code);
                 }
             }
@@ -205,10 +209,7 @@ fn bind_notify() -> io::Result<(OwnedFd, String)> {
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    let name = format!(
-        "handover/supervisor/{}/{random:016x}",
-        std::process::id()
-    );
+    let name = format!("handover/supervisor/{}/{random:016x}", std::process::id());
     use std::os::linux::net::SocketAddrExt;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
     // std creates the socket close-on-exec.

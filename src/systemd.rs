@@ -205,7 +205,8 @@ fn watchdog_interval(
 pub(crate) fn monotonic_usec() -> u128 {
     use nix::time::{ClockId, clock_gettime};
     // CLOCK_MONOTONIC exists on every Linux; a failure would read as 0.
-    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u128 * 1_000_000 + ts.tv_nsec() as u128 / 1_000
 }
 
