@@ -3,15 +3,20 @@
 //! code runs on one runtime; the kernel does not care).
 
 use std::collections::HashSet;
+use std::io;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::receive::{IncomingConnections, Phase};
+use super::send::{ConnectionSender, Source, WINDOW};
 use super::*;
 
 /// Bounds every wait in these tests.
