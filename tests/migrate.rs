@@ -266,6 +266,8 @@ fn a_thousand_idle_connections_move_right_after_the_commit() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     procs::become_subreaper();
+    drop(runtime());
+    let before = procs::fd_count(std::process::id());
     let h = Handover::builder().ready_timeout(BOUND).build().unwrap();
     let listener = h.tcp_listener("http", "127.0.0.1:0").unwrap();
     listener.set_nonblocking(false).unwrap();
@@ -303,4 +305,7 @@ fn a_thousand_idle_connections_move_right_after_the_commit() {
     }
     let status = procs::reap(up.pid, BOUND).unwrap();
     assert!(status.success(), "successor: {status}");
+    // Each test leaves the process as it found it, for the next to count.
+    drop((listener, h, rt));
+    fds_back_to(before);
 }
