@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -52,9 +52,8 @@ fn successor(limit: Option<usize>) {
             match item.unwrap() {
                 Migrated::State(s) => state = String::from_utf8(s).unwrap(),
                 Migrated::Connection(c) => {
-                    let raw = c.as_fd().as_raw_fd();
-                    // SAFETY: F_GETFD reads a flag of an fd we own.
-                    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+                    let flags =
+                        nix::fcntl::fcntl(c.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
                     let (mut stream, payload) = c.into_tcp().unwrap();
                     stream.set_nonblocking(false).unwrap();
                     let answer = format!(
