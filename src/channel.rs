@@ -31,6 +31,7 @@
 //! | `A\n` | old → new | the answer to `U` | the successor's state becomes `RolledBack`: it drains and exits |
 //! | `C<fields>\n` | old → new | once, at the commit (after the window) | the handover is final: the successor takes the counters over and may serve the control socket and upgrade |
 //! | `D<fields>\n` | old → new | after the old generation's drain | records the drain phase |
+//! | `M<version>\n` + one fd (`SCM_RIGHTS`) | new → old | after `C`, once, when the successor starts taking migrated connections | the old generation's connection sender takes the fd as the migration socket and sends records of at most `<version>` over it (see [`migrate`](crate::migrate)) |
 //! | EOF | old → new | the old generation exited | the successor serves alone (committed, unless it was taken back) |
 //!
 //! The fields of `C` and `D` are space-separated `key=value` pairs:
@@ -66,6 +67,9 @@ pub(crate) const TAKEN_BACK: u8 = b'A';
 pub(crate) const COMMIT: u8 = b'C';
 /// Old generation to successor: its drain ended.
 pub(crate) const DRAINED: u8 = b'D';
+/// Successor to old generation, after the commit: the migration socket
+/// (attached) and the highest record version the successor reads.
+pub(crate) const MIGRATION_OFFER: u8 = b'M';
 
 /// The longest reason a message carries; longer ones are cut.
 pub(crate) const MAX_REASON: usize = 4000;
@@ -94,6 +98,8 @@ pub(crate) enum Message {
     Commit(Counters),
     /// `D<fields>`
     Drained(Duration),
+    /// `M<version>`, with the migration socket attached.
+    MigrationOffer(u8),
 }
 
 impl Message {
@@ -114,6 +120,7 @@ impl Message {
             Message::TakenBack => line(TAKEN_BACK, ""),
             Message::Commit(c) => line(COMMIT, &encode_fields(c)),
             Message::Drained(d) => line(DRAINED, &format!(" drain_us={}", d.as_micros())),
+            Message::MigrationOffer(v) => line(MIGRATION_OFFER, &v.to_string()),
         }
     }
 }
@@ -226,6 +233,10 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<Option<Message>, BadMessage> {
                 None => return Err(BadMessage("drain report without drain_us".into())),
             }
         }
+        MIGRATION_OFFER => match text.parse::<u8>() {
+            Ok(v) if text.bytes().all(|b| b.is_ascii_digit()) => Message::MigrationOffer(v),
+            _ => return Err(BadMessage(format!("M: record version {text:?}"))),
+        },
         k if k.is_ascii_uppercase() => return Ok(None),
         other => return Err(BadMessage(format!("unknown message {other:#04x}"))),
     };
@@ -354,6 +365,7 @@ mod tests {
             Message::TakenBack,
             Message::Commit(c.clone()),
             Message::Drained(Duration::from_micros(1500)),
+            Message::MigrationOffer(1),
         ];
         let mut wire = Vec::new();
         for m in &all {
@@ -405,6 +417,9 @@ mod tests {
             b"Dspawn_us=3\n",
             b"C\xff\n",
             b"Csucceeded=x\n",
+            b"M\n",
+            b"M+1\n",
+            b"M256\n",
             b"C nonsense\n",
             b"C =3\n",
             b"x\n",

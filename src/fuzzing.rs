@@ -88,3 +88,13 @@ pub fn channel_message(data: &[u8]) {
     }
     panic!("the decoder did not make progress");
 }
+
+/// A record of the migration socket as the successor decodes it (feature
+/// `tokio`, which connection migration needs), with 0 to 3 fds announced.
+#[cfg(feature = "tokio")]
+pub fn migrate_record(data: &[u8]) {
+    let Some((&fds, record)) = data.split_first() else {
+        return;
+    };
+    let _ = crate::migrate::fuzz_decode(record, usize::from(fds % 4));
+}

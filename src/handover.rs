@@ -32,7 +32,7 @@ use crate::upgrade::{UpgradeOptions, Upgraded};
 /// `async` (feature `tokio`), and the blocking form ends in `_blocking`.
 #[derive(Debug, Clone)]
 pub struct Handover {
-    g: Arc<Generation>,
+    pub(crate) g: Arc<Generation>,
     /// The thread that runs async upgrades, started by `ready()` so that no
     /// thread is created on the way from a trigger to the fork.
     #[cfg(feature = "tokio")]

@@ -175,6 +175,8 @@ mod upgrade;
 
 #[cfg(feature = "tokio")]
 mod drain;
+#[cfg(feature = "tokio")]
+pub mod migrate;
 
 /// The README's example, compiled as a doctest.
 #[cfg(all(doctest, feature = "tokio"))]
@@ -189,6 +191,9 @@ pub use error::{Error, UpgradeError, chain as error_chain};
 pub use fds::ListenOptions;
 pub use handover::Handover;
 pub use lifecycle::{LastUpgrade, State, Stats};
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use migrate::{ConnectionSender, IncomingConnections, Migrated, MigratedConnection};
 pub use pidfile::read as read_pid_file;
 pub use state::StateReader;
 pub use stats::Phases;

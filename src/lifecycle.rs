@@ -205,6 +205,10 @@ pub(crate) struct Generation {
     /// Woken when an upgrade attempt ends, whatever triggered it.
     #[cfg(feature = "tokio")]
     pub(crate) upgrade_ended: tokio::sync::Notify,
+    /// Connection migration: the sender, or whether the incoming side was
+    /// taken. Never locked while `life` is held.
+    #[cfg(feature = "tokio")]
+    pub(crate) migrate: Mutex<crate::migrate::Slot>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -261,6 +265,8 @@ impl Generation {
             readied: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             upgrade_ended: tokio::sync::Notify::new(),
+            #[cfg(feature = "tokio")]
+            migrate: Mutex::default(),
         }
     }
 
