@@ -1,14 +1,23 @@
-//! The syscall seam: the one place where `RawFd`s and libc calls meet.
+//! The syscall seam: fds and system calls outside the fork/exec path.
 //!
-//! Every call goes through [`syscall!`], which turns a `-1` return into
-//! `io::Error::last_os_error()`. Helpers here return `OwnedFd`s created
-//! close-on-exec from birth.
+//! nix makes the calls (typed flags, `OwnedFd`/`BorrowedFd`, `Errno` turned
+//! into `io::Error`); this module only adds what every caller needs — fds
+//! created close-on-exec from birth, `EINTR` retried, `SIGPIPE` never raised,
+//! waits bounded by a deadline. Raw libc lives in `spawn` (between fork and
+//! exec, where nothing may allocate) and in the two places that take
+//! ownership of an fd number that was inherited or received.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::sys::socket::MsgFlags;
+
 /// Calls a libc function and turns `-1` into the thread's last OS error.
+/// Kept only for the last raw calls of `spawn` and `pidfile` outside the
+/// fork/exec path, until they move to nix.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{
         // SAFETY: each caller states why the arguments are valid for this call.
@@ -23,42 +32,16 @@ macro_rules! syscall {
 }
 pub(crate) use syscall;
 
-/// Wraps a freshly returned, owned file descriptor.
-///
-/// # Safety
-/// `fd` must be open and owned by nobody else.
-unsafe fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// A connected `AF_UNIX` stream pair, both ends close-on-exec.
 pub(crate) fn socketpair_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1 as libc::c_int; 2];
-    // socketpair writes two fds into the two-element array it is given.
-    syscall!(socketpair(
-        libc::AF_UNIX,
-        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-        0,
-        fds.as_mut_ptr()
-    ))?;
-    // SAFETY: socketpair succeeded, so both entries are new fds owned by us alone.
-    Ok(unsafe { (own(fds[0]), own(fds[1])) })
+    // std creates both ends with SOCK_CLOEXEC.
+    let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    Ok((a.into(), b.into()))
 }
 
 /// A pipe `(read, write)`, both ends close-on-exec.
 pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1 as libc::c_int; 2];
-    // pipe2 writes two fds into the two-element array it is given.
-    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
-    // SAFETY: pipe2 succeeded, so both entries are new fds owned by us alone.
-    Ok(unsafe { (own(fds[0]), own(fds[1])) })
-}
-
-/// `fcntl(F_GETFD)`: whether the fd is open, and its close-on-exec flag.
-pub(crate) fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
-    // F_GETFD reads a flag word; any fd number is a valid argument.
-    syscall!(fcntl(fd, libc::F_GETFD))
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
 
 /// Sets `FD_CLOEXEC` on the fd number `fd`, which need not be owned yet (an
@@ -77,45 +60,34 @@ pub(crate) fn mark_cloexec_raw(fd: RawFd) -> io::Result<()> {
 /// Whether `fd` has `FD_CLOEXEC` set.
 #[cfg(test)]
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(fd_flags(fd.as_raw_fd())? & libc::FD_CLOEXEC != 0)
+    let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
+    Ok(flags.contains(FdFlag::FD_CLOEXEC))
 }
 
-/// Sets `FD_CLOEXEC` on `fd` (with `F_SETFD`, the only call that sets it).
+/// Sets `FD_CLOEXEC` on `fd` (with `F_SETFD`, the only call that sets it;
+/// `O_CLOEXEC` in `F_SETFL` would be a silent no-op).
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let flags = fd_flags(fd.as_raw_fd())?;
-    if flags & libc::FD_CLOEXEC == 0 {
-        // F_SETFD with a flag word on a borrowed, open fd.
-        syscall!(fcntl(
-            fd.as_raw_fd(),
-            libc::F_SETFD,
-            flags | libc::FD_CLOEXEC
-        ))?;
+    let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
+    if !flags.contains(FdFlag::FD_CLOEXEC) {
+        fcntl(fd, FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC))?;
     }
     Ok(())
 }
 
 /// Sets or clears `O_NONBLOCK`.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    // F_GETFL/F_SETFL on a borrowed, open fd.
-    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-    let new = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    let mut new = flags;
+    new.set(OFlag::O_NONBLOCK, on);
     if new != flags {
-        syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, new))?;
+        fcntl(fd, FcntlArg::F_SETFL(new))?;
     }
     Ok(())
 }
 
 /// `fstat(fd).st_mode`.
 pub(crate) fn file_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // fstat writes into the struct it is given.
-    syscall!(fstat(fd.as_raw_fd(), &mut st))?;
-    Ok(st.st_mode)
+    Ok(nix::sys::stat::fstat(fd)?.st_mode)
 }
 
 /// A human name for the file type in `mode`, for error messages.
@@ -132,52 +104,48 @@ pub(crate) fn describe_mode(mode: libc::mode_t) -> &'static str {
     }
 }
 
-/// Waits until one of `fds` is ready for `events`, or `deadline` passes.
+/// Waits until one of `fds` is ready for `events` (`libc::POLLIN`, …), or
+/// `deadline` passes.
 ///
 /// Returns the `revents` of each fd (all zero on timeout). Retries on `EINTR`.
 pub(crate) fn poll_until(
     fds: &[(BorrowedFd<'_>, libc::c_short)],
     deadline: Instant,
 ) -> io::Result<Vec<libc::c_short>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|(fd, events)| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: *events,
-            revents: 0,
-        })
+        .map(|(fd, events)| PollFd::new(*fd, PollFlags::from_bits_truncate(*events)))
         .collect();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let ms = timeout_ms(left);
-        // pfds is a valid array of `pfds.len()` pollfd structs.
-        match syscall!(poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms)) {
-            Ok(_) => return Ok(pfds.iter().map(|p| p.revents).collect()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        let timeout = PollTimeout::try_from(timeout_ms(left)).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut pfds, timeout) {
+            Ok(_) => {
+                return Ok(pfds
+                    .iter()
+                    .map(|p| p.revents().map_or(0, |r| r.bits()))
+                    .collect());
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// A poll(2) timeout in whole milliseconds, rounded up so a wait never ends early.
-fn timeout_ms(d: Duration) -> libc::c_int {
+fn timeout_ms(d: Duration) -> i32 {
     let ms = d.as_micros().div_ceil(1000);
-    ms.min(libc::c_int::MAX as u128) as libc::c_int
+    ms.min(i32::MAX as u128) as i32
 }
 
 /// `send(2)` with `MSG_NOSIGNAL`: a closed peer is `EPIPE`, never `SIGPIPE`.
 pub(crate) fn send_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        // buf is a valid slice of buf.len() bytes.
-        match syscall!(send(
-            fd.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL
-        )) {
-            Ok(n) => buf = &buf[n as usize..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        match nix::sys::socket::send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -186,16 +154,10 @@ pub(crate) fn send_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
 /// `recv(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is end of stream.
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
-        // buf is a valid, writable slice of buf.len() bytes.
-        match syscall!(recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            flags
-        )) {
-            Ok(n) => return Ok(n as usize),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        match nix::sys::socket::recv(fd.as_raw_fd(), buf, MsgFlags::from_bits_truncate(flags)) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -203,11 +165,10 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io
 /// `read(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is end of file.
 pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        // buf is a valid, writable slice of buf.len() bytes.
-        match syscall!(read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())) {
-            Ok(n) => return Ok(n as usize),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        match nix::unistd::read(fd, buf) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -229,50 +190,36 @@ pub(crate) fn recv_notification(
     sock: BorrowedFd<'_>,
     flags: libc::c_int,
 ) -> io::Result<Option<Notification>> {
+    use nix::sys::socket::{ControlMessageOwned, UnixCredentials, recvmsg};
     let mut buf = vec![0u8; 4096];
-    // Room for 253 fds and the credentials, 8-byte aligned.
-    let mut control = [0u64; 160];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
-    // recvmsg writes into the buffers msg points to, within their lengths.
-    let n = match syscall!(recvmsg(
-        sock.as_raw_fd(),
-        &mut msg,
-        flags | libc::MSG_CMSG_CLOEXEC
-    )) {
-        Ok(n) => n as usize,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-        Err(e) => return Err(e),
+    // Room for 253 fds and the credentials.
+    let mut control = nix::cmsg_space!([RawFd; 253], UnixCredentials);
+    let flags = MsgFlags::from_bits_truncate(flags) | MsgFlags::MSG_CMSG_CLOEXEC;
+    let (n, cmsgs) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut control), flags) {
+            Ok(msg) => {
+                let cmsgs: Vec<ControlMessageOwned> = msg.cmsgs()?.collect();
+                break (msg.bytes, cmsgs);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     };
     let mut sender = None;
     let mut fds = Vec::new();
-    // SAFETY: walking the control messages recvmsg filled in, within
-    // msg_controllen; each SCM_RIGHTS entry is an fd now owned by us, and
-    // each SCM_CREDENTIALS payload is a ucred.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<libc::c_int>();
-                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+    for c in cmsgs {
+        match c {
+            ControlMessageOwned::ScmRights(raw) => {
+                for fd in raw {
+                    // SAFETY: SCM_RIGHTS installed this fd in our table for
+                    // this message alone (close-on-exec): we own it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                 }
-            } else if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS
-            {
-                let cred = libc::CMSG_DATA(c).cast::<libc::ucred>().read_unaligned();
-                sender = Some(cred.pid);
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            ControlMessageOwned::ScmCredentials(cred) => sender = Some(cred.pid()),
+            _ => {}
         }
     }
     buf.truncate(n);
@@ -301,7 +248,7 @@ mod tests {
     fn set_cloexec_sets_the_flag() {
         let (r, _w) = pipe_cloexec().unwrap();
         // F_SETFD to clear the flag, as an inherited fd would arrive.
-        syscall!(fcntl(r.as_raw_fd(), libc::F_SETFD, 0)).unwrap();
+        fcntl(r.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
         assert!(!is_cloexec(r.as_fd()).unwrap());
         set_cloexec(r.as_fd()).unwrap();
         assert!(is_cloexec(r.as_fd()).unwrap());
