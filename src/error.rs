@@ -148,10 +148,11 @@ pub enum UpgradeError {
     InProgress,
     /// This generation already handed over to a successor.
     HandedOver,
-    /// This generation's own handover is not final yet: its predecessor
-    /// still watches it through a probation window (see
-    /// [`UpgradeOptions::probation`](crate::UpgradeOptions::probation)), and may still roll
-    /// back to itself.
+    /// This generation's own handover is not final yet: its predecessor has
+    /// not committed it — it still watches a probation window (see
+    /// [`UpgradeOptions::probation`](crate::UpgradeOptions::probation)) and
+    /// may roll back to itself, or, without a window, its commit has not
+    /// arrived yet (a matter of milliseconds after `ready()`).
     OnProbation,
     /// Another process holds the upgrade lock next to the pid file.
     Locked {
@@ -314,7 +315,7 @@ impl fmt::Display for UpgradeError {
             UpgradeError::OnProbation => {
                 write!(
                     f,
-                    "upgrade refused: this generation is still on probation (its predecessor may roll back)"
+                    "upgrade refused: its predecessor has not committed the handover to this generation yet (during a probation window it may still roll back)"
                 )
             }
             UpgradeError::Locked { path } => {

@@ -388,6 +388,10 @@ impl Handover {
             tracing::warn!(generation = g.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
         }
         g.drain_state()?;
+        if g.from_predecessor {
+            // Its predecessor waits for this message: its group exists.
+            crate::spawn::join_predecessor_group();
+        }
         let mut alone = false;
         if let Some(ch) = g.channel_copy()? {
             match sys::send_all(ch.as_fd(), &Message::Ready.encode()) {

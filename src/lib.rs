@@ -95,6 +95,56 @@
 //! environment is never modified. Under systemd, [`systemd::Notifier`] tells
 //! the manager about each upgrade (see the README's "Running under systemd").
 //!
+//! # Signals and process groups
+//!
+//! A successor starts in a process group of its own (`setpgid` between fork
+//! and exec: its pgid is its pid), and [`Handover::ready`] moves it into the
+//! group its predecessor is in just before it reports ready. So:
+//!
+//! - a signal sent to the service's process group while a successor starts
+//!   (`kill -HUP -- -PGID`, a terminal's hangup or Ctrl-C) reaches the
+//!   generations that serve, not the successor, which may not have its
+//!   handlers yet; from `ready()` on, with its handlers installed, it is a
+//!   normal member of the service's group;
+//! - when an upgrade fails — the successor exits, misses the ready deadline,
+//!   rejects the state, breaks the protocol, fails its probation — the
+//!   successor and its start group are killed (SIGKILL) and the successor
+//!   reaped: whatever it started before `ready()`, such as the real server
+//!   behind a shell wrapper that does not `exec`, dies with it and holds
+//!   neither a listener nor the channel. What it starts between `ready()`
+//!   and a failed probation is in the service's group, and lives on.
+//!
+//! It joins at `ready()` rather than at the commit because the predecessor
+//! is alive then (it waits for the ready message), so the group is too: a
+//! predecessor that commits, drains and exits before its successor took the
+//! commit in may have been the last member of the service's group, which
+//! would be gone. The other side: a signal sent to the service's group while
+//! a successor starts (`kill -TERM -- -PGID` to stop it) does not reach it.
+//! Stop a service by its main pid (the pid file names it), or by its cgroup
+//! under systemd.
+//!
+//! A process that leaves its group itself (`setsid`, `setpgid`: a
+//! daemonizing wrapper) escapes that kill; under systemd the unit's cgroup
+//! still ends it on stop (`KillMode=control-group`, the default), and no
+//! part of systemd's process tracking depends on process groups.
+//!
+//! SIGHUP, the usual upgrade signal, starts *ignored* in a successor: one
+//! sent before the application installed its handler (to the successor's
+//! pid, by `pkill`, by `systemctl kill`) is discarded instead of killing the
+//! process. Installing a handler (`tokio::signal::unix::signal`) replaces
+//! that disposition; an application that installs none keeps SIGHUP ignored,
+//! as under `nohup`, and programs it starts inherit that. SIGHUP is ignored
+//! rather than blocked: a signal mask belongs to a thread and is inherited
+//! by every thread the runtime starts, so `ready()` could unblock it only in
+//! its own thread, and the signal would be lost for good once that thread
+//! ended. A SIGHUP that arrives between `ready()` and the commit (sent to
+//! the group, or to the pid) is the application's, and an upgrade it asks
+//! for is refused ([`UpgradeError::OnProbation`]) until the commit has
+//! arrived. Every other
+//! signal starts at its default, nothing blocked, and nothing pending: what
+//! reached the successor before it had its own group was meant for the old
+//! generation's.
+//!
 //! # Canary upgrades
 //!
 //! With a probation window ([`UpgradeOptions::probation`]), a successor that reported ready is not
@@ -144,7 +194,10 @@
 //!   once ready, reparented to the nearest subreaper (the service manager
 //!   under systemd) or init.
 //! - The library installs no signal handlers: the application decides which
-//!   signal triggers an upgrade.
+//!   signal triggers an upgrade. A successor starts with SIGHUP ignored (see
+//!   "Signals and process groups").
+//! - What a failed successor started is killed through its process group;
+//!   a process that left that group escapes.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]

@@ -209,6 +209,9 @@ pub(crate) struct Generation {
     /// taken. Never locked while `life` is held.
     #[cfg(feature = "tokio")]
     pub(crate) migrate: Mutex<crate::migrate::Slot>,
+    /// The fds an upgrade needs, opened in advance. May be locked while
+    /// `life` is held, never the other way round.
+    pub(crate) reserve: Mutex<crate::spawn::Reserve>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -234,6 +237,10 @@ pub(crate) struct Birth {
 impl Generation {
     pub(crate) fn new(b: Birth) -> Generation {
         let from_predecessor = b.predecessor.is_some();
+        let reserve = crate::spawn::Reserve::for_generation(
+            b.config.pid_file.as_deref(),
+            b.predecessor.as_ref(),
+        );
         Generation {
             config: b.config,
             generation: b.generation,
@@ -267,6 +274,7 @@ impl Generation {
             upgrade_ended: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             migrate: Mutex::default(),
+            reserve: Mutex::new(reserve),
         }
     }
 

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::sys::syscall;
 
@@ -63,26 +64,182 @@ pub(crate) fn lock_path(pid_file: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// An exclusive `flock` on the lock file, released on drop. The fd is
-/// close-on-exec, so a successor never holds it.
+/// The lock file, opened once (at build, while fds are plentiful) and kept
+/// open, so that an upgrade can lock it even when every other fd slot is
+/// taken. Close-on-exec: no successor or other child holds it.
 #[derive(Debug)]
-pub(crate) struct UpgradeLock {
-    _file: File,
+pub(crate) struct LockFile {
+    path: PathBuf,
+    file: Arc<File>,
 }
 
-/// Takes the upgrade lock without waiting. `Ok(None)`: another process holds it.
-pub(crate) fn try_lock(path: &Path) -> io::Result<Option<UpgradeLock>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(path)?;
-    // flock on an fd we own.
-    match syscall!(flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
-        Ok(_) => Ok(Some(UpgradeLock { _file: file })),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
+impl LockFile {
+    /// Opens (creating it if need be) the lock file at `path`.
+    pub(crate) fn open(path: &Path) -> io::Result<LockFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)?;
+        Ok(LockFile {
+            path: path.to_owned(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// The path it was opened at.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the upgrade lock without waiting. `Ok(None)`: another process
+    /// holds it.
+    ///
+    /// `flock` locks belong to the open file description: another process
+    /// (another generation) opened its own and conflicts; this process
+    /// never runs two upgrades at once (its state machine refuses).
+    pub(crate) fn try_lock(&self) -> io::Result<Option<UpgradeLock>> {
+        // flock on an fd we own.
+        match syscall!(flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
+            Ok(_) => Ok(Some(UpgradeLock {
+                file: self.file.clone(),
+            })),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An exclusive `flock` on the lock file, released on drop (the file stays
+/// open for the next upgrade).
+#[derive(Debug)]
+pub(crate) struct UpgradeLock {
+    file: Arc<File>,
+}
+
+impl Drop for UpgradeLock {
+    fn drop(&mut self) {
+        // flock(LOCK_UN) on an fd we own; failure leaves the lock to be
+        // released when the process exits.
+        let _ = syscall!(flock(self.file.as_raw_fd(), libc::LOCK_UN));
+    }
+}
+
+/// An unnamed file in the pid file's directory (`O_TMPFILE`), opened in
+/// advance so that writing the pid file at a commit needs no new fd; see
+/// [`write_reserved`].
+#[derive(Debug)]
+pub(crate) struct TempFile(File);
+
+impl TempFile {
+    /// Opens an unnamed temporary file beside `pid_file`. Fails where the
+    /// file system has no `O_TMPFILE` (then [`write`] is used at the commit).
+    pub(crate) fn reserve(pid_file: &Path) -> io::Result<TempFile> {
+        let dir = match pid_file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o644)
+            .open(dir)?;
+        Ok(TempFile(file))
+    }
+}
+
+/// [`write`], through a [`TempFile`] reserved in advance when there is one:
+/// the pid is written there (not synced, as by [`write`]), the file is given the temporary
+/// name (`linkat` through `/proc/self/fd`, which needs no new fd) and
+/// renamed over `path`. Falls back to [`write`] if any step fails.
+pub(crate) fn write_reserved(path: &Path, pid: u32, tmp: Option<TempFile>) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(TempFile(mut file)) = tmp else {
+        return write(path, pid);
+    };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return write(path, pid);
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp_path = dir.join(tmp_name);
+    let linked = (|| {
+        file.write_all(format!("{pid}\n").as_bytes())?;
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        let to = CString::new(tmp_path.as_os_str().as_bytes())?;
+        let _ = std::fs::remove_file(&tmp_path);
+        // linkat reads two NUL-terminated paths; AT_SYMLINK_FOLLOW resolves
+        // the /proc link to the open, unnamed file.
+        syscall!(linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW
+        ))?;
+        std::fs::rename(&tmp_path, path)
+    })();
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp_path);
+            drop(file);
+            tracing::debug!(error = %e, "reserved pid file write failed; writing it anew");
+            write(path, pid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("handover-pidfile-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_lock_excludes_another_open_file_and_is_released_on_drop() {
+        let dir = temp_dir("lock");
+        let path = dir.join("x.pid.lock");
+        let a = LockFile::open(&path).unwrap();
+        let b = LockFile::open(&path).unwrap();
+        let held = a.try_lock().unwrap().expect("free at first");
+        assert!(b.try_lock().unwrap().is_none(), "held by the other file");
+        drop(held);
+        let again = b.try_lock().unwrap().expect("released on drop");
+        assert!(a.try_lock().unwrap().is_none());
+        drop(again);
+        assert!(a.try_lock().unwrap().is_some(), "the file stays usable");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reserved_temp_file_becomes_the_pid_file() {
+        let dir = temp_dir("tmp");
+        let path = dir.join("x.pid");
+        write(&path, 1).unwrap();
+        let tmp = TempFile::reserve(&path).ok();
+        write_reserved(&path, 4242, tmp).unwrap();
+        assert_eq!(read(&path).unwrap(), 4242);
+        // Nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.pid")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,19 +1,41 @@
 //! Building and starting the successor: the one fork/exec seam.
 //!
 //! Everything the child needs (argv, envp, the fd layout, a map of which fd sits where) is
-//! allocated before `fork(2)`. Between fork and exec the child only makes
-//! async-signal-safe system calls on that memory:
+//! allocated before `fork(2)`. The fds an upgrade needs (channel, pipes, lock file, the pid
+//! file's temporary file) are opened in advance and kept in a [`Reserve`], so that an upgrade
+//! works when the process is at its fd limit — which is when a fix for an fd leak must be
+//! deployed.
 //!
-//! 1. moves the error pipe above the target range, then `dup2`s each handed
+//! The old generation blocks every signal around `fork` (restored by a guard on every path)
+//! and forks an *intermediate* process, which:
+//!
+//! 1. closes every fd it does not need: it is a copy of the old generation, which may hold
+//!    thousands of connections and have no fd slot left;
+//! 2. forks the successor, puts it into a process group of its own (`setpgid` from both sides,
+//!    so that the group exists before its pid is reported), reports its pid;
+//! 3. then waits: released (EOF on the release socket), it exits and leaves the successor to
+//!    the nearest subreaper; asked to kill (a byte on it), or seeing the successor exit, it
+//!    kills the successor's whole process group — while the successor is still its unreaped
+//!    child, so the group id cannot have been reused — reaps it and reports its wait status.
+//!
+//! Between fork and exec the successor only makes async-signal-safe system calls on memory
+//! prepared before the fork:
+//!
+//! 1. `setpgid(0, 0)`: a process group of its own, so that a signal sent to the service's
+//!    group (`kill -HUP -- -PGID`, a terminal's hangup) does not reach it before it can
+//!    handle it, and so that killing the group ends everything it started;
+//! 2. moves the error pipe above the target range, then `dup2`s each handed
 //!    fd to `3, 4, ...` in order (`dup2` of two distinct fds clears
 //!    `FD_CLOEXEC` on the target), first moving aside a later fd that sits on
 //!    the target, and closing each old copy at once; an fd already at its
 //!    target only has `FD_CLOEXEC` cleared, since `dup2(fd, fd)` would keep it;
-//! 2. marks every fd above the layout close-on-exec (`close_range` with
+//! 3. marks every fd above the layout close-on-exec (`close_range` with
 //!    `CLOSE_RANGE_CLOEXEC`, or a loop of `fcntl` on older kernels);
-//! 3. resets signal dispositions to default and unblocks all signals;
-//! 4. writes its own pid into the pre-allocated `LISTEN_PID=` entry;
-//! 5. `execve`s. If anything fails, it writes `(step, errno)` to the
+//! 4. discards the signals that reached it before it had its own group, resets every
+//!    disposition to the default except SIGHUP, which starts ignored (see the crate docs,
+//!    "Signals and process groups"), and unblocks all signals;
+//! 5. writes its own pid into the pre-allocated `LISTEN_PID=` entry;
+//! 6. `execve`s. If anything fails, it writes `(step, errno)` to the
 //!    close-on-exec error pipe and `_exit(127)`s. EOF on that pipe in the
 //!    parent means the exec succeeded.
 
@@ -25,7 +47,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use std::sync::Mutex;
+
 use crate::env;
+use crate::pidfile::{self, LockFile, TempFile, UpgradeLock};
 use crate::sys::{self, syscall};
 
 /// Room for the decimal digits of any pid plus the terminating NUL.
@@ -36,23 +61,265 @@ const STEP_FDS: u32 = 1;
 const STEP_EXEC: u32 = 2;
 const STEP_FORK: u32 = 3;
 
+/// Old generation to intermediate, on the release socket: kill the
+/// successor's process group, reap it and report its status.
+const KILL: u8 = b'K';
+
+/// Spare fds in the [`Reserve`], freed for what cannot be opened in advance:
+/// the preflight check's pipes and `/dev/null` (6), or the commit's
+/// `BARRIER=1` pipe (2).
+const SPARE_FDS: usize = 6;
+
+/// Copies of a successor's channel to its predecessor made at build, for
+/// what uses one while the successor may already be at its fd limit: the
+/// state reader, the discarding of an unread state, the ready message, and
+/// the task waiting on the channel (`predecessor_exited`, `committed`).
+const CHANNEL_COPIES: usize = 4;
+
+/// The pipes of one spawn.
+#[derive(Debug)]
+pub(crate) struct SpawnFds {
+    /// The child's `(step, errno)` report, `(read, write)`.
+    err: (OwnedFd, OwnedFd),
+    /// The intermediate's report (successor pid, then wait status), `(read, write)`.
+    status: (OwnedFd, OwnedFd),
+    /// `(ours, the intermediate's)`: a socket pair, so that a byte for an
+    /// intermediate that is gone is `EPIPE`, never `SIGPIPE`.
+    release: (OwnedFd, OwnedFd),
+}
+
+impl SpawnFds {
+    fn open() -> io::Result<SpawnFds> {
+        Ok(SpawnFds {
+            err: sys::pipe_cloexec()?,
+            status: sys::pipe_cloexec()?,
+            release: sys::socketpair_cloexec()?,
+        })
+    }
+}
+
+/// The channel of one upgrade.
+#[derive(Debug)]
+pub(crate) struct ChannelFds {
+    /// The old generation's end.
+    pub(crate) ours: OwnedFd,
+    /// A second fd for the old generation's end, for the thread that streams
+    /// the state.
+    pub(crate) ours_copy: OwnedFd,
+    /// The successor's end.
+    pub(crate) theirs: OwnedFd,
+}
+
+impl ChannelFds {
+    fn open() -> io::Result<ChannelFds> {
+        let (ours, theirs) = sys::socketpair_cloexec()?;
+        let ours_copy = ours.try_clone()?;
+        Ok(ChannelFds {
+            ours,
+            ours_copy,
+            theirs,
+        })
+    }
+}
+
+/// What an upgrade needs, opened while fds are plentiful (at build, and again
+/// after each failed upgrade), so that an upgrade works at the fd limit: the
+/// lock file, the channel, the spawn's pipes, the pid file's temporary file
+/// and a few spare fds. Each part that is missing (it could not be opened
+/// in advance) is opened when needed instead. Every fd is close-on-exec.
+///
+/// The spare fds are a last resort for what cannot be opened in advance:
+/// freed just before it is opened, a slot may be taken by another thread of
+/// the application meanwhile (an accept loop at the limit).
+#[derive(Debug, Default)]
+pub(crate) struct Reserve {
+    lock: Option<LockFile>,
+    lock_path: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    pid_tmp: Option<TempFile>,
+    channel: Option<ChannelFds>,
+    spawn: Option<SpawnFds>,
+    spare: Vec<OwnedFd>,
+    channel_copies: Vec<OwnedFd>,
+}
+
+impl Reserve {
+    /// Opens everything an upgrade needs (best effort; see [`Reserve`]).
+    pub(crate) fn new(pid_file: Option<&Path>) -> Reserve {
+        let mut r = Reserve {
+            pid_file: pid_file.map(Path::to_owned),
+            lock_path: pid_file.map(pidfile::lock_path),
+            ..Reserve::default()
+        };
+        r.refill();
+        r
+    }
+
+    /// The reserve of a new generation: [`Reserve::new`], plus copies of the
+    /// channel to its predecessor, if it has one.
+    pub(crate) fn for_generation(
+        pid_file: Option<&Path>,
+        predecessor: Option<&OwnedFd>,
+    ) -> Reserve {
+        let mut r = Reserve::new(pid_file);
+        if let Some(ch) = predecessor {
+            r.keep_channel_copies(ch);
+        }
+        r
+    }
+
+    /// Opens again what an upgrade used (best effort).
+    pub(crate) fn refill(&mut self) {
+        let mut failed = None;
+        if let (None, Some(path)) = (&self.lock, &self.lock_path) {
+            match LockFile::open(path) {
+                Ok(l) => self.lock = Some(l),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let (None, Some(path)) = (&self.pid_tmp, &self.pid_file) {
+            // Not on every file system: the pid file is then written anew.
+            self.pid_tmp = TempFile::reserve(path).ok();
+        }
+        if self.channel.is_none() {
+            match ChannelFds::open() {
+                Ok(c) => self.channel = Some(c),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if self.spawn.is_none() {
+            match SpawnFds::open() {
+                Ok(p) => self.spawn = Some(p),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Err(e) = self.refill_spares() {
+            failed = Some(e);
+        }
+        if let Some(e) = failed {
+            tracing::debug!(error = %e, "cannot reserve every fd an upgrade needs; opening the rest when needed");
+        }
+    }
+
+    fn refill_spares(&mut self) -> io::Result<()> {
+        while self.spare.len() < SPARE_FDS {
+            let spare = match (self.spare.first(), &self.spawn) {
+                (Some(fd), _) => fd.try_clone()?,
+                (None, Some(p)) => p.err.0.try_clone()?,
+                (None, None) => return Ok(()),
+            };
+            self.spare.push(spare);
+        }
+        Ok(())
+    }
+
+    /// Takes the upgrade lock at `path` (`<pid file>.lock`) without waiting,
+    /// on the lock file opened in advance. `Ok(None)`: another process holds it.
+    pub(crate) fn lock_upgrades(&mut self, path: &Path) -> io::Result<Option<UpgradeLock>> {
+        if self.lock.as_ref().is_none_or(|l| l.path() != path) {
+            self.lock = Some(LockFile::open(path)?);
+            self.lock_path = Some(path.to_owned());
+        }
+        self.lock.as_ref().expect("just opened").try_lock()
+    }
+
+    /// The channel for an upgrade.
+    pub(crate) fn channel(&mut self) -> io::Result<ChannelFds> {
+        match self.channel.take() {
+            Some(c) => Ok(c),
+            None => ChannelFds::open(),
+        }
+    }
+
+    /// The pipes for a spawn.
+    pub(crate) fn spawn_fds(&mut self) -> io::Result<SpawnFds> {
+        match self.spawn.take() {
+            Some(p) => Ok(p),
+            None => SpawnFds::open(),
+        }
+    }
+
+    /// Keeps copies of `channel`, a successor's channel to its predecessor
+    /// (best effort).
+    pub(crate) fn keep_channel_copies(&mut self, channel: &OwnedFd) {
+        while self.channel_copies.len() < CHANNEL_COPIES {
+            match channel.try_clone() {
+                Ok(c) => self.channel_copies.push(c),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// A copy of the successor's channel made in advance, if one is left.
+    pub(crate) fn channel_copy(&mut self) -> Option<OwnedFd> {
+        self.channel_copies.pop()
+    }
+
+    /// The predecessor is gone: its channel's copies are of no further use.
+    pub(crate) fn drop_channel_copies(&mut self) {
+        self.channel_copies.clear();
+    }
+
+    /// At the commit: frees the spare fds (for the service manager's
+    /// barrier) and hands over the pid file's temporary file.
+    pub(crate) fn for_commit(&mut self) -> Option<TempFile> {
+        self.spare.clear();
+        self.pid_tmp.take()
+    }
+}
+
+/// Restores the calling thread's signal mask when dropped.
+struct SigmaskGuard {
+    old: libc::sigset_t,
+}
+
+impl SigmaskGuard {
+    /// Blocks every signal in the calling thread until the guard is dropped.
+    fn block_all() -> SigmaskGuard {
+        // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask
+        // initialise the two sets before they are read.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            SigmaskGuard { old }
+        }
+    }
+}
+
+impl Drop for SigmaskGuard {
+    fn drop(&mut self) {
+        // SAFETY: `old` was filled in by pthread_sigmask in `block_all`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
+
 /// A started successor.
 ///
 /// It is started through an intermediate process (a double fork): the
 /// intermediate forks the successor, reports its pid, and then either
-/// forwards the successor's wait status (if it exits first) or exits when
-/// released. Released after a successful upgrade, it leaves the successor
-/// an orphan, reparented at once to the nearest subreaper — the service
-/// manager under systemd — so that the successor is never a child of the
-/// old generation when it becomes the main process.
+/// forwards the successor's wait status (if it exits first, or when asked to
+/// kill it) or exits when released. Released after a successful upgrade, it
+/// leaves the successor an orphan, reparented at once to the nearest
+/// subreaper — the service manager under systemd — so that the successor is
+/// never a child of the old generation when it becomes the main process.
+///
+/// The successor leads a process group of its own (its pgid is its pid)
+/// until it reports ready. Whenever it fails, the intermediate kills it and
+/// that whole group before reaping it: whatever the successor started before
+/// it was ready (a shell wrapper's real server, a helper) dies with it.
 #[derive(Debug)]
 pub(crate) struct Child {
-    /// The successor's pid.
+    /// The successor's pid, and the id of its process group.
     pub pid: libc::pid_t,
     intermediate: libc::pid_t,
     /// The successor's wait status, 4 bytes, written by the intermediate.
     status: OwnedFd,
-    /// Closing it lets the intermediate exit.
+    /// Closing it lets the intermediate exit; a [`KILL`] byte asks it to
+    /// kill the successor's group.
     release: Option<OwnedFd>,
 }
 
@@ -63,7 +330,8 @@ impl Child {
         self.wait_exit(Instant::now())
     }
 
-    /// Waits until the successor exits or `until` passes.
+    /// Waits until the successor exits or `until` passes. When it has, its
+    /// process group has been killed too.
     pub(crate) fn wait_exit(&mut self, until: Instant) -> Option<Option<ExitStatus>> {
         let rev = sys::poll_until(&[(self.status.as_fd(), libc::POLLIN)], until).ok()?;
         if rev[0] == 0 {
@@ -75,6 +343,16 @@ impl Child {
             Ok(true) => Some(ExitStatus::from_raw(i32::from_ne_bytes(buf))),
             _ => None,
         };
+        if status.is_none() {
+            // The intermediate died without reporting (killed by someone
+            // else): the successor may live on, orphaned. Best effort: its
+            // group, whose id stays taken while any member lives.
+            tracing::warn!(
+                pid = self.pid,
+                "the intermediate process died; killing the successor's process group"
+            );
+            kill_group(self.pid);
+        }
         reap_blocking(self.intermediate);
         self.intermediate = 0;
         Some(status)
@@ -85,15 +363,17 @@ impl Child {
         self.status.as_fd()
     }
 
-    /// Kills the successor and waits (bounded) until it is reaped.
+    /// Kills the successor and everything it started (its process group),
+    /// and waits (bounded) until it is reaped.
     pub(crate) fn kill_and_reap(&mut self) {
         if self.intermediate == 0 {
             return; // already reported and reaped
         }
-        // SAFETY: kill with the pid of a successor the intermediate has not
-        // reaped: it reaps only when reporting, which we have not read yet.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
+        // The intermediate kills the group: it is the successor's parent,
+        // and kills before it reaps, so the group id is still the
+        // successor's. If it is gone, its report (or EOF) is on the pipe.
+        if let Some(r) = &self.release {
+            let _ = sys::send_all(r.as_fd(), &[KILL]);
         }
         if self
             .wait_exit(Instant::now() + Duration::from_secs(5))
@@ -103,6 +383,9 @@ impl Child {
                 pid = self.pid,
                 "successor did not die within 5 s of SIGKILL"
             );
+            // The intermediate has not reaped the successor (it would have
+            // reported), so the group id is still the successor's.
+            kill_group(self.pid);
             // SAFETY: kill with the pid of our own, unreaped intermediate.
             unsafe {
                 libc::kill(self.intermediate, libc::SIGKILL);
@@ -130,6 +413,16 @@ impl Drop for Child {
         if self.release.is_some() {
             self.kill_and_reap();
         }
+    }
+}
+
+/// SIGKILL to a successor and its start process group (whose id is its
+/// pid): it may have joined its predecessor's group already.
+fn kill_group(pid: libc::pid_t) {
+    // SAFETY: kill takes a pid and a signal and touches no memory.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
     }
 }
 
@@ -190,7 +483,10 @@ struct Plan {
     /// source that sits there, or -1.
     owner: Vec<i32>,
     err_fd: RawFd,
-    /// `RLIMIT_NOFILE`, for the fallback close loop.
+    /// The fds the intermediate keeps (0-2, its pipes, the sources), sorted
+    /// and without duplicates; it closes every other.
+    keep: Vec<RawFd>,
+    /// `RLIMIT_NOFILE`, for the fallback close loops.
     max_fd: RawFd,
     /// The highest signal number, read before fork.
     max_signal: libc::c_int,
@@ -199,12 +495,14 @@ struct Plan {
 /// Starts `program` with `args`, the environment `vars` (the caller has
 /// removed what must not be inherited) plus the successor variables, and
 /// the fds `fds` at `3, 4, ...`; the last entry of `fds` is the channel.
+/// `pipes` come from the [`Reserve`].
 pub(crate) fn spawn(
     program: &Path,
     args: &[OsString],
     vars: impl Iterator<Item = (OsString, OsString)>,
     successor_vars: &[(&'static str, String)],
     fds: &[BorrowedFd<'_>],
+    pipes: SpawnFds,
     deadline: Instant,
 ) -> Result<Child, SpawnError> {
     let program_c = cstring(program.as_os_str().as_bytes(), "program path")?;
@@ -235,6 +533,11 @@ pub(crate) fn spawn(
         e.push(0);
         envp.push(e);
     }
+    // The process group the successor joins when it reports ready (see
+    // `join_predecessor_group`).
+    // SAFETY: getpgrp takes no argument and cannot fail.
+    let pgrp = unsafe { libc::getpgrp() };
+    envp.push(format!("{}={pgrp}\0", env::PGID).into_bytes());
     let mut pid_entry = format!("{}=", env::LISTEN_PID).into_bytes();
     let prefix = pid_entry.len();
     pid_entry.resize(prefix + PID_DIGITS + 1, 0);
@@ -249,7 +552,11 @@ pub(crate) fn spawn(
         .chain(std::iter::once(std::ptr::null()))
         .collect();
 
-    let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
+    let SpawnFds {
+        err: (err_r, err_w),
+        status: (status_r, status_w),
+        release: (release_ours, release_theirs),
+    } = pipes;
     // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
     // getrlimit writes into the struct it is given.
@@ -257,6 +564,12 @@ pub(crate) fn spawn(
         Ok(_) if rl.rlim_cur != libc::RLIM_INFINITY => rl.rlim_cur.min(i32::MAX as u64) as RawFd,
         _ => 65536,
     };
+    let (status_fd, release_fd) = (status_w.as_raw_fd(), release_theirs.as_raw_fd());
+    let sources: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut keep: Vec<RawFd> = vec![0, 1, 2, err_w.as_raw_fd(), status_fd, release_fd];
+    keep.extend_from_slice(&sources);
+    keep.sort_unstable();
+    keep.dedup();
     let mut plan = Plan {
         program: program_c,
         _argv: argv,
@@ -264,53 +577,41 @@ pub(crate) fn spawn(
         _envp: envp,
         envp_ptrs,
         pid_slot,
-        sources: fds.iter().map(|f| f.as_raw_fd()).collect(),
         owner: {
             let end = env::FDS_START as usize + fds.len();
             let mut owner = vec![-1i32; end];
-            for (i, f) in fds.iter().enumerate() {
-                if (f.as_raw_fd() as usize) < end {
-                    owner[f.as_raw_fd() as usize] = i as i32;
+            for (i, f) in sources.iter().enumerate() {
+                if (*f as usize) < end {
+                    owner[*f as usize] = i as i32;
                 }
             }
             owner
         },
+        sources,
         err_fd: err_w.as_raw_fd(),
+        keep,
         max_fd,
         max_signal: libc::SIGRTMAX(),
     };
 
     // Block every signal around fork, so that no handler of this process
-    // runs in the child before its dispositions are reset.
-    // SAFETY: sigset_t is plain data; sigfillset initialises it.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both point to valid sigset_t values.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
-    let (status_r, status_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
-    let (release_r, release_w) = sys::pipe_cloexec().map_err(|e| SpawnError::Parent("pipe2", e))?;
-    let (status_fd, release_fd) = (status_w.as_raw_fd(), release_r.as_raw_fd());
-    let release_w_fd = release_w.as_raw_fd();
+    // runs in the intermediate or the child before its dispositions are
+    // reset; the guard restores the mask on every path.
+    let mask = SigmaskGuard::block_all();
     // SAFETY: the child branch only runs `intermediate`, which makes
     // async-signal-safe calls on memory allocated before fork and never
     // returns; the parent branch continues normally.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the child of fork; see `intermediate`.
-        unsafe { intermediate(&mut plan, status_fd, release_fd, release_w_fd) }
+        unsafe { intermediate(&mut plan, status_fd, release_fd) }
     }
-    // SAFETY: `old` was filled in by pthread_sigmask above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
+    let fork_err = io::Error::last_os_error();
+    drop(mask);
     if pid < 0 {
-        return Err(SpawnError::Parent("fork", io::Error::last_os_error()));
+        return Err(SpawnError::Parent("fork", fork_err));
     }
-    drop((err_w, status_w, release_r));
+    drop((err_w, status_w, release_theirs));
 
     // The intermediate reports the successor's pid, or fails to fork it.
     let mut pid_buf = [0u8; 4];
@@ -322,7 +623,7 @@ pub(crate) fn spawn(
         pid: i32::from_ne_bytes(pid_buf),
         intermediate: pid,
         status: status_r,
-        release: Some(release_w),
+        release: Some(release_ours),
     };
     if !got_pid {
         // It failed to fork (and wrote why to the error pipe), or hung.
@@ -394,25 +695,28 @@ fn child_error(report: &[u8; 8]) -> SpawnError {
     }
 }
 
-/// The intermediate process: forks the successor, reports its pid, then
-/// forwards its wait status or exits when released.
+/// The intermediate process: closes what it does not need, forks the
+/// successor into a process group of its own, reports its pid, then exits
+/// when released, or kills the successor's group, reaps it and reports its
+/// wait status when asked to or when the successor exits first.
 ///
 /// # Safety
 /// Must only be called in the child of `fork`, with `plan` built by `spawn`.
 /// It makes only async-signal-safe calls and never returns.
-unsafe fn intermediate(
-    plan: &mut Plan,
-    status_fd: RawFd,
-    release_fd: RawFd,
-    release_w: RawFd,
-) -> ! {
-    // SAFETY: fork, close, write, poll, waitpid, syscall(pidfd_open) and
-    // _exit are async-signal-safe; every buffer is on this stack or in
-    // `plan`, allocated before the first fork.
+unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd: RawFd) -> ! {
+    // SAFETY: close, close_range (syscall), fork, setpgid, kill, write,
+    // read, poll, waitpid, waitid, syscall(pidfd_open) and _exit are
+    // async-signal-safe system calls; every buffer is on this stack or in
+    // `plan`, allocated before the first fork. Every signal is blocked
+    // (inherited from the old generation's thread), so no handler runs.
     unsafe {
-        // Only the old generation may hold the release pipe's write end:
-        // its closing is the signal to exit.
-        libc::close(release_w);
+        // A copy of the old generation may hold every fd slot (thousands of
+        // connections at the limit): keep only what the successor and this
+        // process need — which also closes the release socket's other end,
+        // whose closing is the signal to exit — so that pidfd_open and the
+        // child's dups find room, and no connection the old generation
+        // closes stays open here.
+        close_all_but(&plan.keep, plan.max_fd);
         let pid = libc::fork();
         if pid == 0 {
             child(plan)
@@ -425,6 +729,10 @@ unsafe fn intermediate(
             libc::write(plan.err_fd, buf.as_ptr().cast(), buf.len());
             libc::_exit(127);
         }
+        // The successor's own process group, set from this side too, so that
+        // it exists before the old generation learns the pid (EACCES once
+        // the child has exec'd: it has set it itself by then).
+        libc::setpgid(pid, pid);
         // Our copies of the error pipe and of the channel must not keep
         // them open once the successor has closed them.
         libc::close(plan.err_fd);
@@ -433,6 +741,7 @@ unsafe fn intermediate(
         }
         let bytes = pid.to_ne_bytes();
         if libc::write(status_fd, bytes.as_ptr().cast(), 4) != 4 {
+            libc::kill(-pid, libc::SIGKILL);
             libc::kill(pid, libc::SIGKILL);
         }
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
@@ -451,17 +760,86 @@ unsafe fn intermediate(
             ];
             let (n, timeout) = if pidfd >= 0 { (2, -1) } else { (1, 10) };
             libc::poll(fds.as_mut_ptr(), n, timeout);
+            let mut kill = false;
             if fds[0].revents != 0 {
-                libc::_exit(0); // released (or the old generation is gone)
+                let mut byte = 0u8;
+                if libc::read(release_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
+                    libc::_exit(0); // released (or the old generation is gone)
+                }
+                kill = byte == KILL;
             }
-            let mut status = 0;
-            if libc::waitpid(pid, &mut status, libc::WNOHANG) == pid {
+            let exited = if pidfd >= 0 {
+                fds[1].revents != 0
+            } else {
+                // Without a pidfd: look without reaping (WNOWAIT), so that
+                // the group id stays the successor's until it is killed.
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                ) == 0
+                    && info.si_pid() == pid
+            };
+            if kill || exited {
+                // Everything the successor started dies with it: its start
+                // group, and itself (it left that group at ready()). It is
+                // still our unreaped child (a zombie at worst), so `pid`
+                // still names it and its group.
+                libc::kill(-pid, libc::SIGKILL);
+                libc::kill(pid, libc::SIGKILL);
+                let mut status = 0;
+                while libc::waitpid(pid, &mut status, 0) < 0
+                    && *libc::__errno_location() == libc::EINTR
+                {}
                 let bytes = status.to_ne_bytes();
                 libc::write(status_fd, bytes.as_ptr().cast(), 4);
                 libc::_exit(0);
             }
         }
     }
+}
+
+/// Closes every fd except those in `keep` (sorted, no duplicates).
+///
+/// # Safety
+/// Child-of-fork only: closes fds other code may think it owns; makes only
+/// async-signal-safe calls.
+unsafe fn close_all_but(keep: &[RawFd], max_fd: RawFd) {
+    /// Closes `lo..=hi`.
+    ///
+    /// # Safety
+    /// As for `close_all_but`.
+    unsafe fn close_between(lo: RawFd, hi: libc::c_uint, max_fd: RawFd) {
+        // SAFETY: close_range and close are async-signal-safe system calls
+        // that take plain integers.
+        unsafe {
+            if libc::syscall(
+                libc::SYS_close_range,
+                lo as libc::c_uint,
+                hi,
+                0 as libc::c_uint,
+            ) < 0
+            {
+                let mut fd = lo;
+                while fd < max_fd && (fd as libc::c_uint) <= hi {
+                    libc::close(fd);
+                    fd += 1;
+                }
+            }
+        }
+    }
+    let mut next: RawFd = 0;
+    for &k in keep {
+        if k > next {
+            // SAFETY: as for this function.
+            unsafe { close_between(next, (k - 1) as libc::c_uint, max_fd) };
+        }
+        next = k + 1;
+    }
+    // SAFETY: as for this function.
+    unsafe { close_between(next, libc::c_uint::MAX, max_fd) };
 }
 
 /// The child between fork and exec.
@@ -490,13 +868,20 @@ unsafe fn child(plan: &mut Plan) -> ! {
         }
     }
 
-    // SAFETY: only fcntl, dup2, close_range (syscall), close, sigaction,
-    // pthread_sigmask, getpid, write, execve and _exit are called: all
-    // async-signal-safe. Every pointer used points into `plan`, allocated
-    // before fork and not freed in the child; `pid_slot` has room for
-    // PID_DIGITS digits and a NUL.
+    // SAFETY: only setpgid, fcntl, dup2, close_range (syscall), close,
+    // sigpending, sigaction, pthread_sigmask, getpid, write, execve and
+    // _exit are called (and sigemptyset/sigismember, which only touch the
+    // set on this stack): all async-signal-safe. Every pointer used points
+    // into `plan`, allocated before fork and not freed in the child;
+    // `pid_slot` has room for PID_DIGITS digits and a NUL.
     unsafe {
-        // 1. Move the error pipe above the target range. Then place each
+        // 1. A process group of its own, first: a signal sent to the
+        // service's group from now on does not reach this process, and the
+        // old generation can kill everything it will start. (Every signal
+        // is blocked, inherited through the intermediate.)
+        libc::setpgid(0, 0);
+
+        // 2. Move the error pipe above the target range. Then place each
         // source at its target, in target order, without needing room for a
         // second copy of every fd (RLIMIT_NOFILE may be barely above the
         // number of fds): a source already at its target only loses
@@ -535,7 +920,7 @@ unsafe fn child(plan: &mut Plan) -> ! {
             }
             libc::close(src);
         }
-        // 2. Everything above the layout closes at exec, fds moved aside
+        // 3. Everything above the layout closes at exec, fds moved aside
         // and the error pipe included.
         let r = libc::syscall(
             libc::SYS_close_range,
@@ -555,19 +940,34 @@ unsafe fn child(plan: &mut Plan) -> ! {
         // Fds 0-2 are left as they are; anything that is not one of them or
         // the layout is now gone at exec.
 
-        // 3. Default dispositions, nothing blocked.
+        // 4. A fork starts with no signal pending: whatever is pending now
+        // was sent to the old generation's process group before this
+        // process had its own, and is not meant for it. Setting SIG_IGN
+        // discards a pending signal. Then default dispositions, except
+        // SIGHUP, which starts ignored until the application installs its
+        // handler (the crate docs say why); nothing blocked.
+        let mut ign: libc::sigaction = std::mem::zeroed();
+        ign.sa_sigaction = libc::SIG_IGN;
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pending);
+        libc::sigpending(&mut pending);
         for sig in 1..=plan.max_signal {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
             }
+            if libc::sigismember(&pending, sig) == 1 {
+                libc::sigaction(sig, &ign, std::ptr::null_mut());
+            }
+            let action = if sig == libc::SIGHUP { &ign } else { &dfl };
+            libc::sigaction(sig, action, std::ptr::null_mut());
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
 
-        // 4. LISTEN_PID=<own pid>, written without allocating.
+        // 5. LISTEN_PID=<own pid>, written without allocating.
         let mut pid = libc::getpid() as u64;
         let mut digits = [0u8; PID_DIGITS];
         let mut len = 0;
@@ -584,7 +984,7 @@ unsafe fn child(plan: &mut Plan) -> ! {
         }
         *plan.pid_slot.add(len) = 0;
 
-        // 5. Exec.
+        // 6. Exec.
         libc::execve(
             plan.program.as_ptr(),
             plan.argv_ptrs.as_ptr(),
@@ -648,9 +1048,62 @@ pub(crate) fn check_program(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A successor's side of the process-group rule, called by `ready()` just
+/// before it reports ready: it leaves the process group it was started in
+/// and joins the one its predecessor is in (`HANDOVER_PGID`), and so is a
+/// normal member of the service from then on: `kill -- -PGID` and a
+/// terminal's job control reach it. Processes it started before stay in
+/// its start group, which is killed if the upgrade still fails.
+///
+/// Not at the commit: a predecessor that commits, drains and exits before
+/// its successor took the commit in may have been the group's last member,
+/// and the service's process group would be gone. Before the ready message
+/// the predecessor is alive, waiting for it.
+///
+/// Does nothing in a process that does not lead its own process group, or
+/// when that group is gone (the predecessor died; the successor then stays
+/// in its own, which its successors join in turn).
+pub(crate) fn join_predecessor_group() {
+    let Some(pgid) = std::env::var_os(env::PGID)
+        .and_then(|v| v.to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|p| *p > 0)
+    else {
+        return;
+    };
+    // SAFETY: getpid and getpgrp take no argument and cannot fail.
+    let (me, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
+    if group != me || pgid == me {
+        return;
+    }
+    // setpgid takes plain integers.
+    match syscall!(setpgid(0, pgid)) {
+        Ok(_) => tracing::debug!(pgid, "joined the predecessor's process group"),
+        Err(e) => {
+            tracing::debug!(pgid, error = %e, "cannot join the predecessor's process group; staying in its own")
+        }
+    }
+}
+
 /// Runs `program args` as a check, with its output captured (64 KiB at
 /// most), killed at `deadline`. `Err((status, output))` unless it exits 0.
+///
+/// The spare fds of `reserve` are freed for it, and taken again after.
 pub(crate) fn preflight(
+    program: &Path,
+    args: &[OsString],
+    deadline: Instant,
+    reserve: &Mutex<Reserve>,
+) -> Result<(), (Option<ExitStatus>, String)> {
+    let spares = |f: fn(&mut Reserve)| f(&mut reserve.lock().unwrap_or_else(|p| p.into_inner()));
+    spares(|r| r.spare.clear());
+    let result = run_check(program, args, deadline);
+    spares(|r| {
+        let _ = r.refill_spares();
+    });
+    result
+}
+
+fn run_check(
     program: &Path,
     args: &[OsString],
     deadline: Instant,
@@ -706,5 +1159,80 @@ pub(crate) fn preflight(
         Some(s) if s.success() && !timed_out => Ok(()),
         _ if timed_out => Err((None, text)),
         s => Err((s, text)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask() -> libc::sigset_t {
+        // SAFETY: pthread_sigmask with a null new set only reads the mask
+        // into the zero-initialised set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+            set
+        }
+    }
+
+    fn blocked(set: &libc::sigset_t, sig: libc::c_int) -> bool {
+        // SAFETY: sigismember reads a valid set.
+        unsafe { libc::sigismember(set, sig) == 1 }
+    }
+
+    #[test]
+    fn the_signal_mask_is_restored_when_the_guard_drops() {
+        let before = mask();
+        assert!(!blocked(&before, libc::SIGUSR2));
+        {
+            let _guard = SigmaskGuard::block_all();
+            let during = mask();
+            assert!(blocked(&during, libc::SIGUSR2) && blocked(&during, libc::SIGHUP));
+        }
+        let after = mask();
+        for sig in 1..libc::SIGRTMAX() {
+            assert_eq!(blocked(&before, sig), blocked(&after, sig), "signal {sig}");
+        }
+    }
+
+    #[test]
+    fn the_reserve_holds_close_on_exec_fds_and_opens_more_when_empty() {
+        let dir = std::env::temp_dir().join(format!("handover-reserve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("x.pid");
+        let mut r = Reserve::new(Some(&pid_file));
+        assert!(r.lock.is_some() && r.channel.is_some() && r.spawn.is_some());
+        assert_eq!(r.spare.len(), SPARE_FDS);
+        let c = r.channel().unwrap();
+        let p = r.spawn_fds().unwrap();
+        for fd in [
+            &c.ours,
+            &c.ours_copy,
+            &c.theirs,
+            &p.err.0,
+            &p.status.1,
+            &p.release.0,
+        ]
+        .into_iter()
+        .chain(&r.spare)
+        {
+            assert!(sys::is_cloexec(fd.as_fd()).unwrap());
+        }
+        // Taken: the next ones are opened on demand; refill reserves again.
+        assert!(r.channel.is_none());
+        assert!(r.channel().is_ok() && r.spawn_fds().is_ok());
+        r.refill();
+        assert!(r.channel.is_some() && r.spawn.is_some());
+        let lock_path = pidfile::lock_path(&pid_file);
+        let held = r.lock_upgrades(&lock_path).unwrap().expect("free");
+        let other = LockFile::open(&lock_path).unwrap();
+        assert!(other.try_lock().unwrap().is_none());
+        drop(held);
+        assert!(other.try_lock().unwrap().is_some());
+        r.for_commit();
+        assert!(r.spare.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

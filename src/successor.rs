@@ -31,10 +31,14 @@ impl Generation {
         let life = self.life();
         match life.predecessor.as_ref() {
             None => Ok(None),
-            Some(ch) => ch
-                .try_clone()
-                .map(Some)
-                .map_err(|e| Error::io("duplicating the channel", e)),
+            // One made at build first: this generation may be at its fd limit.
+            Some(ch) => match lock(&self.reserve).channel_copy() {
+                Some(copy) => Ok(Some(copy)),
+                None => ch
+                    .try_clone()
+                    .map(Some)
+                    .map_err(|e| Error::io("duplicating the channel", e)),
+            },
         }
     }
 
@@ -152,6 +156,7 @@ impl Generation {
                     crate::stats::record(phases, "exit", at.elapsed());
                 }
                 life.predecessor_gone();
+                lock(&self.reserve).drop_channel_copies();
             }
         }
         if closed {

@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -163,6 +163,8 @@ impl Drop for Attempt<'_> {
             return;
         }
         let g = self.generation;
+        // What this attempt used is opened again while fds may be plentiful.
+        lock(&g.reserve).refill();
         g.life().upgrade_failed();
         if self.reloading_sent {
             let msg = format!(
@@ -255,7 +257,7 @@ impl Generation {
         let args = opts.args.as_ref().unwrap_or(&cfg.args);
         if let Some(check) = opts.preflight.as_ref().or(cfg.preflight.as_ref()) {
             let t = Instant::now();
-            let checked = spawn::preflight(&program, check, deadline);
+            let checked = spawn::preflight(&program, check, deadline, &self.reserve);
             phase(phases, "preflight", t.elapsed());
             checked.map_err(|(status, output)| {
                 tracing::warn!(?status, "preflight check failed");
@@ -268,11 +270,11 @@ impl Generation {
         };
 
         let spawn_start = Instant::now();
-        let (ours, mut child) =
+        let (ours, ours_copy, mut child) =
             self.spawn_successor(&program, args, generation, state.is_some(), deadline)?;
         let pid = child.pid as u32;
         let writer = match state {
-            Some(state) => Some(stream_state(&ours, state, deadline)?),
+            Some(state) => Some(stream_state(ours_copy, state, deadline)?),
             None => None,
         };
         let exec_done = Instant::now();
@@ -353,7 +355,7 @@ impl Generation {
             return Ok(None);
         };
         let path = pidfile::lock_path(pid_file);
-        match pidfile::try_lock(&path) {
+        match lock(&self.reserve).lock_upgrades(&path) {
             Ok(Some(l)) => Ok(Some(l)),
             Ok(None) => Err(UpgradeError::Locked { path }),
             Err(e) => Err(UpgradeError::io(
@@ -418,8 +420,10 @@ impl Generation {
         Some(source())
     }
 
-    /// Starts the successor with this generation's fds and a fresh channel;
-    /// returns this generation's end of the channel and the child.
+    /// Starts the successor with this generation's fds and a fresh channel
+    /// (both opened in advance, see `spawn::Reserve`); returns this
+    /// generation's end of the channel, a second fd of it (for the state
+    /// stream) and the child.
     fn spawn_successor(
         &self,
         program: &Path,
@@ -427,9 +431,17 @@ impl Generation {
         generation: u64,
         with_state: bool,
         deadline: Instant,
-    ) -> Result<(std::os::fd::OwnedFd, spawn::Child), UpgradeError> {
-        let (ours, theirs) =
-            sys::socketpair_cloexec().map_err(|e| UpgradeError::io("socketpair", e))?;
+    ) -> Result<(OwnedFd, OwnedFd, spawn::Child), UpgradeError> {
+        let spawn::ChannelFds {
+            ours,
+            ours_copy,
+            theirs,
+        } = lock(&self.reserve)
+            .channel()
+            .map_err(|e| UpgradeError::io("socketpair", e))?;
+        let pipes = lock(&self.reserve)
+            .spawn_fds()
+            .map_err(|e| UpgradeError::io("pipe2", e))?;
         let child = {
             let registry = lock(&self.registry);
             let handed = registry.handed();
@@ -442,11 +454,11 @@ impl Generation {
             let succ_vars =
                 env::successor_vars(&names, generation, with_state, &self.config.program);
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
-            spawn::spawn(program, args, vars, &succ_vars, &fds, deadline)
+            spawn::spawn(program, args, vars, &succ_vars, &fds, pipes, deadline)
         };
         drop(theirs);
         match child {
-            Ok(c) => Ok((ours, c)),
+            Ok(c) => Ok((ours, ours_copy, c)),
             Err(SpawnError::Child { step, err }) => {
                 tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
                 Err(UpgradeError::Exec {
@@ -482,8 +494,9 @@ impl Generation {
         phases: &Phases,
     ) -> Result<(), UpgradeError> {
         let pid = child.pid as u32;
+        let tmp = lock(&self.reserve).for_commit();
         if let Some(path) = &self.config.pid_file {
-            if let Err(source) = pidfile::write(path, pid) {
+            if let Err(source) = pidfile::write_reserved(path, pid, tmp) {
                 tracing::error!(path = %path.display(), error = %source, "cannot write the pid file; killing the successor");
                 drop(child); // kills and reaps it: it was not released
                 return Err(UpgradeError::PidFile {
@@ -539,18 +552,15 @@ impl crate::drain::DrainObserver for Generation {
     }
 }
 
-/// Streams `state` over a copy of the channel from a thread of its own, so
-/// that waiting for ready goes on meanwhile. Its sends time out at the
-/// ready deadline.
+/// Streams `state` over `fd`, a copy of the channel, from a thread of its
+/// own, so that waiting for ready goes on meanwhile. Its sends time out at
+/// the ready deadline.
 fn stream_state(
-    channel: &std::os::fd::OwnedFd,
+    fd: OwnedFd,
     state: StateStream,
     deadline: Instant,
 ) -> Result<std::thread::JoinHandle<(std::io::Result<u64>, Duration)>, UpgradeError> {
     let (version, mut source) = state;
-    let fd = channel
-        .try_clone()
-        .map_err(|e| UpgradeError::io("duplicating the channel", e))?;
     let left = deadline.saturating_duration_since(Instant::now());
     crate::state::set_timeout(fd.as_fd(), crate::state::Direction::Send, left)
         .map_err(|e| UpgradeError::io("setting the state timeout", e))?;

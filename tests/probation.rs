@@ -111,7 +111,10 @@ fn a_healthy_successor_is_committed_only_after_the_window() {
     // itself, and the pid file still names the old generation.
     procs::signal(new, libc::SIGHUP).unwrap();
     let refused = srv.wait_line("upgrade-failed", Some(new));
-    assert!(refused.contains("still on probation"), "{refused}");
+    assert!(
+        refused.contains("has not committed the handover"),
+        "{refused}"
+    );
     assert_eq!(handover::read_pid_file(&pid_file).unwrap(), old);
     wait_until("the successor to answer", Duration::from_secs(10), || {
         served_by(&load.stats, new) > 0
