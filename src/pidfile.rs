@@ -155,8 +155,7 @@ impl TempFile {
 /// name (`linkat` through `/proc/self/fd`, which needs no new fd) and
 /// renamed over `path`. Falls back to [`write`] if any step fails.
 pub(crate) fn write_reserved(path: &Path, pid: u32, tmp: Option<TempFile>) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
+    use nix::fcntl::{AT_FDCWD, AtFlags};
     let Some(TempFile(mut file)) = tmp else {
         return write(path, pid);
     };
@@ -174,18 +173,16 @@ pub(crate) fn write_reserved(path: &Path, pid: u32, tmp: Option<TempFile>) -> io
     let tmp_path = dir.join(tmp_name);
     let linked = (|| {
         file.write_all(format!("{pid}\n").as_bytes())?;
-        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        let to = CString::new(tmp_path.as_os_str().as_bytes())?;
+        let from = format!("/proc/self/fd/{}", file.as_raw_fd());
         let _ = std::fs::remove_file(&tmp_path);
-        // linkat reads two NUL-terminated paths; AT_SYMLINK_FOLLOW resolves
-        // the /proc link to the open, unnamed file.
-        syscall!(linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW
-        ))?;
+        // AT_SYMLINK_FOLLOW resolves the /proc link to the open, unnamed file.
+        nix::unistd::linkat(
+            AT_FDCWD,
+            from.as_str(),
+            AT_FDCWD,
+            &tmp_path,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        )?;
         std::fs::rename(&tmp_path, path)
     })();
     match linked {

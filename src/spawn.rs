@@ -49,6 +49,10 @@ use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
 
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, pthread_sigmask};
+use nix::sys::wait::waitpid;
+use nix::unistd::{Pid, getpgrp, getpid, setpgid};
+
 use crate::env;
 use crate::pidfile::{self, LockFile, TempFile, UpgradeLock};
 use crate::sys::{self, syscall};
@@ -270,30 +274,26 @@ impl Reserve {
 
 /// Restores the calling thread's signal mask when dropped.
 struct SigmaskGuard {
-    old: libc::sigset_t,
+    old: SigSet,
 }
 
 impl SigmaskGuard {
     /// Blocks every signal in the calling thread until the guard is dropped.
     fn block_all() -> SigmaskGuard {
-        // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask
-        // initialise the two sets before they are read.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            SigmaskGuard { old }
-        }
+        let mut old = SigSet::empty();
+        // Cannot fail with a valid `how`.
+        let _ = pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        );
+        SigmaskGuard { old }
     }
 }
 
 impl Drop for SigmaskGuard {
     fn drop(&mut self) {
-        // SAFETY: `old` was filled in by pthread_sigmask in `block_all`.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
-        }
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
     }
 }
 
@@ -386,10 +386,8 @@ impl Child {
             // The intermediate has not reaped the successor (it would have
             // reported), so the group id is still the successor's.
             kill_group(self.pid);
-            // SAFETY: kill with the pid of our own, unreaped intermediate.
-            unsafe {
-                libc::kill(self.intermediate, libc::SIGKILL);
-            }
+            // Our own, unreaped intermediate: the pid is still its.
+            let _ = kill(Pid::from_raw(self.intermediate), Signal::SIGKILL);
             reap_blocking(self.intermediate);
             self.intermediate = 0;
         }
@@ -419,11 +417,8 @@ impl Drop for Child {
 /// SIGKILL to a successor and its start process group (whose id is its
 /// pid): it may have joined its predecessor's group already.
 fn kill_group(pid: libc::pid_t) {
-    // SAFETY: kill takes a pid and a signal and touches no memory.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-        libc::kill(pid, libc::SIGKILL);
-    }
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on an early EOF.
@@ -535,8 +530,7 @@ pub(crate) fn spawn(
     }
     // The process group the successor joins when it reports ready (see
     // `join_predecessor_group`).
-    // SAFETY: getpgrp takes no argument and cannot fail.
-    let pgrp = unsafe { libc::getpgrp() };
+    let pgrp = getpgrp();
     envp.push(format!("{}={pgrp}\0", env::PGID).into_bytes());
     let mut pid_entry = format!("{}=", env::LISTEN_PID).into_bytes();
     let prefix = pid_entry.len();
@@ -626,11 +620,9 @@ pub(crate) fn spawn(
         release: Some(release_ours),
     };
     if !got_pid {
-        // It failed to fork (and wrote why to the error pipe), or hung.
-        // SAFETY: kill with the pid of our own, unreaped intermediate.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
+        // It failed to fork (and wrote why to the error pipe), or hung. Our
+        // own, unreaped intermediate: the pid is still its.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         reap_blocking(pid);
         child.intermediate = 0;
         child.release = None;
@@ -994,15 +986,10 @@ unsafe fn child(plan: &mut Plan) -> ! {
     }
 }
 
+/// Reaps our child `pid`: only called for one that has exited or been sent
+/// SIGKILL.
 fn reap_blocking(pid: libc::pid_t) {
-    let mut status = 0;
-    // waitpid writes the status into the int it is given. Only called for a
-    // child that has exited or been sent SIGKILL.
-    while let Err(e) = syscall!(waitpid(pid, &mut status, 0)) {
-        if e.kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
+    while let Err(nix::errno::Errno::EINTR) = waitpid(Pid::from_raw(pid), None) {}
 }
 
 /// The absolute path of the running binary, as captured at start.
@@ -1070,13 +1057,11 @@ pub(crate) fn join_predecessor_group() {
     else {
         return;
     };
-    // SAFETY: getpid and getpgrp take no argument and cannot fail.
-    let (me, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
-    if group != me || pgid == me {
+    let (me, group) = (getpid(), getpgrp());
+    if group != me || pgid == me.as_raw() {
         return;
     }
-    // setpgid takes plain integers.
-    match syscall!(setpgid(0, pgid)) {
+    match setpgid(Pid::from_raw(0), Pid::from_raw(pgid)) {
         Ok(_) => tracing::debug!(pgid, "joined the predecessor's process group"),
         Err(e) => {
             tracing::debug!(pgid, error = %e, "cannot join the predecessor's process group; staying in its own")
@@ -1166,19 +1151,12 @@ fn run_check(
 mod tests {
     use super::*;
 
-    fn mask() -> libc::sigset_t {
-        // SAFETY: pthread_sigmask with a null new set only reads the mask
-        // into the zero-initialised set.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
-            set
-        }
+    fn mask() -> SigSet {
+        SigSet::thread_get_mask().expect("the thread's signal mask")
     }
 
-    fn blocked(set: &libc::sigset_t, sig: libc::c_int) -> bool {
-        // SAFETY: sigismember reads a valid set.
-        unsafe { libc::sigismember(set, sig) == 1 }
+    fn blocked(set: &SigSet, sig: libc::c_int) -> bool {
+        Signal::try_from(sig).is_ok_and(|s| set.contains(s))
     }
 
     #[test]
@@ -1191,7 +1169,7 @@ mod tests {
             assert!(blocked(&during, libc::SIGUSR2) && blocked(&during, libc::SIGHUP));
         }
         let after = mask();
-        for sig in 1..libc::SIGRTMAX() {
+        for sig in 1..32 {
             assert_eq!(blocked(&before, sig), blocked(&after, sig), "signal {sig}");
         }
     }
