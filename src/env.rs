@@ -35,8 +35,8 @@ pub(crate) const STATE: &str = "HANDOVER_STATE";
 /// successor started from another binary (a rollback) or through a symlink
 /// still upgrades to the deploy path (ours).
 pub(crate) const PROGRAM: &str = "HANDOVER_PROGRAM";
-/// The old generation's process group, which the successor joins at the
-/// commit (ours; see `spawn::join_predecessor_group`).
+/// The old generation's process group, which the successor joins in
+/// `ready()` (ours; see `spawn::join_predecessor_group`).
 pub(crate) const PGID: &str = "HANDOVER_PGID";
 
 /// Variables never passed on to a successor: they describe this process,
