@@ -5,9 +5,10 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::sys::syscall;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 /// Writes `pid` to `path` atomically: a temporary file in the same
 /// directory, renamed over `path`. A reader sees the old content or the
@@ -70,22 +71,27 @@ pub(crate) fn lock_path(pid_file: &Path) -> PathBuf {
 #[derive(Debug)]
 pub(crate) struct LockFile {
     path: PathBuf,
-    file: Arc<File>,
+    /// The open file while no upgrade holds the lock (a held lock owns it).
+    file: Arc<Mutex<Option<File>>>,
+}
+
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    // std opens files with O_CLOEXEC.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
 }
 
 impl LockFile {
     /// Opens (creating it if need be) the lock file at `path`.
     pub(crate) fn open(path: &Path) -> io::Result<LockFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)?;
         Ok(LockFile {
             path: path.to_owned(),
-            file: Arc::new(file),
+            file: Arc::new(Mutex::new(Some(open_lock_file(path)?))),
         })
     }
 
@@ -98,17 +104,37 @@ impl LockFile {
     /// holds it.
     ///
     /// `flock` locks belong to the open file description: another process
-    /// (another generation) opened its own and conflicts; this process
-    /// never runs two upgrades at once (its state machine refuses).
+    /// (another generation) opened its own and conflicts. While this process
+    /// holds the lock the file is lent to it, and a second attempt opens a
+    /// description of its own, which conflicts too.
     pub(crate) fn try_lock(&self) -> io::Result<Option<UpgradeLock>> {
-        // flock on an fd we own.
-        match syscall!(flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
-            Ok(_) => Ok(Some(UpgradeLock {
-                file: self.file.clone(),
+        let lent = self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let file = match lent {
+            Some(f) => f,
+            None => open_lock_file(&self.path)?,
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(Some(UpgradeLock {
+                held: Some(held),
+                home: self.file.clone(),
             })),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+            Err((file, errno)) => {
+                give_back(&self.file, file);
+                if errno == Errno::EWOULDBLOCK {
+                    Ok(None)
+                } else {
+                    Err(errno.into())
+                }
+            }
         }
+    }
+}
+
+/// Puts the lock file back for the next upgrade, unless one is there.
+fn give_back(home: &Mutex<Option<File>>, file: File) {
+    let mut slot = home.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        *slot = Some(file);
     }
 }
 
@@ -116,14 +142,16 @@ impl LockFile {
 /// open for the next upgrade).
 #[derive(Debug)]
 pub(crate) struct UpgradeLock {
-    file: Arc<File>,
+    held: Option<Flock<File>>,
+    home: Arc<Mutex<Option<File>>>,
 }
 
 impl Drop for UpgradeLock {
     fn drop(&mut self) {
-        // flock(LOCK_UN) on an fd we own; failure leaves the lock to be
-        // released when the process exits.
-        let _ = syscall!(flock(self.file.as_raw_fd(), libc::LOCK_UN));
+        // A failed unlock drops the file: closing it releases the lock.
+        if let Some(Ok(file)) = self.held.take().map(Flock::unlock) {
+            give_back(&self.home, file);
+        }
     }
 }
 

@@ -1028,10 +1028,7 @@ pub(crate) fn check_program(path: &Path) -> io::Result<()> {
             "not executable",
         ));
     }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))?;
-    // access reads the NUL-terminated path.
-    syscall!(access(c.as_ptr(), libc::X_OK))?;
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)?;
     Ok(())
 }
 
