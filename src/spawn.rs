@@ -55,7 +55,7 @@ use nix::unistd::{Pid, getpgrp, getpid, setpgid};
 
 use crate::env;
 use crate::pidfile::{self, LockFile, TempFile, UpgradeLock};
-use crate::sys::{self, syscall};
+use crate::sys;
 
 /// Room for the decimal digits of any pid plus the terminating NUL.
 const PID_DIGITS: usize = 20;
@@ -551,11 +551,8 @@ pub(crate) fn spawn(
         status: (status_r, status_w),
         release: (release_ours, release_theirs),
     } = pipes;
-    // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
-    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
-    // getrlimit writes into the struct it is given.
-    let max_fd = match syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut rl)) {
-        Ok(_) if rl.rlim_cur != libc::RLIM_INFINITY => rl.rlim_cur.min(i32::MAX as u64) as RawFd,
+    let max_fd = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) if soft != libc::RLIM_INFINITY => soft.min(i32::MAX as u64) as RawFd,
         _ => 65536,
     };
     let (status_fd, release_fd) = (status_w.as_raw_fd(), release_theirs.as_raw_fd());

@@ -15,22 +15,6 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::socket::MsgFlags;
 
-/// Calls a libc function and turns `-1` into the thread's last OS error.
-/// Kept only for the last raw calls of `spawn` and `pidfile` outside the
-/// fork/exec path, until they move to nix.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: each caller states why the arguments are valid for this call.
-        #[allow(clippy::macro_metavars_in_unsafe)]
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
-pub(crate) use syscall;
 
 /// A connected `AF_UNIX` stream pair, both ends close-on-exec.
 pub(crate) fn socketpair_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
