@@ -27,8 +27,9 @@
 //! 2. moves the error pipe above the target range, then `dup2`s each handed
 //!    fd to `3, 4, ...` in order (`dup2` of two distinct fds clears
 //!    `FD_CLOEXEC` on the target), first moving aside a later fd that sits on
-//!    the target, and closing each old copy at once; an fd already at its
-//!    target only has `FD_CLOEXEC` cleared, since `dup2(fd, fd)` would keep it;
+//!    the target, and closing each old copy above the layout at once (one inside it is
+//!    replaced in place by a later `dup2`); an fd already at its target only has
+//!    `FD_CLOEXEC` cleared, since `dup2(fd, fd)` would keep it;
 //! 3. marks every fd above the layout close-on-exec (`close_range` with
 //!    `CLOSE_RANGE_CLOEXEC`, or a loop of `fcntl` on older kernels);
 //! 4. discards the signals that reached it before it had its own group, resets every
@@ -876,7 +877,8 @@ unsafe fn child(plan: &mut Plan) -> ! {
         // number of fds): a source already at its target only loses
         // FD_CLOEXEC (dup2(fd, fd) would keep it); a target still holding a
         // later entry's source is vacated first, by moving that source above
-        // the range; every placed source's old copy is closed at once.
+        // the range (the intermediate closed what it does not need, so
+        // there is room above).
         let err_fd = libc::fcntl(plan.err_fd, libc::F_DUPFD_CLOEXEC, floor);
         if err_fd < 0 {
             libc::_exit(126);
@@ -904,10 +906,15 @@ unsafe fn child(plan: &mut Plan) -> ! {
             if libc::dup2(src, target) < 0 {
                 fail(err_fd, STEP_FDS);
             }
-            if (src as usize) < plan.owner.len() {
+            if (env::FDS_START..floor).contains(&src) {
+                // Inside the layout: a later dup2 replaces the old copy in
+                // place, with no syscall of its own.
                 plan.owner[src as usize] = -1;
+            } else {
+                // Outside it: close the old copy now, so that placing n fds
+                // never needs room for 2n (and nothing lands on 0-2).
+                libc::close(src);
             }
-            libc::close(src);
         }
         // 3. Everything above the layout closes at exec, fds moved aside
         // and the error pipe included.
