@@ -40,7 +40,7 @@
 //!    close-on-exec error pipe and `_exit(127)`s. EOF on that pipe in the
 //!    parent means the exec succeeded.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -402,6 +402,28 @@ impl Child {
             reap_blocking(self.intermediate);
             self.intermediate = 0;
         }
+    }
+
+    /// Lets the successor go like [`release`](Self::release), without
+    /// waiting for the intermediate to exit (its exit, which reparents the
+    /// successor, takes a few hundred microseconds): reap what this returns
+    /// later. For when nobody needs the successor reparented at once (no
+    /// service manager is told it is the main process).
+    pub(crate) fn let_go(mut self) -> Option<Exiting> {
+        self.release.take();
+        let pid = std::mem::take(&mut self.intermediate);
+        (pid != 0).then_some(Exiting(pid))
+    }
+}
+
+/// An intermediate process that was let go and is not reaped yet.
+#[derive(Debug)]
+pub(crate) struct Exiting(libc::pid_t);
+
+impl Exiting {
+    /// Waits for it (it exits on its own once let go) and reaps it.
+    pub(crate) fn reap(self) {
+        reap_blocking(self.0);
     }
 }
 
@@ -994,19 +1016,6 @@ unsafe fn child(plan: &mut Plan) -> ! {
 /// SIGKILL.
 fn reap_blocking(pid: libc::pid_t) {
     while let Err(nix::errno::Errno::EINTR) = waitpid(Pid::from_raw(pid), None) {}
-}
-
-/// The absolute path of the running binary, as captured at start.
-///
-/// A binary replaced while running reads as `"/path (deleted)"`; the
-/// suffix is removed, so that the path names what is there now.
-pub(crate) fn current_exe() -> io::Result<PathBuf> {
-    let exe = std::fs::read_link("/proc/self/exe").or_else(|_| std::env::current_exe())?;
-    let bytes = exe.as_os_str().as_bytes();
-    Ok(match bytes.strip_suffix(b" (deleted)") {
-        Some(stripped) => PathBuf::from(OsStr::from_bytes(stripped)),
-        None => exe,
-    })
 }
 
 /// Checks that `path` is an executable regular file, for a clear error

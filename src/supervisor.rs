@@ -108,7 +108,7 @@ impl Supervisor {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
-        let program = crate::spawn::current_exe()
+        let program = crate::program::running_binary()
             .map_err(|e| crate::Error::io("cannot find the running binary", e))?;
         Ok(Supervisor::new(program, args))
     }
