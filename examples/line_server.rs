@@ -79,6 +79,7 @@ async fn serve(h: Handover, drain: Drain, mut stream: TcpStream, mut s: Session)
         if s.unread.len() > MAX_LINE {
             return;
         }
+        s.unread.reserve(4096);
         tokio::select! {
             // Cancel-safe: when the drain wins, nothing was read.
             read = stream.read_buf(&mut s.unread) => match read {
