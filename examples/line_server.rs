@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use handover::{Drain, Handover, Migrated};
+use handover::{Drain, DrainGuard, Handover, Migrated};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
@@ -59,11 +59,23 @@ impl Session {
     }
 }
 
+/// Serves `stream` in a task of its own, counted by the drain from now on.
+fn spawn_serve(h: &Handover, drain: &Drain, stream: TcpStream, s: Session) {
+    let guard = drain.guard();
+    tokio::spawn(serve(h.clone(), drain.clone(), guard, stream, s));
+}
+
 /// Answers each line with `<seq> <pid> <line>` until the client closes or
 /// the drain starts; then hands the connection to the successor, or (on a
-/// stop, or when the successor does not take it) closes it.
-async fn serve(h: Handover, drain: Drain, mut stream: TcpStream, mut s: Session) {
-    let _guard = drain.guard();
+/// stop) closes it. A connection the successor does not take is served on
+/// until this process exits at its drain deadline.
+async fn serve(
+    h: Handover,
+    drain: Drain,
+    _guard: DrainGuard,
+    mut stream: TcpStream,
+    mut s: Session,
+) {
     let pid = std::process::id();
     let mut may_hand_over = true;
     loop {
@@ -107,27 +119,29 @@ async fn serve(h: Handover, drain: Drain, mut stream: TcpStream, mut s: Session)
     }
 }
 
-/// Serves the connections the old generation hands over, as they come.
-async fn take_over(h: Handover, drain: Drain) -> Result<(), handover::migrate::MigrateError> {
-    let mut incoming = h.incoming_connections()?;
+/// Serves the connections the old generation hands over, as they come,
+/// until it is done. Holds `_guard` meanwhile: should this generation drain
+/// before that, the late ones are handed on, not dropped.
+async fn take_over(h: Handover, drain: Drain, _guard: DrainGuard) {
+    let mut incoming = match h.incoming_connections() {
+        Ok(incoming) => incoming,
+        Err(e) => return eprintln!("line_server: {e}"),
+    };
     while let Some(item) = incoming.recv().await {
-        let connection = match item {
-            Ok(Migrated::Connection(c)) => c,
-            Ok(_) => continue,
-            Err(e) => {
-                eprintln!("line_server: a migrated connection was lost: {e}");
-                continue;
-            }
-        };
-        let (stream, payload) = connection.into_tcp()?;
-        match (TcpStream::from_std(stream), Session::from_payload(&payload)) {
-            (Ok(stream), Some(s)) => {
-                tokio::spawn(serve(h.clone(), drain.clone(), stream, s));
-            }
-            _ => eprintln!("line_server: a migrated connection could not be used"),
+        let Ok(Migrated::Connection(c)) = item else {
+            continue;
+        }; // (no state sent)
+        let usable = c.into_tcp().ok().and_then(|(stream, payload)| {
+            Some((
+                TcpStream::from_std(stream).ok()?,
+                Session::from_payload(&payload)?,
+            ))
+        });
+        match usable {
+            Some((stream, s)) => spawn_serve(&h, &drain, stream, s),
+            None => eprintln!("line_server: a handed-over connection could not be used"),
         }
     }
-    Ok(())
 }
 
 async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
@@ -143,14 +157,7 @@ async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
     );
     let drain = h.drain();
     // Right after ready(): the old generation waits for this at most 5 s.
-    tokio::spawn({
-        let (h, drain) = (h.clone(), drain.clone());
-        async move {
-            if let Err(e) = take_over(h, drain).await {
-                eprintln!("line_server: taking connections over: {e}");
-            }
-        }
-    });
+    tokio::spawn(take_over(h.clone(), drain.clone(), drain.guard()));
     // Upgrades in a task of their own: accepting goes on meanwhile.
     let (upgraded_tx, mut upgraded) = tokio::sync::oneshot::channel();
     tokio::spawn({
@@ -175,8 +182,7 @@ async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let s = Session { seq: 0, unread: Vec::new() };
-                    tokio::spawn(serve(h.clone(), drain.clone(), stream, s));
+                    spawn_serve(&h, &drain, stream, Session { seq: 0, unread: Vec::new() })
                 }
                 Err(e) => eprintln!("line_server: accept: {e}"),
             },
@@ -188,9 +194,6 @@ async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
     let started = std::time::Instant::now();
     drain.start(); // each connection is handed over (or closed on a stop)
     let report = drain.wait(h.drain_timeout()).await;
-    if let Ok(sender) = h.connection_sender() {
-        let _ = sender.finish().await; // tell the successor nothing more comes
-    }
     println!(
         "exit pid={pid} generation={generation} reason={reason} remaining={} drain_ms={}",
         report.remaining,
