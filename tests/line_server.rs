@@ -60,6 +60,8 @@ impl Client {
     fn connect(addr: SocketAddr, id: usize) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+        // Each half of a line goes out at once (no Nagle wait for an ACK).
+        stream.set_nodelay(true).unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         Client {
             stream,
@@ -93,6 +95,34 @@ impl Client {
         }
     }
 
+    /// Sends the first half of the next line and waits until the server
+    /// has read it (the kernel holds no unread byte of this connection).
+    fn send_half(&mut self) -> String {
+        self.sent += 1;
+        let line = format!("c{} m{}", self.id, self.sent);
+        let (a, _) = line.split_at(line.len() / 2);
+        self.stream.write_all(a.as_bytes()).unwrap();
+        let (local, peer) = (
+            self.stream.peer_addr().unwrap(),
+            self.stream.local_addr().unwrap(),
+        );
+        wait_until("the server read half a line", EVENT_TIMEOUT, || {
+            unread_in_kernel(local.port(), peer.port()) == Some(0)
+        });
+        line
+    }
+
+    /// Sends the rest of `line` and checks its answer; returns its pid.
+    fn send_rest(&mut self, line: &str) -> u32 {
+        let (_, b) = line.split_at(line.len() / 2);
+        self.stream.write_all(format!("{b}\n").as_bytes()).unwrap();
+        let answer = self.read_answer().unwrap();
+        match parse(&answer) {
+            Some((seq, pid, echo)) if seq == self.sent && echo == line => pid,
+            _ => panic!("sent {line:?} as line {}, answered {answer:?}", self.sent),
+        }
+    }
+
     fn read_answer(&mut self) -> Result<String, String> {
         let mut answer = String::new();
         match self.reader.read_line(&mut answer) {
@@ -115,6 +145,20 @@ impl Client {
             Err(e) => Err(format!("client {}: {e}", self.id)),
         }
     }
+}
+
+/// The bytes the kernel holds unread for the TCP connection from
+/// `local` to `peer` (ports on 127.0.0.1), from /proc/net/tcp.
+fn unread_in_kernel(local: u16, peer: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if port(f.get(1)?)? != local || port(f.get(2)?)? != peer {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
+    })
 }
 
 /// SIGHUP to the serving generation; waits for its successor, its exit
@@ -183,12 +227,18 @@ fn thirty_two_clients_stay_connected_through_ten_upgrades() {
     let snapshot =
         || -> Vec<usize> { answered.iter().map(|a| a.load(Ordering::Relaxed)).collect() };
     progressed(&vec![0; CLIENTS], 2);
+    // One more connection holds half a line, read by the old generation,
+    // at every upgrade: the successor gets it in the payload.
+    let mut holder = Client::connect(addr, CLIENTS);
+    assert_eq!(holder.exchange(), Ok(server.pid()));
 
     let mut pids = vec![server.pid()];
     let mut slowest = Duration::ZERO;
     let mut last_exit = Instant::now();
     for _ in 0..UPGRADES {
+        let half = holder.send_half();
         let (_, new, exit, at) = upgrade(&mut server);
+        assert_eq!(holder.send_rest(&half), new, "the line held half-read");
         // Every connection was handed over at once: the old generation
         // left long before its 30 s deadline.
         assert_eq!(field(&exit, "reason"), Some("upgrade"), "{exit}");
