@@ -152,13 +152,19 @@ impl Client {
 fn unread_in_kernel(local: u16, peer: u16) -> Option<u64> {
     let table = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
     let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if port(f.get(1)?)? != local || port(f.get(2)?)? != peer {
-            return None;
-        }
-        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
-    })
+    // (The table holds every socket of the machine: look closer only at
+    // lines that name both ports.)
+    let (a, b) = (format!(":{local:04X} "), format!(":{peer:04X} "));
+    let lines = table.lines().skip(1);
+    lines
+        .filter(|l| l.contains(&a) && l.contains(&b))
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if port(f.get(1)?)? != local || port(f.get(2)?)? != peer {
+                return None;
+            }
+            u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
+        })
 }
 
 /// SIGHUP to the serving generation; waits for its successor, its exit
@@ -349,7 +355,7 @@ fn sockets(pid: u32) -> (Vec<u16>, usize, Vec<String>) {
 }
 
 /// One run: `clients` connections, each with a partial line of 12 KiB
-/// read by the old generation, then an upgrade to the fixture in `mode`.
+/// read by the old generation (so that at most 10 fit in one record), then an upgrade to the fixture in `mode`.
 /// Returns how many connections the fixture took (and lost).
 fn successor_exits(mode: &str, clients: usize) -> usize {
     const DEADLINE: Duration = Duration::from_secs(3);
@@ -369,6 +375,10 @@ fn successor_exits(mode: &str, clients: usize) -> usize {
             let mut c = Client::connect(server.addr(), id);
             assert_eq!(c.exchange(), Ok(old));
             c.stream.write_all(partial.as_bytes()).unwrap();
+            let (server_port, port) = (server.addr().port(), c.stream.local_addr().unwrap().port());
+            wait_until("the server read the partial line", EVENT_TIMEOUT, || {
+                unread_in_kernel(server_port, port) == Some(0)
+            });
             c
         })
         .collect();
