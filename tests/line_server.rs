@@ -207,26 +207,36 @@ fn thirty_two_clients_stay_connected_through_ten_upgrades() {
     let addr = server.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let answered: Arc<Vec<AtomicUsize>> = Arc::new((0..CLIENTS).map(|_| 0.into()).collect());
+    let failed = Arc::new(Mutex::new(None::<String>));
     // Each client: lines in lockstep, as fast as the server answers; every
     // answer with the time its line was sent and the pid that answered.
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
             let mut client = Client::connect(addr, id);
-            let (stop, answered) = (stop.clone(), answered.clone());
-            std::thread::spawn(move || -> Result<Vec<(Instant, u32)>, String> {
+            let (stop, answered, failed) = (stop.clone(), answered.clone(), failed.clone());
+            std::thread::spawn(move || {
                 let mut log = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
-                    log.push((sent, client.exchange()?));
+                    match client.exchange() {
+                        Ok(pid) => log.push((sent, pid)),
+                        Err(e) => {
+                            failed.lock().unwrap().get_or_insert(e);
+                            break;
+                        }
+                    }
                     answered[id].fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(log)
+                log
             })
         })
         .collect();
     // Each client has been answered `more` times since `since` (bounded).
     let progressed = |since: &[usize], more: usize| {
         wait_until("every client answered", EVENT_TIMEOUT, || {
+            if let Some(e) = &*failed.lock().unwrap() {
+                panic!("{e}");
+            }
             (0..CLIENTS).all(|i| answered[i].load(Ordering::Relaxed) >= since[i] + more)
         })
     };
@@ -258,19 +268,18 @@ fn thirty_two_clients_stay_connected_through_ten_upgrades() {
         progressed(&snapshot(), 2);
     }
     stop.store(true, Ordering::Relaxed);
+    // A line lost, duplicated or reordered, or a connection closed.
+    assert_eq!(*failed.lock().unwrap(), None);
     let mut lines = 0;
     for (id, client) in clients.into_iter().enumerate() {
-        let log = client
-            .join()
-            .expect("client thread")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let log = client.join().expect("client thread");
         lines += log.len();
         let mut seen: Vec<u32> = log.iter().map(|(_, pid)| *pid).collect();
         seen.dedup();
         // Answered by every generation, in order, on one connection.
         assert_eq!(seen, pids, "client {id}");
         let late = log.iter().filter(|(sent, _)| *sent > last_exit);
-        assert!(late.clone().count() >= 2, "client {id}");
+        assert!(late.clone().count() >= 1, "client {id}");
         assert!(
             late.clone().all(|(_, pid)| pid == pids.last().unwrap()),
             "client {id}"
