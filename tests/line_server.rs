@@ -4,6 +4,9 @@
 //! The successor that dies is a fixture: this test binary, installed where
 //! the server's binary was (as a bad deploy would be), re-exec'd to run
 //! `fixture_successor_that_exits` (a no-op in a normal test run).
+//!
+//! Plain `cargo test` builds the example; `cargo test --test line_server`
+//! alone does not: build it first (`cargo build --example line_server`).
 
 mod common;
 
@@ -31,7 +34,8 @@ fn line_server() -> PathBuf {
         .join("line_server");
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo test`",
+        "{} is missing: run `cargo test` (which builds the examples) or \
+         `cargo build --example line_server` first",
         bin.display()
     );
     bin
