@@ -15,7 +15,6 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::socket::MsgFlags;
 
-
 /// A connected `AF_UNIX` stream pair, both ends close-on-exec.
 pub(crate) fn socketpair_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     // std creates both ends with SOCK_CLOEXEC.
