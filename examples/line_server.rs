@@ -42,16 +42,18 @@ struct Session {
 }
 
 impl Session {
-    /// The payload it travels in: `seq` (8 bytes, little-endian), then the
-    /// unread bytes.
+    /// The payload it travels in: a version byte (1), `seq` (8 bytes,
+    /// little-endian), then the unread bytes. Versioned: on a rollback, the
+    /// successor is an older build.
     fn into_payload(self) -> Vec<u8> {
-        let mut payload = self.seq.to_le_bytes().to_vec();
+        let mut payload = vec![1];
+        payload.extend_from_slice(&self.seq.to_le_bytes());
         payload.extend_from_slice(&self.unread);
         payload
     }
 
     fn from_payload(payload: &[u8]) -> Option<Session> {
-        let (seq, unread) = payload.split_first_chunk::<8>()?;
+        let (seq, unread) = payload.strip_prefix(&[1])?.split_first_chunk::<8>()?;
         Some(Session {
             seq: u64::from_le_bytes(*seq),
             unread: unread.to_vec(),
