@@ -9,6 +9,7 @@
 //! cargo run --release --example bench -- load [--secs 10]
 //! cargo run --release --example bench -- state [--runs 5]
 //! cargo run --release --example bench -- supervised [--runs 30]
+//! cargo run --release --example bench -- axum [--secs 10] [--rounds 3] [--upgrades 20]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -22,6 +23,11 @@
 //!   interleaved: what the supervisor adds to an upgrade.
 //! - `load`: examples/http_server under wrk (Debian's `wrk`) without upgrades
 //!   and with an upgrade every 200 ms, one after the other in one run.
+//! - `axum`: examples/axum (the crate's serving layer) against the same
+//!   service on plain `axum::serve` + `with_graceful_shutdown`
+//!   (tests/fixture/axum_plain.rs): req/s and latency under wrk without
+//!   upgrades (rounds interleaved, medians), then failed requests under wrk
+//!   through N upgrades 500 ms apart, keep-alive and close mode.
 
 #[path = "support/procs.rs"]
 mod procs;
@@ -107,7 +113,7 @@ fn crate_once(server: &PathBuf) -> Duration {
 }
 
 fn ready(runs: usize) {
-    let server = sibling("http_server");
+    let server = sibling("fixture_server");
     procs::become_subreaper();
     let (mut floor, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..3 {
@@ -439,14 +445,23 @@ struct Wrk {
 }
 
 fn wrk(addr: &str, secs: u64) -> Wrk {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            "-c32",
-            &format!("-d{secs}s"),
-            "--latency",
-            &format!("http://{addr}/"),
-        ])
+    wrk_with(addr, secs, 32, false)
+}
+
+/// wrk with `conns` connections; `close`: a new connection per request.
+fn wrk_with(addr: &str, secs: u64, conns: usize, close: bool) -> Wrk {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t2",
+        &format!("-c{conns}"),
+        &format!("-d{secs}s"),
+        "--latency",
+    ]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
+        .arg(format!("http://{addr}/"))
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -545,6 +560,205 @@ fn load(secs: u64) {
     let _ = child.wait();
 }
 
+/// A service that prints `listening on ADDR pid PID` for each generation
+/// (examples/axum, tests/fixture/axum_plain), its old generations reaped.
+struct Service {
+    child: std::process::Child,
+    addr: String,
+    current: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    generations: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Service {
+    fn start(name: &str) -> Service {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        procs::become_subreaper();
+        let mut child = Command::new(sibling(name))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the service");
+        let rx = procs::line_channel(child.stdout.take().unwrap());
+        let current = Arc::new(AtomicU32::new(0));
+        let generations = Arc::new(AtomicU64::new(0));
+        let (tx, first) = std::sync::mpsc::channel();
+        {
+            let (current, generations) = (current.clone(), generations.clone());
+            std::thread::spawn(move || {
+                for line in rx {
+                    let Some(rest) = line.strip_prefix("listening on ") else {
+                        continue;
+                    };
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    let pid: u32 = f[2].parse().unwrap();
+                    let old = current.swap(pid, Ordering::SeqCst);
+                    generations.fetch_add(1, Ordering::SeqCst);
+                    if old == 0 {
+                        let _ = tx.send(f[0].to_owned());
+                    } else {
+                        // Reap the old generation once it is done draining.
+                        std::thread::spawn(move || procs::reap(old, Duration::from_secs(60)));
+                    }
+                }
+            });
+        }
+        let addr = first
+            .recv_timeout(Duration::from_secs(30))
+            .expect("listening line");
+        Service {
+            child,
+            addr,
+            current,
+            generations,
+        }
+    }
+
+    /// Upgrades `count` times, `every` apart, while `f` runs; returns what
+    /// `f` returned and the upgrades made.
+    fn upgrading<T>(&self, count: usize, every: Duration, f: impl FnOnce() -> T) -> (T, u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.generations.load(Ordering::SeqCst);
+        let current = self.current.clone();
+        let signaler = std::thread::spawn(move || {
+            for _ in 0..count {
+                std::thread::sleep(every); // the upgrade rate under test
+                let _ = procs::signal(current.load(Ordering::SeqCst), libc::SIGHUP);
+            }
+        });
+        let out = f();
+        signaler.join().unwrap();
+        (out, self.generations.load(Ordering::SeqCst) - before)
+    }
+
+    fn stop(mut self) {
+        let last = self.current.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = procs::signal(last, libc::SIGTERM);
+        let _ = procs::reap(last, Duration::from_secs(30));
+        let _ = self.child.wait();
+    }
+}
+
+/// A wrk latency ("570.00us", "4.14ms", "1.02s") in µs.
+fn latency_us(v: &str) -> f64 {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (v, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * scale
+}
+
+/// The two servers of `bench axum`.
+const AXUM: [(&str, &str); 2] = [
+    ("examples/axum (handover::serve)", "axum"),
+    ("plain axum::serve", "fixture_axum_plain"),
+];
+
+/// examples/axum against plain `axum::serve` (tests/fixture/axum_plain.rs):
+/// throughput without upgrades (`rounds` of both, interleaved), then
+/// failed requests through `upgrades` upgrades.
+fn axum(secs: u64, rounds: usize, upgrades: usize) {
+    if rounds > 0 {
+        axum_throughput(secs, rounds);
+    }
+    if upgrades > 0 {
+        axum_upgrades(secs, upgrades);
+    }
+}
+
+fn axum_throughput(secs: u64, rounds: usize) {
+    println!(
+        "wrk -t2 -c32 -d{secs}s --latency, no upgrades, {rounds} rounds interleaved (release)"
+    );
+    let mut runs: Vec<Vec<Wrk>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, (_, bin)) in AXUM.iter().enumerate() {
+            let svc = Service::start(bin);
+            runs[i].push(wrk(&svc.addr, secs));
+            svc.stop();
+        }
+    }
+    println!(
+        "| server | requests/s (median) | p50 (median) | p99 (median) | each round's requests/s |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (i, (label, _)) in AXUM.iter().enumerate() {
+        let rps: Vec<f64> = runs[i].iter().map(|w| w.rps).collect();
+        let m = median(&mut rps.clone());
+        let p50 = median(
+            &mut runs[i]
+                .iter()
+                .map(|w| latency_us(&w.p50))
+                .collect::<Vec<_>>(),
+        );
+        let p99 = median(
+            &mut runs[i]
+                .iter()
+                .map(|w| latency_us(&w.p99))
+                .collect::<Vec<_>>(),
+        );
+        let each: Vec<String> = rps.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "| {label} | {m:.0} | {p50:.0} µs | {p99:.0} µs | {} |",
+            each.join(", ")
+        );
+    }
+    // Each round ran the two back to back: their ratio cancels much of the
+    // load that other processes put on the machine meanwhile.
+    let mut ratio: Vec<f64> = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(a, b)| a.rps / b.rps)
+        .collect();
+    let shown: Vec<String> = ratio.iter().map(|r| format!("{r:.3}")).collect();
+    let mut p99: Vec<f64> = (runs[0].iter().zip(&runs[1]))
+        .map(|(a, b)| latency_us(&a.p99) / latency_us(&b.p99))
+        .collect();
+    println!(
+        "requests/s of the layer / plain, each round: {}; median {:.3}; p99 layer / plain, median {:.3}",
+        shown.join(", "),
+        median(&mut ratio),
+        median(&mut p99)
+    );
+}
+
+/// Failed requests under wrk through `upgrades` upgrades 500 ms apart.
+fn axum_upgrades(secs: u64, upgrades: usize) {
+    let every = Duration::from_millis(500);
+    let up_secs = (upgrades as u64 / 2 + 2).max(secs);
+    println!();
+    println!(
+        "wrk -t2 -d{up_secs}s through {upgrades} upgrades (SIGHUP every {} ms): failed = socket errors + non-2xx",
+        every.as_millis()
+    );
+    println!("| server | mode | requests | failed | upgrades |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (label, bin) in AXUM {
+        for (mode, conns, close) in [
+            ("keep-alive, 64 connections", 64, false),
+            ("close, 16 connections", 16, true),
+        ] {
+            let svc = Service::start(bin);
+            let (w, made) = svc.upgrading(upgrades, every, || {
+                wrk_with(&svc.addr, up_secs, conns, close)
+            });
+            println!(
+                "| {label} | {mode} | {} | {} | {made} |",
+                w.requests, w.errors
+            );
+            svc.stop();
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -571,9 +785,14 @@ fn main() -> ExitCode {
         Some("load") => load(num("--secs", 10) as u64),
         Some("state") => state(num("--runs", 5)),
         Some("supervised") => supervised(num("--runs", 30)),
+        Some("axum") => axum(
+            num("--secs", 10) as u64,
+            num("--rounds", 3),
+            num("--upgrades", 20),
+        ),
         _ => {
             eprintln!(
-                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N]"
+                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

@@ -1,4 +1,5 @@
-//! An HTTP server that upgrades itself in place.
+//! An HTTP server that upgrades itself in place: the full-featured example
+//! (examples/axum.rs is the short one).
 //!
 //! ```text
 //! cargo run --example http_server -- --listen 127.0.0.1:8080 --pid-file /tmp/http.pid
@@ -13,48 +14,35 @@
 //! - `--udp ADDR`: a UDP socket named `udp` that answers each datagram with
 //!   `pid=<pid> generation=<g> <payload>`
 //! - `--pid-file PATH`, `--ready-timeout SECS`, `--drain-timeout SECS`
-//! - `--report-fds PATH`: first thing at start, append this process's open fds
-//!   to PATH (a test aid: proves what a successor inherits)
 //! - `--fd-store`: under systemd, keep the listeners in the fd store too, so
 //!   that `systemctl restart` refuses no connection (`FileDescriptorStoreMax=`)
 //! - `--control PATH`: a control socket (mode 0600) for `reload` and `status`
 //! - `--preflight`: before each upgrade, run the new binary with these
 //!   arguments plus `--check`, and upgrade only if that exits 0
-//! - `--state-version N` (default 1): the state format this build reads. The
-//!   server hands `served_total` to its successor as state version N (8
-//!   bytes); a successor reading another version rejects it, and the upgrade
-//!   fails. Version 2 is read as an opaque blob and only counted (a test and
-//!   benchmark aid).
 //! - `--probation SECS`: canary upgrades; this process keeps accepting
 //!   alongside its successor for SECS after the successor is ready, and
 //!   takes the service back if the successor dies or reports itself
 //!   unhealthy meanwhile
-//! - `--crash-after SECS`: abort SECS after becoming ready (a test aid: a
-//!   successor that passes its readiness check and then crashes)
-//! - `--unhealthy-after SECS`: SECS after becoming ready, report itself
-//!   unhealthy to a predecessor still watching it, and if that one takes the
-//!   service back, drain and exit (a test aid)
 //! - `--supervise`: run as the supervisor of the server, which runs as its
 //!   child (see [`handover::supervisor`]); automatic when this process is
 //!   PID 1, as in a container
-//! - `--spawn-helpers`: keep spawning `ls -l /proc/self/fd` from a thread and
-//!   report any helper that inherited a socket (a test aid)
 //!
 //! `http_server reload --control PATH [--binary PATH]` asks a running server
 //! to upgrade (to another binary, e.g. to roll back) and exits 0 only if the
 //! upgrade succeeded, else 1 with the reason on stderr.
 //!
-//! GET /stats answers JSON: this process, `served_total`, and the
-//! library's upgrade metrics ([`handover::Stats`]); GET /metrics the same
-//! metrics in Prometheus' text format.
+//! The server hands its `served_total` counter to its successor (state
+//! version 1, 8 bytes). GET /stats answers JSON: this process,
+//! `served_total`, and the library's upgrade metrics ([`handover::Stats`]);
+//! GET /metrics the same metrics in Prometheus' text format; GET
+//! /slow?ms=N answers after N ms.
 //!
-//! SIGHUP or SIGUSR2 upgrades; SIGTERM or SIGINT drains and exits. Every
-//! response carries `X-Pid` and `X-Generation`; while draining, responses
-//! carry `Connection: close` (lame duck), so keep-alive clients move to the
-//! successor after their next request and none is cut mid-request.
+//! SIGHUP or SIGUSR2 upgrades; SIGTERM or SIGINT drains and exits; the
+//! crate's serving layer ([`handover::serve`]) does the lossless drain.
+//! Every response carries `X-Pid` and `X-Generation`.
 //!
-//! One line per event goes to stdout for scripts and tests: `ready …`,
-//! `upgrade-ok …`, `upgrade-failed …`, `exit …`.
+//! One line per event goes to stdout for scripts: `ready …`, `upgrade-ok …`,
+//! `upgrade-failed …`, `exit …`.
 
 use std::convert::Infallible;
 use std::ffi::OsString;
@@ -64,16 +52,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use handover::serve::{Ending, Server, Triggers};
 use handover::{Drain, Handover};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::SignalKind;
 
 #[derive(Debug, Default)]
 struct Config {
@@ -83,16 +70,11 @@ struct Config {
     pid_file: Option<PathBuf>,
     ready_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
-    report_fds: Option<PathBuf>,
-    spawn_helpers: bool,
     fd_store: bool,
     control: Option<PathBuf>,
     preflight: bool,
     check: bool,
-    state_version: u32,
     probation: Option<Duration>,
-    crash_after: Option<Duration>,
-    unhealthy_after: Option<Duration>,
     supervise: bool,
 }
 
@@ -107,10 +89,6 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
     };
     while let Some(flag) = it.next() {
         let flag = flag.to_str().ok_or("arguments must be UTF-8")?;
-        if flag == "--spawn-helpers" {
-            c.spawn_helpers = true;
-            continue;
-        }
         if flag == "--fd-store" {
             c.fd_store = true;
             continue;
@@ -138,19 +116,10 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--pid-file" => c.pid_file = Some(v.into()),
             "--ready-timeout" => c.ready_timeout = Some(secs(v, flag)?),
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
-            "--report-fds" => c.report_fds = Some(v.into()),
             "--control" => c.control = Some(v.into()),
             "--probation" => c.probation = Some(secs(v, flag)?),
-            "--crash-after" => c.crash_after = Some(secs(v, flag)?),
-            "--unhealthy-after" => c.unhealthy_after = Some(secs(v, flag)?),
-            "--state-version" => {
-                c.state_version = v.parse().map_err(|_| format!("--state-version {v:?}"))?
-            }
             _ => return Err(format!("unknown flag {flag:?}")),
         }
-    }
-    if c.state_version == 0 {
-        c.state_version = 1;
     }
     if c.listen.is_empty() {
         c.listen
@@ -166,64 +135,10 @@ fn event(line: std::fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-fn report_fds(path: &PathBuf) -> std::io::Result<()> {
-    // Read the fd list before anything else opens one; the directory
-    // handle itself shows up in the listing and is left out.
-    let dir = std::fs::read_dir("/proc/self/fd")?;
-    let mut fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    fds.sort_unstable();
-    let live: Vec<String> = fds
-        .into_iter()
-        .filter(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
-        .map(|fd| fd.to_string())
-        .collect();
-    let listen_fds = std::env::var("LISTEN_FDS").unwrap_or_default();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(
-        f,
-        "pid={} listen_fds={listen_fds} fds={}",
-        std::process::id(),
-        live.join(",")
-    )
-}
-
-/// Spawns `ls -l /proc/self/fd` in a loop and reports every helper that
-/// holds a socket: none should, whatever upgrades happen meanwhile.
-static HELPERS: AtomicU64 = AtomicU64::new(0);
-
-fn spawn_helpers() {
-    std::thread::spawn(|| {
-        loop {
-            let out = std::process::Command::new("/bin/sh")
-                .args(["-c", "exec ls -l /proc/self/fd"])
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .output();
-            let spawned = HELPERS.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Ok(out) = out {
-                let text = String::from_utf8_lossy(&out.stdout);
-                for line in text.lines().filter(|l| l.contains("socket:")) {
-                    event(format_args!(
-                        "helper-leak pid={} helper={spawned} {line}",
-                        std::process::id()
-                    ));
-                }
-            }
-        }
-    });
-}
-
 struct App {
     pid: u32,
     generation: u64,
     served: AtomicU64,
-    /// Bytes of an opaque (version 2) state received at start.
-    state_bytes: u64,
     drain: Drain,
     handover: Handover,
 }
@@ -262,11 +177,7 @@ async fn handle(
         _ => "text/plain",
     };
     h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-    if app.drain.is_draining() {
-        // Lame duck: answer, then close. Closing an idle keep-alive connection
-        // instead would fail a request the client may already have sent.
-        h.insert(CONNECTION, HeaderValue::from_static("close"));
-    }
+    // While draining, the serving layer adds `Connection: close` (lame duck).
     Ok(resp)
 }
 
@@ -305,16 +216,10 @@ fn stats_json(app: &App, served: u64) -> String {
         None => "null".to_owned(),
     };
     format!(
-        "{{\"pid\":{},\"generation\":{},\"served_total\":{served},\"state_bytes\":{},\
+        "{{\"pid\":{},\"generation\":{},\"served_total\":{served},\
          \"committed\":{},\"upgrades_succeeded\":{},\"upgrades_failed\":{},\"draining\":{},\
          \"last_error\":{last_error},\"last_phases\":{phases}}}\n",
-        app.pid,
-        app.generation,
-        app.state_bytes,
-        s.committed,
-        s.upgrades_succeeded,
-        s.upgrades_failed,
-        s.draining
+        app.pid, app.generation, s.committed, s.upgrades_succeeded, s.upgrades_failed, s.draining
     )
 }
 
@@ -353,24 +258,6 @@ fn metrics(stats: &handover::Stats) -> String {
     out
 }
 
-fn serve_conn<S>(app: &Arc<App>, stream: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let guard = app.drain.guard();
-    let app = app.clone();
-    tokio::spawn(async move {
-        let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
-        // A connection accepted before the drain began is served as usual:
-        // no graceful_shutdown(), which would drop a request not yet read.
-        let _ = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), svc)
-            .await;
-        drop(guard);
-    });
-}
-
 /// Reads what was handed over. Runs before the tokio runtime exists: like
 /// `sd_listen_fds`, it must see fds 3.. before anything else opens an fd.
 fn build(config: &Config) -> Result<Handover, handover::Error> {
@@ -401,98 +288,45 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
         .build()
 }
 
-/// The state from the old generation: `served_total` (version 1, 8 bytes),
-/// or an opaque blob that is only counted (version 2). Another version than
-/// this build reads is rejected, which fails the old generation's upgrade.
-fn receive_state(
-    handover: &Handover,
-    expect: u32,
-) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+/// The state from the old generation: `served_total` (version 1, 8 bytes).
+/// Another version is rejected, which fails the old generation's upgrade.
+fn receive_state(handover: &Handover) -> Result<u64, Box<dyn std::error::Error>> {
     use std::io::Read;
     let Some(mut state) = handover.take_state()? else {
-        return Ok((0, 0));
+        return Ok(0);
     };
-    let pid = std::process::id();
-    if state.version() != expect {
+    if state.version() != 1 {
         let reason = format!(
-            "state version {}, but this build reads version {expect}",
+            "state version {}, but this build reads version 1",
             state.version()
         );
         handover.reject_state(&reason)?;
         return Err(reason.into());
     }
-    let t = Instant::now();
-    if expect == 2 {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut bytes = 0u64;
-        loop {
-            match state.read(&mut buf)? {
-                0 => break,
-                n => bytes += n as u64,
-            }
-        }
-        let secs = t.elapsed().as_secs_f64();
-        event(format_args!(
-            "state pid={pid} version=2 bytes={bytes} ms={:.3}",
-            secs * 1e3
-        ));
-        return Ok((0, bytes));
-    }
     let mut v = [0u8; 8];
     state.read_exact(&mut v)?;
-    let served = u64::from_le_bytes(v);
-    event(format_args!(
-        "state pid={pid} version={expect} served_total={served}"
-    ));
-    Ok((served, 0))
-}
-
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-/// Accepts until the drain starts, then drops the listener: that stops
-/// accepting, while the socket lives on in the successor. Never shutdown()
-/// a shared socket: it would break it for the successor too.
-async fn accept_loop(app: Arc<App>, listener: Listener) {
-    loop {
-        let accepted = async {
-            match &listener {
-                Listener::Tcp(l) => l.accept().await.map(|(s, _)| serve_conn(&app, s)),
-                Listener::Unix(l) => l.accept().await.map(|(s, _)| serve_conn(&app, s)),
-            }
-        };
-        tokio::select! {
-            result = accepted => if let Err(e) = result {
-                tracing::warn!(error = %e, "accept failed");
-            },
-            _ = app.drain.draining() => break,
-        }
-    }
+    Ok(u64::from_le_bytes(v))
 }
 
 async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::error::Error>> {
     let pid = std::process::id();
     let generation = handover.generation();
 
-    let mut tcp = Vec::new();
+    let mut server = Server::new(&handover);
+    let mut addrs = Vec::new();
     for (i, addr) in config.listen.iter().enumerate() {
         let name = if i == 0 {
             "http".to_owned()
         } else {
             format!("http.{i}")
         };
-        tcp.push(tokio::net::TcpListener::from_std(
-            handover.tcp_listener(&name, addr)?,
-        )?);
+        let listener = handover.tcp_listener(&name, addr)?;
+        addrs.push(listener.local_addr()?.to_string());
+        server = server.listener(listener);
     }
-    let unix = match &config.unix {
-        Some(p) => Some(tokio::net::UnixListener::from_std(
-            handover.unix_listener("unix", p)?,
-        )?),
-        None => None,
-    };
+    if let Some(p) = &config.unix {
+        server = server.listener(handover.unix_listener("unix", p)?);
+    }
     let udp = match config.udp {
         Some(a) => Some(tokio::net::UdpSocket::from_std(
             handover.udp_socket("udp", a)?,
@@ -513,37 +347,27 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             }
         });
     }
-    let (served, state_bytes) = receive_state(&handover, config.state_version)?;
+    let served = receive_state(&handover)?;
     let app = Arc::new(App {
         pid,
         generation,
         served: AtomicU64::new(served),
-        state_bytes,
         drain: handover.drain(),
         handover: handover.clone(),
     });
 
     // Every upgrade, whatever triggers it, hands `served_total` on.
     let weak = Arc::downgrade(&app);
-    handover.set_state_source(config.state_version, move || {
+    handover.set_state_source(1, move || {
         let served = weak
             .upgrade()
             .map_or(0, |a| a.served.load(Ordering::Relaxed));
         std::io::Cursor::new(served.to_le_bytes())
     });
 
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut addrs = Vec::new();
-    for listener in tcp {
-        addrs.push(listener.local_addr()?.to_string());
-        tasks.spawn(accept_loop(app.clone(), Listener::Tcp(listener)));
-    }
-    if let Some(listener) = unix {
-        tasks.spawn(accept_loop(app.clone(), Listener::Unix(listener)));
-    }
-    if let Some(sock) = udp {
+    let udp_task = udp.map(|sock| {
         let app = app.clone();
-        tasks.spawn(async move {
+        tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
                 tokio::select! {
@@ -555,28 +379,39 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
                     _ = app.drain.draining() => break,
                 }
             }
-        });
-    }
-
-    let control = match &config.control {
-        Some(p) => Some(tokio::net::UnixListener::from_std(
-            handover::control::bind(&handover, p)?,
-        )?),
-        None => None,
-    };
+        })
+    });
 
     // The application owns its signals: SIGHUP/SIGUSR2 upgrade, SIGTERM/SIGINT
-    // stop. Install the handlers before ready(): from then on an operator may
-    // signal this process, and SIGHUP's default action would kill it.
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // stop, in a task of their own so that accepting never waits for an
+    // upgrade. Installed before ready(): from then on an operator may signal
+    // this process, and SIGHUP's default action would kill it.
+    let mut triggers = Triggers::new(&handover)
+        .upgrade_on(SignalKind::hangup())
+        .upgrade_on(SignalKind::user_defined2())
+        .stop_on(SignalKind::terminate())
+        .stop_on(SignalKind::interrupt());
+    if let Some(p) = &config.control {
+        triggers = triggers.control(handover::control::bind(&handover, p)?);
+    }
+    let triggered = triggers
+        .on_upgrade(move |result| match result {
+            Ok(done) => event(format_args!(
+                "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} program={}",
+                done.pid,
+                done.generation,
+                done.ready_after.as_secs_f64() * 1e3,
+                done.phases.probation.unwrap_or_default().as_secs_f64() * 1e3,
+                done.program.display(),
+            )),
+            Err(e) => event(format_args!(
+                "upgrade-failed pid={pid} error={}",
+                handover::error_chain(e)
+            )),
+        })
+        .spawn()?;
 
     handover.ready()?;
-    if config.spawn_helpers {
-        spawn_helpers();
-    }
     let unix_s = config
         .unix
         .as_ref()
@@ -598,91 +433,24 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             }
         });
     }
-    if let Some(after) = config.crash_after {
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            event(format_args!("crash pid={pid}"));
-            std::process::abort();
-        });
-    }
-    let (rolled_back_tx, mut rolled_back) = tokio::sync::mpsc::channel::<()>(1);
-    if let Some(after) = config.unhealthy_after {
-        let h = handover.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let reported = tokio::task::spawn_blocking(move || {
-                h.report_unhealthy("health check failed (--unhealthy-after)")
-            })
-            .await;
-            match reported {
-                Ok(Ok(true)) => {
-                    let _ = rolled_back_tx.send(()).await;
-                }
-                Ok(Ok(false)) => event(format_args!("unhealthy-ignored pid={pid}")),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot report unhealthy"),
-                Err(e) => tracing::warn!(error = %e, "unhealthy report task failed"),
-            }
-        });
-    }
-
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(1);
-    let control_task = control.map(|listener| {
-        let h = handover.clone();
-        tokio::spawn(async move {
-            let _ = ctl_tx
-                .send(handover::control::serve(h, listener).await)
-                .await;
-        })
-    });
-    let reason = loop {
-        let trigger = Instant::now();
-        let result = tokio::select! {
-            _ = hup.recv() => handover.upgrade().await,
-            _ = usr2.recv() => handover.upgrade().await,
-            Some(done) = ctl_rx.recv() => Ok(done),
-            Some(()) = rolled_back.recv() => break "rolled-back",
-            _ = term.recv() => break "stop",
-            _ = int.recv() => break "stop",
-        };
-        match result {
-            Ok(done) => {
-                event(format_args!(
-                    "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} trigger_ms={:.3} program={}",
-                    done.pid,
-                    done.generation,
-                    done.ready_after.as_secs_f64() * 1e3,
-                    done.phases.probation.unwrap_or_default().as_secs_f64() * 1e3,
-                    trigger.elapsed().as_secs_f64() * 1e3,
-                    done.program.display()
-                ));
-                break "upgrade";
-            }
-            Err(e) => {
-                let e = handover::error_chain(&e);
-                event(format_args!("upgrade-failed pid={pid} error={e}"));
-                tracing::warn!(error = %e, "upgrade failed; still serving");
-            }
-        }
+    let service = {
+        let app = app.clone();
+        hyper::service::service_fn(move |req| handle(app.clone(), req))
     };
-
-    if let Some(t) = control_task {
-        t.abort(); // stop answering control requests: the successor does
+    let report = server.serve_hyper(service).await?;
+    let reason = match triggered.await {
+        Some(Ending::Upgraded(_)) => "upgrade",
+        Some(Ending::Stop(_)) => "stop",
+        _ => "drained",
+    };
+    if let Some(t) = udp_task {
+        let _ = t.await;
     }
-    if reason == "stop" {
-        // A real stop: the whole service stops. A generation that drains
-        // after a handover never says so.
-        let _ = handover.stopping();
-    }
-    let drain_start = Instant::now();
-    app.drain.start();
-    while tasks.join_next().await.is_some() {}
-    let report = app.drain.wait(handover.drain_timeout()).await;
     event(format_args!(
-        "exit pid={pid} generation={generation} reason={reason} served={} remaining={} drain_ms={:.3} helpers={}",
+        "exit pid={pid} generation={generation} reason={reason} served={} remaining={} drain_ms={:.3}",
         app.served.load(Ordering::Relaxed),
         report.remaining,
-        drain_start.elapsed().as_secs_f64() * 1e3,
-        HELPERS.load(Ordering::Relaxed)
+        report.elapsed.as_secs_f64() * 1e3,
     ));
     Ok(())
 }
@@ -728,13 +496,6 @@ fn reload(args: &[OsString]) -> ExitCode {
 
 /// Runs the server with `args` (without the program name).
 pub fn main_with(args: &[OsString]) -> ExitCode {
-    if args.first().is_some_and(|a| a == "floor-byte") {
-        // The benchmark's floor: a bare exec of this binary that writes one
-        // byte to fd 3 as soon as it starts.
-        // SAFETY: write of one byte from a valid buffer to fd 3.
-        unsafe { libc::write(3, b"!".as_ptr().cast(), 1) };
-        return ExitCode::SUCCESS;
-    }
     if args.first().is_some_and(|a| a == "reload") {
         return reload(&args[1..]);
     }
@@ -750,12 +511,6 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
         // validate its configuration here.
         println!("http_server: configuration ok");
         return ExitCode::SUCCESS;
-    }
-    if let Some(path) = &config.report_fds {
-        if let Err(e) = report_fds(path) {
-            eprintln!("http_server: --report-fds: {e}");
-            return ExitCode::from(2);
-        }
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

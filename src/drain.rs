@@ -42,6 +42,11 @@ use tokio::sync::watch;
 ///
 /// [`Handover::drain`](crate::Handover::drain) gives the generation's own
 /// drain, which also feeds [`Handover::stats`](crate::Handover::stats).
+///
+/// For HTTP, [`serve::Server`](crate::serve::Server) (feature `http`) does
+/// all of this, with the lame-duck rules HTTP/1.1 keep-alive needs; an
+/// upgrade or a stop starts the drain through
+/// [`serve::Triggers`](crate::serve::Triggers).
 #[derive(Clone)]
 pub struct Drain {
     inner: Arc<watch::Sender<Counts>>,

@@ -25,59 +25,63 @@
 //!
 //! # Example
 //!
-//! The rules it follows: `build()` first, before the runtime opens any fd;
-//! signal handlers before `ready()`; the upgrade in a task of its own, so the
-//! accept loop keeps accepting while a successor starts (up to the ready
-//! timeout); SIGTERM drains like a handover, and says `STOPPING=1`.
+//! An axum service that upgrades on SIGHUP and drains and stops on SIGTERM,
+//! losing no request (feature `http`, on by default; the full service is
+//! examples/axum.rs). The rules it follows: `build()` first, before the
+//! runtime opens any fd; signal handlers before `ready()`; the upgrade in a
+//! task of its own ([`serve::Triggers`]), so accepting goes on while a
+//! successor starts (up to the ready timeout); SIGTERM drains like a
+//! handover, and says `STOPPING=1`.
 //!
 //! ```no_run
-//! use std::time::Duration;
-//! use handover::{Drain, Handover};
-//! use tokio::signal::unix::{SignalKind, signal};
+//! use axum::{Router, routing::get};
+//! use handover::{Handover, serve::{Server, Triggers}};
+//! use tokio::signal::unix::SignalKind;
 //!
-//! # async fn serve(_: tokio::net::TcpStream, _: Drain) {}
-//! fn main() -> std::io::Result<()> {
-//!     // First, like sd_listen_fds: before the runtime opens fds of its own.
-//!     let handover = Handover::builder().ready_timeout(Duration::from_secs(30)).build()?;
-//!     tokio::runtime::Runtime::new()?.block_on(async move {
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // First thing, before any other fd is opened (like sd_listen_fds).
+//!     let handover = Handover::builder().build()?;
+//!     tokio::runtime::Runtime::new()?.block_on(async {
 //!         // Inherited from the old generation, or bound now.
 //!         let listener = handover.tcp_listener("http", "127.0.0.1:8080")?;
-//!         let listener = tokio::net::TcpListener::from_std(listener)?;
-//!         let (mut hup, mut term) = (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?);
-//!         handover.ready()?; // handlers first: from now on we may be signalled
-//!
-//!         let drain: Drain = handover.drain(); // counted in handover.stats()
-//!         let (h, d) = (handover.clone(), drain.clone());
-//!         tokio::spawn(async move {
-//!             // Upgrades run here, never in the accept loop.
-//!             loop {
-//!                 tokio::select! {
-//!                     _ = hup.recv() => match h.upgrade().await {
-//!                         Ok(_) => return d.start(), // the successor serves
-//!                         Err(e) => eprintln!("upgrade failed, still serving: {e}"),
-//!                     },
-//!                     _ = term.recv() => {
-//!                         let _ = h.stopping(); // a real stop
-//!                         return d.start();
-//!                     }
-//!                 }
-//!             }
-//!         });
-//!         loop {
-//!             tokio::select! {
-//!                 Ok((stream, _)) = listener.accept() => {
-//!                     let (guard, drain) = (drain.guard(), drain.clone());
-//!                     tokio::spawn(async move { serve(stream, drain).await; drop(guard) });
-//!                 }
-//!                 _ = drain.draining() => break,
-//!             }
-//!         }
-//!         drop(listener); // stop accepting; never shutdown() a shared socket
-//!         drain.wait(handover.drain_timeout()).await;
+//!         // The upgrade runs in this task, beside the accept loop: while a
+//!         // successor starts (up to the ready timeout), accepting goes on.
+//!         Triggers::new(&handover)
+//!             .upgrade_on(SignalKind::hangup())
+//!             .stop_on(SignalKind::terminate())
+//!             .spawn()?; // before ready(): SIGHUP must not kill a new generation
+//!         handover.ready()?;
+//!         let app = Router::new().route("/", get(|| async { "hello\n" }));
+//!         // Serves until the drain after an upgrade or a stop is done.
+//!         let report = Server::new(&handover).listener(listener).serve(app).await?;
+//!         eprintln!("drained: {report:?}");
 //!         Ok(())
 //!     })
 //! }
 //! ```
+//!
+//! For another protocol, write the accept loop and follow the generation's
+//! [`Drain`] (its documentation shows the loop; the README a complete one),
+//! with [`serve::Triggers`] for the signals and [`serve::AcceptBackoff`] for
+//! accept errors.
+//!
+//! # Signals
+//!
+//! `handover` installs no signal handler of its own accord. Only
+//! [`serve::Triggers::spawn`] installs handlers — tokio's, for exactly the
+//! signals the application names there. An application that handles its
+//! signals itself calls [`Handover::upgrade`] from a task of its own, never
+//! from the `select!` that accepts.
+//!
+//! # Serving HTTP without losing a request
+//!
+//! [`serve::Server`] (feature `http`) serves HTTP/1.1 and HTTP/2 with any
+//! hyper or tower service. Its drain stops accepting, finishes requests in
+//! flight, answers the next request on each keep-alive connection with
+//! `Connection: close`, serves connections accepted but not read yet, sends
+//! HTTP/2 a graceful GOAWAY, and ends as soon as nothing is left (at most
+//! the drain timeout). `axum::serve`'s graceful shutdown instead closes idle
+//! and unread connections, failing requests already on the wire.
 //!
 //! # The protocol
 //!
@@ -193,9 +197,10 @@
 //! - The successor is started through a short-lived intermediate process and,
 //!   once ready, reparented to the nearest subreaper (the service manager
 //!   under systemd) or init.
-//! - The library installs no signal handlers: the application decides which
-//!   signal triggers an upgrade. A successor starts with SIGHUP ignored (see
-//!   "Signals and process groups").
+//! - The library installs no signal handlers of its own accord: the
+//!   application names the signals that trigger an upgrade or a stop
+//!   ([`serve::Triggers`]), or handles them itself. A successor starts with
+//!   SIGHUP ignored (see "Signals and process groups").
 //! - What a failed successor started is killed through its process group;
 //!   a process that left that group escapes.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -230,9 +235,12 @@ mod upgrade;
 mod drain;
 #[cfg(feature = "tokio")]
 pub mod migrate;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod serve;
 
-/// The README's example, compiled as a doctest.
-#[cfg(all(doctest, feature = "tokio"))]
+/// The README's examples, compiled as doctests.
+#[cfg(all(doctest, feature = "http"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 

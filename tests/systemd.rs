@@ -632,3 +632,70 @@ fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
     m.ok(&["stop", unit]);
     assert_eq!(m.prop(unit, "Result"), "success");
 }
+
+/// The README's unit for the axum service, as written (the binary's path and
+/// the port substituted): `systemctl reload` through the control socket
+/// under load, MainPID follows, the control socket lives in the
+/// RuntimeDirectory=, and a clean stop (the drain within TimeoutStopSec=).
+#[cfg(feature = "http")]
+#[test]
+fn readme_unit_for_the_axum_service_reloads_under_load() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```ini\n# myservice.service")
+        .expect("the unit in the README");
+    let body = &readme[start + "```ini\n".len()..];
+    let unit_text = &body[..body.find("```").unwrap()];
+    let m = manager_or_skip!();
+    let axum = common::server_bin().with_file_name("axum");
+    let port = free_port();
+    let text = unit_text
+        .replace("/usr/local/bin/myservice", axum.to_str().unwrap())
+        .replace("0.0.0.0:8080", &format!("127.0.0.1:{port}"))
+        .replace("multi-user.target", "default.target");
+    let unit = "myservice.service";
+    m.start_unit(unit, &text);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let first = m.main_pid(unit);
+    assert_ne!(first, 0, "no main pid");
+    assert!(
+        m.path().join("runtime/myservice/control").exists(),
+        "the control socket is in the RuntimeDirectory="
+    );
+    let load = load::Load::start_warm(addr, 2, 2, 21);
+    let stats = load.stats.clone();
+    let mut old = first;
+    let mut since = std::time::Instant::now();
+    for _ in 0..3 {
+        // Deploys spaced as an operator's are: the control socket answers a
+        // reload that reaches a generation younger than its coalescing
+        // window (control::COALESCE, 250 ms) with that generation.
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(since.elapsed()));
+        let r = m.systemctl(&["reload", unit]);
+        since = std::time::Instant::now();
+        let new = m.main_pid(unit);
+        let said = m.systemctl(&["status", unit]);
+        assert!(
+            r.status.success() && new != 0 && new != old,
+            "MainPID names the successor when reload returns: {r:?} {}",
+            String::from_utf8_lossy(&said.stdout)
+        );
+        wait_until("the successor to answer", Duration::from_secs(30), || {
+            stats.by_pid.lock().unwrap().contains_key(&new)
+        });
+        wait_until(
+            "the old generation to exit",
+            Duration::from_secs(30),
+            || !procs::exists(old),
+        );
+        assert_eq!(m.prop(unit, "ActiveState"), "active");
+        old = new;
+    }
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    assert_eq!(m.prop(unit, "NRestarts"), "0");
+    m.ok(&["stop", unit]);
+    assert_eq!(m.prop(unit, "Result"), "success");
+}

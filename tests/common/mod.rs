@@ -1,4 +1,5 @@
-//! Test harness: runs examples/http_server for real, reads its event lines,
+//! Test harness: runs the test fixture (examples/http_server plus test
+//! switches, tests/fixture/server.rs) for real, reads its event lines,
 //! upgrades it with signals, and reaps every generation it started.
 #![allow(dead_code)] // each test file uses a different part
 
@@ -19,16 +20,17 @@ use std::time::{Duration, Instant};
 /// Bound on waiting for any one event of the server.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The http_server example, built by `cargo test` (which builds examples).
+/// The test fixture (tests/fixture/server.rs: examples/http_server plus
+/// test-only switches), built by `cargo test` as the example `fixture_server`.
 pub fn server_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/examples/http_server
+    // target/<profile>/deps/<test> -> target/<profile>/examples/fixture_server
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
         .join("examples")
-        .join("http_server");
+        .join("fixture_server");
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test` (which builds the examples) \

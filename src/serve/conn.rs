@@ -1,0 +1,332 @@
+//! One HTTP connection: which protocol, served how, and what the drain does
+//! to it.
+//!
+//! The protocol is told from the first bytes, as hyper-util's auto builder
+//! does (the HTTP/2 connection preface, else HTTP/1.1), but by this module,
+//! so that each protocol keeps its own hyper connection type:
+//! - the auto builder's `graceful_shutdown` closes a connection whose first
+//!   bytes are not read yet, which drops a request the client already sent;
+//! - an HTTP/1.1 connection is a `hyper::server::conn::http1::Connection`,
+//!   which can be finished with `without_shutdown()`: that returns the
+//!   socket (inside [`Rewind`]) and the bytes hyper read ahead, which is what
+//!   handing a connection to the successor needs.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, HeaderValue};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use crate::drain::{Drain, DrainGuard};
+
+/// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a new connection may take to send its first bytes (hyper's
+/// default `header_read_timeout` for HTTP/1).
+const FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The first read: large enough for a whole typical request, so that HTTP/1
+/// needs no second read for it.
+const FIRST_READ: usize = 2048;
+
+/// What every connection of one [`Server`](super::Server) shares.
+pub(crate) struct Shared {
+    pub(crate) drain: Drain,
+    /// Becomes true at the drain deadline: every connection still open is
+    /// closed.
+    pub(crate) deadline: watch::Receiver<bool>,
+    pub(crate) http1: hyper::server::conn::http1::Builder,
+    pub(crate) http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+/// A stream with bytes put back in front of it: the bytes read to tell the
+/// protocol, read again by hyper.
+#[derive(Debug)]
+pub(crate) struct Rewind<T> {
+    pre: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    /// The stream, and the bytes put back that were not read again yet.
+    #[allow(dead_code)] // for handing a connection on (`without_shutdown`)
+    pub(crate) fn into_inner(self) -> (T, Bytes) {
+        (self.inner, self.pre)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Reads until the first bytes tell the protocol: the whole HTTP/2 preface,
+/// or a byte that differs from it. `None`: the peer closed first.
+pub(crate) async fn detect<T: AsyncRead + Unpin>(
+    mut io: T,
+) -> io::Result<Option<(Protocol, Rewind<T>)>> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let protocol = loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            // Closed after a partial request: let HTTP/1 answer it (400).
+            break Protocol::Http1;
+        }
+        let n = buf.len().min(PREFACE.len());
+        if buf[..n] != PREFACE[..n] {
+            break Protocol::Http1;
+        }
+        if n == PREFACE.len() {
+            break Protocol::Http2;
+        }
+    };
+    let pre = buf.freeze();
+    Ok(Some((protocol, Rewind { pre, inner: io })))
+}
+
+/// Serves one accepted connection, counted in the drain by `guard`, until
+/// it ends or the drain deadline passes.
+pub(crate) async fn serve<T, S, B>(io: T, service: S, shared: Arc<Shared>, guard: DrainGuard)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut deadline = shared.deadline.clone();
+    let connection = async {
+        // A connection accepted before the drain started is served even if
+        // nothing has been read from it yet: its request may be on the way.
+        let (protocol, io) = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, detect(io)).await {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection failed before its first request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("connection sent nothing within 30 s");
+                return;
+            }
+        };
+        match protocol {
+            Protocol::Http1 => http1(io, service, &shared).await,
+            Protocol::Http2 => http2(io, service, &shared).await,
+        }
+    };
+    tokio::select! {
+        _ = connection => {}
+        _ = deadline.wait_for(|passed| *passed) => {}
+    }
+    drop(guard);
+}
+
+/// HTTP/1.1, lame duck: nothing is closed on the client. A response made
+/// while draining says `Connection: close`, so hyper closes the connection
+/// after writing it; the request in flight finishes, and the next request
+/// on a keep-alive connection is answered (and told to go elsewhere). An
+/// idle connection stays open until its next request or the drain
+/// deadline: closing it could race a request already on the wire.
+async fn http1<T, S, B>(io: Rewind<T>, service: S, shared: &Shared)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let service = LameDuck {
+        inner: service,
+        drain: shared.drain.clone(),
+    };
+    // Handing the connection to a successor instead (a later change) means
+    // serving it without `with_upgrades()` and finishing it, once a response
+    // made while draining is written, with `without_shutdown()`: its `Parts`
+    // hold `TokioIo<Rewind<T>>` (the socket) and `read_buf` (bytes read
+    // ahead). `with_upgrades()` keeps WebSocket and other upgrades working.
+    let connection = shared
+        .http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "HTTP/1 connection failed");
+    }
+}
+
+/// HTTP/2: when the drain starts, a graceful GOAWAY (two-phase: streams the
+/// client sent before it saw the GOAWAY are still served), so the client
+/// opens its next streams on a new connection — to the successor. A
+/// connection still in its handshake is shut down right after it (hyper
+/// keeps the shutdown pending).
+async fn http2<T, S, B>(io: Rewind<T>, service: S, shared: &Shared)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = shared.http2.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shared.drain.draining() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/2 connection failed");
+    }
+}
+
+/// Adds `Connection: close` to HTTP/1 responses made while draining.
+#[derive(Debug, Clone)]
+struct LameDuck<S> {
+    inner: S,
+    drain: Drain,
+}
+
+impl<S, B> Service<Request<Incoming>> for LameDuck<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = LameDuckFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        LameDuckFuture {
+            inner: self.inner.call(req),
+            drain: self.drain.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct LameDuckFuture<F> {
+        #[pin]
+        inner: F,
+        drain: Drain,
+    }
+}
+
+impl<F, B, E> Future for LameDuckFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut result = ready!(this.inner.poll(cx));
+        if let Ok(response) = &mut result {
+            if this.drain.is_draining() {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn detected(input: &[u8]) -> Option<(Protocol, Vec<u8>)> {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(input).await.unwrap();
+        drop(client);
+        let (p, mut io) = detect(server).await.unwrap()?;
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        Some((p, all))
+    }
+
+    #[tokio::test]
+    async fn tells_http2_by_its_preface_and_replays_every_byte() {
+        let mut h2 = PREFACE.to_vec();
+        h2.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
+        assert_eq!(detected(&h2).await, Some((Protocol::Http2, h2.clone())));
+        let h1 = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert_eq!(detected(&h1).await, Some((Protocol::Http1, h1.clone())));
+        // The first bytes of the preface, then something else.
+        let p = b"PRI * HTTP/1.1\r\n".to_vec();
+        assert_eq!(detected(&p).await, Some((Protocol::Http1, p.clone())));
+        assert_eq!(
+            detected(b"PRI").await,
+            Some((Protocol::Http1, b"PRI".to_vec()))
+        );
+        assert_eq!(detected(b"").await, None);
+    }
+}

@@ -1,0 +1,303 @@
+//! The HTTP server with the lossless drain.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::backoff::AcceptBackoff;
+use super::conn::{self, Shared};
+use crate::drain::{Drain, DrainReport};
+use crate::handover::Handover;
+
+/// A listening socket for [`Server::listener`]: TCP or Unix, std or tokio.
+#[derive(Debug)]
+pub struct Listener(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+    TokioTcp(tokio::net::TcpListener),
+    TokioUnix(tokio::net::UnixListener),
+}
+
+impl From<std::net::TcpListener> for Listener {
+    fn from(l: std::net::TcpListener) -> Self {
+        Listener(Inner::Tcp(l))
+    }
+}
+
+impl From<std::os::unix::net::UnixListener> for Listener {
+    fn from(l: std::os::unix::net::UnixListener) -> Self {
+        Listener(Inner::Unix(l))
+    }
+}
+
+impl From<tokio::net::TcpListener> for Listener {
+    fn from(l: tokio::net::TcpListener) -> Self {
+        Listener(Inner::TokioTcp(l))
+    }
+}
+
+impl From<tokio::net::UnixListener> for Listener {
+    fn from(l: tokio::net::UnixListener) -> Self {
+        Listener(Inner::TokioUnix(l))
+    }
+}
+
+enum Accepting {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    fn into_tokio(self) -> io::Result<Accepting> {
+        Ok(match self.0 {
+            Inner::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Accepting::Tcp(tokio::net::TcpListener::from_std(l)?)
+            }
+            Inner::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Accepting::Unix(tokio::net::UnixListener::from_std(l)?)
+            }
+            Inner::TokioTcp(l) => Accepting::Tcp(l),
+            Inner::TokioUnix(l) => Accepting::Unix(l),
+        })
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on the handover's listeners with any hyper
+/// or tower service, and drains without losing a request.
+///
+/// Every connection is counted in the generation's [`Drain`]
+/// ([`Handover::drain`]). When the drain starts — an upgrade succeeded or a
+/// stop was asked for, typically by [`Triggers`](super::Triggers) — the
+/// server:
+///
+/// - stops accepting at once (drops its listeners; the socket lives on in
+///   the successor, which accepts every new connection, queued ones
+///   included);
+/// - **HTTP/1.1**: finishes the requests in flight and answers the next
+///   request on each keep-alive connection with `Connection: close` (lame
+///   duck), after which hyper closes it. An idle keep-alive connection is
+///   *not* closed: a request may be on the wire already, and closing would
+///   fail it. It stays until its next request or the drain deadline;
+/// - serves a connection that was accepted but not read yet (its request
+///   may be on the way) — hyper's `graceful_shutdown()` would close it;
+/// - **HTTP/2**: sends a graceful GOAWAY, finishes the streams in flight and
+///   lets the client move to a new connection;
+/// - returns as soon as no connection is left, or at the drain deadline
+///   ([`Builder::drain_timeout`](crate::Builder::drain_timeout), default
+///   30 s), closing what is still open, with the [`DrainReport`].
+///
+/// So what keeps an old generation alive after an upgrade is its slowest
+/// request in flight and every idle keep-alive client that sends nothing
+/// more: one such client holds it until the deadline.
+///
+/// HTTP/1 upgrades (WebSocket) are supported; an upgraded connection leaves
+/// the drain's count when hyper hands it to the service. TLS is not done
+/// here (terminate it in front, or serve TLS streams with your own loop).
+///
+/// Accept errors back off ([`AcceptBackoff`]): `EMFILE` at the fd limit
+/// neither spins nor floods the log.
+///
+/// ```no_run
+/// # async fn example(handover: handover::Handover) -> std::io::Result<()> {
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+/// let listener = handover.tcp_listener("http", "127.0.0.1:8080")?;
+/// let report = handover::serve::Server::new(&handover)
+///     .listener(listener)
+///     .serve(app) // an axum Router, or any tower service
+///     .await?;
+/// # let _ = report; Ok(()) }
+/// # fn main() { let _ = example; }
+/// ```
+#[must_use = "nothing is served until serve() is awaited"]
+pub struct Server {
+    drain: Drain,
+    drain_timeout: Duration,
+    listeners: Vec<Listener>,
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("drain_timeout", &self.drain_timeout)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server for `handover`'s generation: its [`Drain`] and its drain
+    /// timeout.
+    pub fn new(handover: &Handover) -> Self {
+        Self::with_drain(handover.drain(), handover.drain_timeout())
+    }
+
+    /// A server that follows `drain`, with `timeout` as its deadline.
+    pub fn with_drain(drain: Drain, timeout: Duration) -> Self {
+        // No timer for HTTP/1, as in axum::serve: with one, hyper arms a
+        // header_read_timeout sleep per request, which measurably raised
+        // the p99 under wrk (BENCHMARKS.md). `http1().timer(..)` turns it on.
+        let http1 = hyper::server::conn::http1::Builder::new();
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Server {
+            drain,
+            drain_timeout: timeout,
+            listeners: Vec::new(),
+            http1,
+            http2,
+        }
+    }
+
+    /// Serves on `listener` too (TCP or Unix, std or tokio; std listeners
+    /// are made non-blocking, as the handover hands them out anyway).
+    pub fn listener(mut self, listener: impl Into<Listener>) -> Self {
+        self.listeners.push(listener.into());
+        self
+    }
+
+    /// The HTTP/1 settings (hyper's builder). No timer is set, so hyper's
+    /// `header_read_timeout` does not apply; set one
+    /// (`hyper_util::rt::TokioTimer`) to bound slow clients, at some cost in
+    /// tail latency. A connection must still send its first bytes within
+    /// 30 s.
+    pub fn http1(&mut self) -> &mut hyper::server::conn::http1::Builder {
+        &mut self.http1
+    }
+
+    /// The HTTP/2 settings (hyper's builder).
+    pub fn http2(&mut self) -> &mut hyper::server::conn::http2::Builder<TokioExecutor> {
+        &mut self.http2
+    }
+
+    /// Serves `service` — a tower service such as an axum `Router` — until
+    /// the drain has ended; returns how it ended.
+    ///
+    /// Errors only if a listener cannot be registered with tokio.
+    pub async fn serve<S, B>(self, service: S) -> io::Result<DrainReport>
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.serve_hyper(TowerToHyperService::new(service)).await
+    }
+
+    /// [`serve`](Self::serve) for a hyper service (`hyper::service::service_fn`).
+    pub async fn serve_hyper<S, B>(self, service: S) -> io::Result<DrainReport>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listeners = self
+            .listeners
+            .into_iter()
+            .map(Listener::into_tokio)
+            .collect::<io::Result<Vec<_>>>()?;
+        let (passed, deadline) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            drain: self.drain.clone(),
+            deadline,
+            http1: self.http1,
+            http2: self.http2,
+        });
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in listeners {
+            loops.spawn(accept_loop(listener, service.clone(), shared.clone()));
+        }
+        // Each loop returns (dropping its listener) when the drain starts.
+        while loops.join_next().await.is_some() {}
+        let report = self.drain.wait(self.drain_timeout).await;
+        let _ = passed.send(true);
+        Ok(report)
+    }
+}
+
+async fn accept_loop<S, B>(listener: Accepting, service: S, shared: Arc<Shared>)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut backoff = AcceptBackoff::new();
+    let drain = shared.drain.clone();
+    let draining = drain.draining();
+    tokio::pin!(draining);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut draining => return,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                backoff.reset();
+                match stream {
+                    Stream::Tcp(s) => spawn(s, &service, &shared),
+                    Stream::Unix(s) => spawn(s, &service, &shared),
+                }
+            }
+            Err(e) => tokio::select! {
+                _ = &mut draining => return,
+                _ = backoff.wait(&e) => {}
+            },
+        }
+    }
+}
+
+/// An accepted connection.
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Accepting) -> io::Result<Stream> {
+    Ok(match listener {
+        Accepting::Tcp(l) => Stream::Tcp(l.accept().await?.0),
+        Accepting::Unix(l) => Stream::Unix(l.accept().await?.0),
+    })
+}
+
+fn spawn<T, S, B>(io: T, service: &S, shared: &Arc<Shared>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Counted from the accept: a connection whose request is not read yet
+    // is in flight too.
+    let guard = shared.drain.guard();
+    tokio::spawn(conn::serve(io, service.clone(), shared.clone(), guard));
+}

@@ -1,0 +1,250 @@
+//! What ends a generation: signals and the control socket, in a task of
+//! their own so that accepting never waits for an upgrade.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::task::JoinHandle;
+
+use crate::error::UpgradeError;
+use crate::handover::Handover;
+use crate::upgrade::Upgraded;
+
+type OnUpgrade = Arc<dyn Fn(&Result<Upgraded, UpgradeError>) + Send + Sync>;
+
+/// The triggers that end this generation, run by a task of their own:
+/// signals that upgrade, signals that stop, and the control socket.
+///
+/// An upgrade takes up to the ready timeout (plus any probation window);
+/// awaiting it in the `select!` that also accepts would stop accepting for
+/// that long. The task started by [`spawn`](Self::spawn) runs it beside the
+/// accept loop instead, and on the outcome:
+///
+/// - upgrade succeeded (by signal or through the control socket): starts
+///   the generation's [`Drain`](crate::Drain) — the accept loop stops, the
+///   drain runs;
+/// - upgrade failed: logs it (`tracing` warn), keeps serving and waits for
+///   the next trigger;
+/// - stop signal: tells the service manager
+///   ([`Handover::stopping`]) and starts the same drain.
+///
+/// The drain started any other way (`drain.start()`, say after
+/// [`Handover::report_unhealthy`]) ends the task too. The control socket is
+/// served until the task ends: then the successor answers it. A stop signal
+/// that arrives while an upgrade runs is acted on when the upgrade has
+/// failed (within the ready timeout); if it succeeds, the drain starts
+/// anyway.
+///
+/// Signals: `handover` installs no handler of its own accord. `spawn`
+/// installs tokio's handlers for exactly the signals named here, and they
+/// stay installed for the life of the process (tokio never uninstalls
+/// one). Call `spawn` before [`Handover::ready`]: from then on an operator
+/// may signal this process, and SIGHUP's default action would kill it.
+#[must_use = "nothing is triggered until spawn() is called"]
+pub struct Triggers {
+    handover: Handover,
+    upgrade: Vec<SignalKind>,
+    stop: Vec<SignalKind>,
+    control: Option<std::os::unix::net::UnixListener>,
+    on_upgrade: Option<OnUpgrade>,
+}
+
+impl std::fmt::Debug for Triggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Triggers")
+            .field("upgrade", &self.upgrade)
+            .field("stop", &self.stop)
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the triggers task ended (and the drain started).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Ending {
+    /// An upgrade succeeded: the successor serves.
+    Upgraded(Upgraded),
+    /// A stop signal arrived.
+    Stop(SignalKind),
+    /// The drain was started by someone else.
+    Drain,
+}
+
+/// The running triggers task; await it for the [`Ending`].
+///
+/// Dropping it does not stop the task. The output is `None` if the task
+/// was aborted or panicked.
+#[derive(Debug)]
+pub struct Triggered {
+    task: JoinHandle<Ending>,
+}
+
+impl Triggered {
+    /// Stops the task: no trigger is acted on any more, and the control
+    /// socket is no longer served by this generation.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Future for Triggered {
+    type Output = Option<Ending>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.task).poll(cx).map(Result::ok)
+    }
+}
+
+impl Triggers {
+    /// No triggers yet, for `handover`'s generation.
+    pub fn new(handover: &Handover) -> Self {
+        Triggers {
+            handover: handover.clone(),
+            upgrade: Vec::new(),
+            stop: Vec::new(),
+            control: None,
+            on_upgrade: None,
+        }
+    }
+
+    /// Upgrades on `signal` (typically `SignalKind::hangup()`).
+    pub fn upgrade_on(mut self, signal: SignalKind) -> Self {
+        self.upgrade.push(signal);
+        self
+    }
+
+    /// Drains and stops on `signal` (typically `SignalKind::terminate()`
+    /// and `SignalKind::interrupt()`).
+    pub fn stop_on(mut self, signal: SignalKind) -> Self {
+        self.stop.push(signal);
+        self
+    }
+
+    /// Serves upgrade and status requests on the control socket `listener`
+    /// (from [`control::bind`](crate::control::bind)), as
+    /// [`control::serve`](crate::control::serve) does.
+    ///
+    /// Every upgrade, signalled or requested, takes the options of
+    /// [`Builder::upgrade_options`](crate::Builder::upgrade_options) and the
+    /// state of [`Handover::set_state_source`].
+    pub fn control(mut self, listener: std::os::unix::net::UnixListener) -> Self {
+        self.control = Some(listener);
+        self
+    }
+
+    /// Called with the result of every upgrade triggered by a signal, and
+    /// with every successful one requested through the control socket (a
+    /// failed request gets its reason in the reply). Failures are also
+    /// logged.
+    pub fn on_upgrade<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Result<Upgraded, UpgradeError>) + Send + Sync + 'static,
+    {
+        self.on_upgrade = Some(Arc::new(f));
+        self
+    }
+
+    /// Installs the signal handlers now and starts the task. Must be called
+    /// within a tokio runtime.
+    pub fn spawn(self) -> io::Result<Triggered> {
+        let listen = |kinds: &[SignalKind]| -> io::Result<Vec<(SignalKind, Signal)>> {
+            kinds.iter().map(|&k| Ok((k, signal(k)?))).collect()
+        };
+        let upgrade = listen(&self.upgrade)?;
+        let stop = listen(&self.stop)?;
+        let control = match self.control {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                Some(tokio::net::UnixListener::from_std(l)?)
+            }
+            None => None,
+        };
+        let task = tokio::spawn(run(self.handover, upgrade, stop, control, self.on_upgrade));
+        Ok(Triggered { task })
+    }
+}
+
+/// Resolves with the kind of the first of `signals` to arrive; never if
+/// there are none.
+async fn any(signals: &mut [(SignalKind, Signal)]) -> SignalKind {
+    std::future::poll_fn(|cx| {
+        for (kind, s) in signals.iter_mut() {
+            if let Poll::Ready(Some(())) = s.poll_recv(cx) {
+                return Poll::Ready(*kind);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+async fn run(
+    handover: Handover,
+    mut upgrade: Vec<(SignalKind, Signal)>,
+    mut stop: Vec<(SignalKind, Signal)>,
+    control: Option<tokio::net::UnixListener>,
+    on_upgrade: Option<OnUpgrade>,
+) -> Ending {
+    let drain = handover.drain();
+    // The control socket is served by a task of its own, as
+    // `control::serve` expects: its requests are answered while an upgrade
+    // triggered by a signal runs. It stops when this task ends.
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let _control = control.map(|listener| {
+        let h = handover.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let done = crate::control::serve(h, listener).await;
+            let _ = done_tx.send(done);
+        }))
+    });
+    let control = async {
+        match (&mut done_rx).await {
+            Ok(done) => done,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::pin!(control);
+    let ending = loop {
+        tokio::select! {
+            _ = any(&mut upgrade) => {
+                let result = handover.upgrade().await;
+                if let Some(f) = &on_upgrade {
+                    f(&result);
+                }
+                match result {
+                    Ok(done) => break Ending::Upgraded(done),
+                    Err(e) => tracing::warn!(error = %e, "upgrade failed; still serving"),
+                }
+            }
+            done = &mut control => {
+                if let Some(f) = &on_upgrade {
+                    f(&Ok(done.clone()));
+                }
+                break Ending::Upgraded(done);
+            }
+            kind = any(&mut stop) => {
+                if let Err(e) = handover.stopping() {
+                    tracing::warn!(error = %e, "cannot tell the service manager about the stop");
+                }
+                break Ending::Stop(kind);
+            }
+            _ = drain.draining() => return Ending::Drain,
+        }
+    };
+    drain.start();
+    ending
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
