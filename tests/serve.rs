@@ -541,6 +541,106 @@ mod in_process {
         assert_eq!(report.remaining, 0);
     }
 
+    /// HTTP/2: a stream in flight when the drain starts completes; the
+    /// server then closes the connection (GOAWAY, streams done), and the
+    /// drain ends with it.
+    #[test]
+    fn http2_a_stream_in_flight_completes_then_the_connection_closes() {
+        let rt = runtime();
+        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (e, r) = (entered.clone(), release.clone());
+        let (addr, drain, task) = start(&rt, move |_req| {
+            let (e, r) = (e.clone(), r.clone());
+            async move {
+                e.notify_one();
+                r.notified().await;
+                Ok(ok("h2"))
+            }
+        });
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .unwrap();
+            let conn = tokio::spawn(conn);
+            let req = Request::get("/slow")
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .unwrap();
+            let slow = tokio::spawn(sender.send_request(req));
+            tokio::time::timeout(Duration::from_secs(10), entered.notified())
+                .await
+                .expect("the stream reaches the handler");
+            drain.start();
+            release.notify_one();
+            let resp = slow.await.unwrap().unwrap();
+            assert_eq!(
+                (resp.status(), resp.version()),
+                (hyper::StatusCode::OK, hyper::Version::HTTP_2)
+            );
+            tokio::time::timeout(Duration::from_secs(10), conn)
+                .await
+                .expect("the server closes the connection after its GOAWAY")
+                .unwrap()
+                .unwrap();
+        });
+        let report = rt.block_on(task).unwrap();
+        assert_eq!(report.remaining, 0);
+    }
+
+    /// HTTP/2 on a connection accepted but not read when the drain starts:
+    /// a request the client sends at once (preface, SETTINGS and HEADERS in
+    /// one write, as before it could see a GOAWAY) is answered, and the
+    /// connection then gets its GOAWAY.
+    #[test]
+    fn http2_a_connection_accepted_but_not_read_is_answered() {
+        let rt = runtime();
+        let (addr, drain, task) = start(&rt, |_req| async { Ok(ok("h2")) });
+        let mut s = connect(addr);
+        wait_until(
+            "the connection to be accepted",
+            Duration::from_secs(10),
+            || drain.in_flight() == 1,
+        );
+        drain.start();
+        let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        request.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+        // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, / (HPACK
+        // static table entries 2, 6 and 4).
+        request.extend_from_slice(&[0, 0, 3, 1, 5, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+        s.write_all(&request).unwrap();
+        // Read frame by frame, acknowledging SETTINGS and PING as a client
+        // does (the server's graceful GOAWAY waits for the PING's ack),
+        // until the server closes the connection.
+        let (mut status_200, mut goaway, mut reply) = (false, false, Vec::new());
+        let mut head = [0u8; 9];
+        while s.read_exact(&mut head).is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            reply.push((kind, flags, stream));
+            match (kind, flags & 1) {
+                // :status 200 is HPACK static entry 8.
+                (1, _) => status_200 |= stream == 1 && payload.first() == Some(&0x88),
+                (4, 0) => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).unwrap(),
+                (6, 0) => {
+                    s.write_all(&[0, 0, 8, 6, 1, 0, 0, 0, 0]).unwrap();
+                    s.write_all(&payload).unwrap();
+                }
+                (7, _) => goaway = true,
+                _ => {}
+            }
+        }
+        assert!(status_200, "no 200 on stream 1 in {reply:?}");
+        assert!(goaway, "no GOAWAY in {reply:?}");
+        let report = rt.block_on(task).unwrap();
+        assert_eq!(report.remaining, 0);
+    }
+
     /// At the deadline what is still open is closed and counted.
     #[test]
     fn an_idle_connection_is_closed_at_the_deadline_and_reported() {
