@@ -94,8 +94,10 @@ impl Listener {
 ///   fail it. It stays until its next request or the drain deadline;
 /// - serves a connection that was accepted but not read yet (its request
 ///   may be on the way) — hyper's `graceful_shutdown()` would close it;
-/// - **HTTP/2**: sends a graceful GOAWAY, finishes the streams in flight and
-///   lets the client move to a new connection;
+/// - **HTTP/2**: sends a graceful GOAWAY (two-phase: streams the client sent
+///   before it saw the GOAWAY are still served), finishes the streams in
+///   flight and closes the connection once the client has acknowledged the
+///   GOAWAY's PING; the client moves to a new connection — the successor;
 /// - returns as soon as no connection is left, or at the drain deadline
 ///   ([`Builder::drain_timeout`](crate::Builder::drain_timeout), default
 ///   30 s), closing what is still open, with the [`DrainReport`].
