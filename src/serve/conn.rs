@@ -313,8 +313,21 @@ mod tests {
         Some((p, all))
     }
 
-    #[tokio::test]
-    async fn tells_http2_by_its_preface_and_replays_every_byte() {
+    /// A runtime without an I/O driver: it opens no fd (unit tests in
+    /// src/migrate count this process's fds).
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn tells_http2_by_its_preface_and_replays_every_byte() {
+        block_on(tells_http2_by_its_preface());
+    }
+
+    async fn tells_http2_by_its_preface() {
         let mut h2 = PREFACE.to_vec();
         h2.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
         assert_eq!(detected(&h2).await, Some((Protocol::Http2, h2.clone())));
