@@ -203,9 +203,10 @@ pub enum UpgradeError {
         /// lost.
         status: Option<ExitStatus>,
     },
-    /// The pid file could not be written with the successor's pid: the
-    /// successor was killed and reaped before the commit, so that the pid
-    /// file never names a process that does not serve.
+    /// The pid file cannot be replaced (checked before the successor is
+    /// started), or could not be written with the successor's pid at the
+    /// commit: then the successor was killed and reaped before the commit.
+    /// Either way the pid file never names a process that does not serve.
     PidFile {
         /// The pid file.
         path: PathBuf,
@@ -367,7 +368,7 @@ impl fmt::Display for UpgradeError {
             UpgradeError::PidFile { path, .. } => {
                 write!(
                     f,
-                    "cannot write the pid file {} with the successor's pid (successor killed, still serving)",
+                    "cannot write the pid file {} (still serving)",
                     path.display()
                 )
             }

@@ -47,6 +47,31 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     result
 }
 
+/// Checks, before an upgrade starts anything, that the pid file can be
+/// replaced: its directory is writable (`access(W_OK)`, which also sees a
+/// read-only mount) and nothing but a file stands at the path. Two cheap
+/// calls; the commit writes the file for real, and a failure there still
+/// fails the upgrade.
+pub(crate) fn check_replaceable(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("{} is not writable: {e}", dir.display()),
+        )
+    })?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            format!("{} is a directory", path.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a pid file written by [`write`].
 pub fn read(path: &Path) -> io::Result<u32> {
     let s = std::fs::read_to_string(path)?;

@@ -262,6 +262,14 @@ impl Generation {
         let _enter = span.enter();
 
         let _lock = self.upgrade_lock()?;
+        if let Some(path) = &cfg.pid_file {
+            // Fail before anything starts (and accepts), rather than kill a
+            // successor at the commit.
+            pidfile::check_replaceable(path).map_err(|source| UpgradeError::PidFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
         attempt.reloading_sent = self.announce_reload(generation, probation);
         let program = self.choose_program(&opts)?;
         let args = opts.args.as_ref().unwrap_or(&cfg.args);
