@@ -61,7 +61,6 @@ impl Upgrader {
             .spawn(move || {
                 for (opts, reply) in rx {
                     let _ = reply.send(run_caught(&g, opts));
-                    g.reap_exiting();
                 }
             })?;
         Ok(Upgrader(std::sync::Mutex::new(tx)))
@@ -550,13 +549,11 @@ impl Handover {
             // No upgrade thread (not ready yet, or it could not start): one
             // from tokio's blocking pool.
             let g = self.g.clone();
-            return tokio::task::spawn_blocking(move || {
-                let result = run_caught(&g, opts);
-                g.reap_exiting();
-                result
-            })
-            .await
-            .unwrap_or_else(|e| Err(UpgradeError::io("upgrade task", std::io::Error::other(e))));
+            return tokio::task::spawn_blocking(move || run_caught(&g, opts))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(UpgradeError::io("upgrade task", std::io::Error::other(e)))
+                });
         }
         rx.await.unwrap_or_else(|_| {
             Err(UpgradeError::io(
@@ -573,8 +570,6 @@ impl Handover {
 
     /// The blocking form of [`upgrade_with`](Self::upgrade_with).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
-        let result = self.g.upgrade(opts);
-        self.g.reap_exiting();
-        result
+        self.g.upgrade(opts)
     }
 }

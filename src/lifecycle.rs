@@ -212,9 +212,6 @@ pub(crate) struct Generation {
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
-    /// Intermediate processes let go at a commit and not reaped yet (see
-    /// `Generation::reap_exiting`).
-    pub(crate) exiting: Mutex<Vec<crate::spawn::Exiting>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -278,7 +275,6 @@ impl Generation {
             #[cfg(feature = "tokio")]
             migrate: Mutex::default(),
             reserve: Mutex::new(reserve),
-            exiting: Mutex::new(Vec::new()),
         }
     }
 

@@ -403,28 +403,6 @@ impl Child {
             self.intermediate = 0;
         }
     }
-
-    /// Lets the successor go like [`release`](Self::release), without
-    /// waiting for the intermediate to exit (its exit, which reparents the
-    /// successor, takes a few hundred microseconds): reap what this returns
-    /// later. For when nobody needs the successor reparented at once (no
-    /// service manager is told it is the main process).
-    pub(crate) fn let_go(mut self) -> Option<Exiting> {
-        self.release.take();
-        let pid = std::mem::take(&mut self.intermediate);
-        (pid != 0).then_some(Exiting(pid))
-    }
-}
-
-/// An intermediate process that was let go and is not reaped yet.
-#[derive(Debug)]
-pub(crate) struct Exiting(libc::pid_t);
-
-impl Exiting {
-    /// Waits for it (it exits on its own once let go) and reaps it.
-    pub(crate) fn reap(self) {
-        reap_blocking(self.0);
-    }
 }
 
 impl Drop for Child {

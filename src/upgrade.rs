@@ -203,16 +203,6 @@ impl Generation {
         result
     }
 
-    /// Reaps the intermediate processes let go at a commit. Called once the
-    /// upgrade's caller has its result, so that waiting for their exit is
-    /// not on the way from "ready" to the old generation letting go.
-    pub(crate) fn reap_exiting(&self) {
-        let exiting = std::mem::take(&mut *lock(&self.exiting));
-        for e in exiting {
-            e.reap();
-        }
-    }
-
     /// Counts a failed upgrade with its reason (a success was counted at
     /// the commit, before the successor was told), and keeps this
     /// generation's last attempt.
@@ -523,14 +513,11 @@ impl Generation {
                 });
             }
         }
-        if self.notifier.is_enabled() {
-            // Reparented to the service manager before it is named main.
-            child.release();
-        } else {
-            // Nobody waits for the reparenting: reap the intermediate after
-            // the caller has the result (see `reap_exiting`).
-            lock(&self.exiting).extend(child.let_go());
-        }
+        // Reparented to the nearest subreaper (the service manager) before
+        // it is named main. The intermediate is reaped here, not later: this
+        // process may exit soon after the commit, and an unreaped child would
+        // then be left to whoever inherits it, as a zombie.
+        child.release();
         // The old main process names its successor main and ready, and waits
         // until the manager has taken that in before it drains, so the
         // manager never sees the main process exit.
