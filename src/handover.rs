@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use socket2::Type;
 
-use crate::channel::Message;
 use crate::error::{Error, UpgradeError};
 use crate::fds::{self, ListenOptions, Want};
 use crate::lifecycle::{Generation, State, StateFn, Stats, lock};
-use crate::pidfile;
 use crate::sys;
 use crate::systemd::Notifier;
 use crate::upgrade::{UpgradeOptions, Upgraded};
+#[cfg(feature = "tokio")]
+use crate::upgrade::{Upgrader, run_caught};
 
 /// One generation's side of the handover: its inherited and registered fds,
 /// its readiness, and its upgrades.
@@ -37,52 +37,9 @@ pub struct Handover {
     /// thread is created on the way from a trigger to the fork.
     #[cfg(feature = "tokio")]
     upgrader: Arc<std::sync::OnceLock<Upgrader>>,
-}
-
-/// An upgrade for the upgrade thread, and where its result goes.
-#[cfg(feature = "tokio")]
-type Job = (
-    UpgradeOptions,
-    tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>,
-);
-
-#[cfg(feature = "tokio")]
-#[derive(Debug)]
-struct Upgrader(std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
-
-#[cfg(feature = "tokio")]
-impl Upgrader {
-    /// A thread of its own that runs upgrades one after another until every
-    /// handle of the generation is gone.
-    fn start(g: Arc<Generation>) -> std::io::Result<Upgrader> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("handover-upgrade".into())
-            .spawn(move || {
-                for (opts, reply) in rx {
-                    let _ = reply.send(run_caught(&g, opts));
-                }
-            })?;
-        Ok(Upgrader(std::sync::Mutex::new(tx)))
-    }
-}
-
-/// Runs an upgrade; a panic inside it (a bug) is counted like any failure
-/// and returned as one. The attempt's guard puts the state back while
-/// unwinding.
-#[cfg(feature = "tokio")]
-fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
-    let run = std::panic::AssertUnwindSafe(|| g.upgrade(opts));
-    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_owned());
-        let e = UpgradeError::io("upgrade task panicked", std::io::Error::other(what));
-        g.record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
-        Err(e)
-    })
+    /// What this process did with connection migration.
+    #[cfg(feature = "tokio")]
+    migrate: Arc<std::sync::Mutex<crate::migrate::Slot>>,
 }
 
 fn one_addr(addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
@@ -103,6 +60,8 @@ impl Handover {
             g: Arc::new(g),
             #[cfg(feature = "tokio")]
             upgrader: Arc::default(),
+            #[cfg(feature = "tokio")]
+            migrate: Arc::default(),
         }
     }
 
@@ -376,86 +335,18 @@ impl Handover {
     /// Until this is called, [`upgrade`](Self::upgrade) refuses to run.
     /// Calling it again is a no-op.
     pub fn ready(&self) -> Result<(), Error> {
-        let g = &self.g;
-        if g.state() != State::Starting
-            || g.ready_called
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+        if !self.g.ready()? {
             return Ok(());
         }
-        let unclaimed = lock(&g.registry).close_unclaimed();
-        if !unclaimed.is_empty() {
-            tracing::warn!(generation = g.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
-        }
-        g.drain_state()?;
-        if g.from_predecessor {
-            // Its predecessor waits for this message: its group exists.
-            crate::spawn::join_predecessor_group();
-        }
-        let mut alone = false;
-        if let Some(ch) = g.channel_copy()? {
-            match sys::send_all(ch.as_fd(), &Message::Ready.encode()) {
-                Ok(()) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EPIPE)
-                        || e.kind() == std::io::ErrorKind::ConnectionReset =>
-                {
-                    tracing::warn!(
-                        generation = g.generation,
-                        "predecessor is gone; serving alone"
-                    );
-                    alone = true;
-                }
-                Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
-            }
-        } else {
-            if let Some(path) = &g.config.pid_file {
-                pidfile::write(path, std::process::id()).map_err(|e| {
-                    Error::io(format!("cannot write pid file {}", path.display()), e)
-                })?;
-            }
-            // A successor is not the main process yet: its old generation
-            // tells systemd on its behalf (MAINPID=, READY=1).
-            let n = &g.notifier;
-            if g.config.fd_store {
-                let registry = lock(&g.registry);
-                for (name, fd) in registry.handed() {
-                    n.fd_store(name, &[fd]).map_err(|e| {
-                        Error::io(format!("cannot store fd {name:?} in the fd store"), e)
-                    })?;
-                }
-            }
-            let msg = format!("READY=1\nSTATUS=serving (generation {})", g.generation);
-            n.notify(&msg)
-                .map_err(|e| Error::io("cannot notify the service manager", e))?;
-        }
-        {
-            let mut life = g.life();
-            life.state = State::Serving;
-            if alone {
-                life.predecessor_gone();
-            }
-        }
         #[cfg(feature = "tokio")]
-        {
-            g.readied.notify_waiters();
-            match Upgrader::start(g.clone()) {
-                Ok(u) => {
-                    let _ = self.upgrader.set(u);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the upgrade thread; upgrades will use tokio's blocking pool")
-                }
+        match Upgrader::start(self.g.clone()) {
+            Ok(u) => {
+                let _ = self.upgrader.set(u);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the upgrade thread; upgrades will use tokio's blocking pool")
             }
         }
-        if alone {
-            g.claim_pid_file();
-        }
-        tracing::info!(
-            generation = g.generation,
-            since_start_ms = g.started.elapsed().as_secs_f64() * 1e3,
-            "ready"
-        );
         Ok(())
     }
 
@@ -571,5 +462,55 @@ impl Handover {
     /// The blocking form of [`upgrade_with`](Self::upgrade_with).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         self.g.upgrade(opts)
+    }
+
+    /// After an upgrade committed, the sender that hands established
+    /// connections (and later state) to the successor; the same one on every
+    /// call. Its deadline is the drain timeout from the first call: what
+    /// the successor has not taken by then is closed (state may still go
+    /// for 5 s more). See [`ConnectionSender`](crate::ConnectionSender) and
+    /// [`MigrateError::NotHandedOver`](crate::migrate::MigrateError::NotHandedOver).
+    ///
+    /// Needs a tokio runtime, which runs its writer.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn connection_sender(
+        &self,
+    ) -> Result<crate::ConnectionSender, crate::migrate::MigrateError> {
+        crate::migrate::connection_sender(&self.g, &self.migrate)
+    }
+
+    /// Hands `connection` with `payload` to the successor through
+    /// [`connection_sender`](Self::connection_sender); see
+    /// [`ConnectionSender::send`](crate::ConnectionSender::send).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn send_connection(
+        &self,
+        connection: impl Into<OwnedFd>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<(), crate::migrate::SendError> {
+        match self.connection_sender() {
+            Ok(sender) => sender.send(connection, payload).await,
+            Err(error) => Err(crate::migrate::SendError::not_sent(
+                error,
+                connection.into(),
+                payload.into(),
+            )),
+        }
+    }
+
+    /// The connections and state the old generation hands to this one, once
+    /// per process. Start reading it right after [`ready`](Self::ready): the
+    /// old generation waits for this generation's offer (made by the first
+    /// [`IncomingConnections::recv`](crate::IncomingConnections::recv), after
+    /// the commit) at most 5 s before it keeps its connections. For a
+    /// process without predecessor it yields nothing.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn incoming_connections(
+        &self,
+    ) -> Result<crate::IncomingConnections, crate::migrate::MigrateError> {
+        crate::migrate::incoming(self.g.clone(), &self.migrate)
     }
 }

@@ -205,10 +205,6 @@ pub(crate) struct Generation {
     /// Woken when an upgrade attempt ends, whatever triggered it.
     #[cfg(feature = "tokio")]
     pub(crate) upgrade_ended: tokio::sync::Notify,
-    /// Connection migration: the sender, or whether the incoming side was
-    /// taken. Never locked while `life` is held.
-    #[cfg(feature = "tokio")]
-    pub(crate) migrate: Mutex<crate::migrate::Slot>,
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
@@ -272,8 +268,6 @@ impl Generation {
             readied: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             upgrade_ended: tokio::sync::Notify::new(),
-            #[cfg(feature = "tokio")]
-            migrate: Mutex::default(),
             reserve: Mutex::new(reserve),
         }
     }

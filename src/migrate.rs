@@ -66,7 +66,7 @@
 //! - Only a successor that wants connections offers one, so an old
 //!   generation never hands a connection to a build that cannot take it
 //!   (an older successor, or one that does not call
-//!   [`Handover::incoming_connections`]): its sends fail with
+//!   [`Handover::incoming_connections`](crate::Handover::incoming_connections)): its sends fail with
 //!   [`MigrateError::NotOffered`] and the connection comes back.
 //! - After the commit the successor sends nothing else on the channel and
 //!   the old generation reads it nowhere else, so the offer changes neither
@@ -116,7 +116,7 @@
 //! ## Bounds
 //!
 //! - **Time.** The old generation's sender has a deadline (its drain
-//!   timeout from the first call to [`Handover::connection_sender`]). A
+//!   timeout from the first call to [`Handover::connection_sender`](crate::Handover::connection_sender)). A
 //!   connection sent but not taken by then is shut down (`shutdown(2)`,
 //!   which ends it for every holder, even a copy waiting in the
 //!   successor's queue) and closed; one not sent yet is given back. State
@@ -141,7 +141,7 @@
 //! socket calls (nix), `send` is the old generation's side
 //! ([`ConnectionSender`]), `receive` the successor's
 //! ([`IncomingConnections`]); this file holds the errors and the
-//! [`Handover`] methods.
+//! [`Handover`](crate::Handover) methods.
 
 mod receive;
 mod send;
@@ -151,6 +151,7 @@ mod wire;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -161,8 +162,7 @@ pub use send::ConnectionSender;
 use send::Source;
 pub use wire::FrameError;
 
-use crate::handover::Handover;
-use crate::lifecycle::{State, lock};
+use crate::lifecycle::{Generation, State, lock};
 
 /// The largest payload one connection carries: 64 KiB.
 pub const MAX_PAYLOAD: usize = wire::MAX_PAYLOAD;
@@ -175,14 +175,14 @@ pub const MAX_STATE: usize = wire::MAX_STATE;
 #[non_exhaustive]
 pub enum MigrateError {
     /// This process is not an old generation whose upgrade committed
-    /// ([`Handover::connection_sender`] before `upgrade()` returned `Ok`).
+    /// ([`Handover::connection_sender`](crate::Handover::connection_sender) before `upgrade()` returned `Ok`).
     NotHandedOver,
-    /// [`Handover::incoming_connections`] was already called in this process.
+    /// [`Handover::incoming_connections`](crate::Handover::incoming_connections) was already called in this process.
     AlreadyTaken,
     /// No tokio runtime to run the sender on.
     NoRuntime,
     /// The successor did not offer to take connections in time: it does
-    /// not call [`Handover::incoming_connections`], or is a build without
+    /// not call [`Handover::incoming_connections`](crate::Handover::incoming_connections), or is a build without
     /// migration.
     NotOffered {
         /// How long the old generation waited.
@@ -290,6 +290,14 @@ pub struct SendError {
 }
 
 impl SendError {
+    /// A connection that was not sent at all, given back with its payload.
+    pub(crate) fn not_sent(error: MigrateError, connection: OwnedFd, payload: Vec<u8>) -> Self {
+        SendError {
+            error,
+            connection: Some((connection, payload)),
+        }
+    }
+
     /// Why it was not handed over.
     pub fn error(&self) -> &MigrateError {
         &self.error
@@ -354,68 +362,44 @@ pub(crate) struct Slot {
     incoming_taken: bool,
 }
 
-impl Handover {
-    /// After an upgrade committed, the sender that hands established
-    /// connections (and later state) to the successor; the same one on every
-    /// call. Its deadline is the drain timeout from the first call: what
-    /// the successor has not taken by then is closed (state may still go
-    /// for 5 s more). See
-    /// [`ConnectionSender`] and [`MigrateError::NotHandedOver`].
-    ///
-    /// Needs a tokio runtime, which runs its writer.
-    pub fn connection_sender(&self) -> Result<ConnectionSender, MigrateError> {
-        // (No lock is taken while another is held: the life, then the slot.)
-        if let Some(sender) = &lock(&self.g.migrate).sender {
-            return Ok(sender.clone());
-        }
-        let channel = {
-            let life = self.g.life();
-            match (life.state, life.successor.as_ref()) {
-                (State::HandedOver, Some(ch)) => ch.try_clone(),
-                _ => return Err(MigrateError::NotHandedOver),
-            }
-        };
-        let channel = channel.map_err(|e| MigrateError::io("duplicating the channel", e))?;
-        let mut slot = lock(&self.g.migrate);
-        if let Some(sender) = &slot.sender {
-            return Ok(sender.clone()); // another task was first
-        }
-        let deadline = Instant::now() + self.g.config.drain_timeout;
-        let sender = ConnectionSender::spawn(Source::Channel(channel), deadline)?;
-        slot.sender = Some(sender.clone());
-        Ok(sender)
+/// The sender of this generation (see `Handover::connection_sender`).
+pub(crate) fn connection_sender(
+    g: &Generation,
+    slot: &Mutex<Slot>,
+) -> Result<ConnectionSender, MigrateError> {
+    // (No lock is taken while another is held: the life, then the slot.)
+    if let Some(sender) = &lock(slot).sender {
+        return Ok(sender.clone());
     }
+    let channel = {
+        let life = g.life();
+        match (life.state, life.successor.as_ref()) {
+            (State::HandedOver, Some(ch)) => ch.try_clone(),
+            _ => return Err(MigrateError::NotHandedOver),
+        }
+    };
+    let channel = channel.map_err(|e| MigrateError::io("duplicating the channel", e))?;
+    let mut slot = lock(slot);
+    if let Some(sender) = &slot.sender {
+        return Ok(sender.clone()); // another task was first
+    }
+    let deadline = Instant::now() + g.config.drain_timeout;
+    let sender = ConnectionSender::spawn(Source::Channel(channel), deadline)?;
+    slot.sender = Some(sender.clone());
+    Ok(sender)
+}
 
-    /// Hands `connection` with `payload` to the successor through
-    /// [`connection_sender`](Self::connection_sender); see
-    /// [`ConnectionSender::send`].
-    pub async fn send_connection(
-        &self,
-        connection: impl Into<OwnedFd>,
-        payload: impl Into<Vec<u8>>,
-    ) -> Result<(), SendError> {
-        match self.connection_sender() {
-            Ok(sender) => sender.send(connection, payload).await,
-            Err(error) => Err(SendError {
-                error,
-                connection: Some((connection.into(), payload.into())),
-            }),
-        }
+/// The incoming connections of this generation, once (see
+/// `Handover::incoming_connections`).
+pub(crate) fn incoming(
+    g: Arc<Generation>,
+    slot: &Mutex<Slot>,
+) -> Result<IncomingConnections, MigrateError> {
+    let mut slot = lock(slot);
+    if std::mem::replace(&mut slot.incoming_taken, true) {
+        return Err(MigrateError::AlreadyTaken);
     }
-
-    /// The connections and state the old generation hands to this one, once
-    /// per process. Start reading it right after [`ready`](Self::ready): the
-    /// old generation waits for this generation's offer (made by the first
-    /// [`IncomingConnections::recv`], after the commit) at most 5 s before
-    /// it keeps its connections. For a process without predecessor it
-    /// yields nothing.
-    pub fn incoming_connections(&self) -> Result<IncomingConnections, MigrateError> {
-        let mut slot = lock(&self.g.migrate);
-        if std::mem::replace(&mut slot.incoming_taken, true) {
-            return Err(MigrateError::AlreadyTaken);
-        }
-        Ok(IncomingConnections::new(Phase::Commit(self.clone())))
-    }
+    Ok(IncomingConnections::new(Phase::Commit(g)))
 }
 
 #[cfg(test)]

@@ -25,6 +25,81 @@ pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
 }
 
 impl Generation {
+    /// `ready()`'s work; `Ok(false)` if it ran before.
+    pub(crate) fn ready(&self) -> Result<bool, Error> {
+        let g = self;
+        if g.state() != State::Starting
+            || g.ready_called
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(false);
+        }
+        let unclaimed = lock(&g.registry).close_unclaimed();
+        if !unclaimed.is_empty() {
+            tracing::warn!(generation = g.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
+        }
+        g.drain_state()?;
+        if g.from_predecessor {
+            // Its predecessor waits for this message: its group exists.
+            crate::spawn::join_predecessor_group();
+        }
+        let mut alone = false;
+        if let Some(ch) = g.channel_copy()? {
+            match sys::send_all(ch.as_fd(), &Message::Ready.encode()) {
+                Ok(()) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EPIPE)
+                        || e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    tracing::warn!(
+                        generation = g.generation,
+                        "predecessor is gone; serving alone"
+                    );
+                    alone = true;
+                }
+                Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
+            }
+        } else {
+            if let Some(path) = &g.config.pid_file {
+                pidfile::write(path, std::process::id()).map_err(|e| {
+                    Error::io(format!("cannot write pid file {}", path.display()), e)
+                })?;
+            }
+            // A successor is not the main process yet: its old generation
+            // tells systemd on its behalf (MAINPID=, READY=1).
+            let n = &g.notifier;
+            if g.config.fd_store {
+                let registry = lock(&g.registry);
+                for (name, fd) in registry.handed() {
+                    n.fd_store(name, &[fd]).map_err(|e| {
+                        Error::io(format!("cannot store fd {name:?} in the fd store"), e)
+                    })?;
+                }
+            }
+            let msg = format!("READY=1\nSTATUS=serving (generation {})", g.generation);
+            n.notify(&msg)
+                .map_err(|e| Error::io("cannot notify the service manager", e))?;
+        }
+        {
+            let mut life = g.life();
+            life.state = State::Serving;
+            if alone {
+                life.predecessor_gone();
+            }
+        }
+        #[cfg(feature = "tokio")]
+        g.readied.notify_waiters();
+        if alone {
+            g.claim_pid_file();
+        }
+        tracing::info!(
+            generation = g.generation,
+            since_start_ms = g.started.elapsed().as_secs_f64() * 1e3,
+            "ready"
+        );
+        Ok(true)
+    }
+
     /// A copy of the channel to the predecessor, so that waiting on it holds
     /// no lock.
     pub(crate) fn channel_copy(&self) -> Result<Option<OwnedFd>, Error> {

@@ -564,6 +564,52 @@ impl crate::drain::DrainObserver for Generation {
     }
 }
 
+/// An upgrade for the upgrade thread, and where its result goes.
+#[cfg(feature = "tokio")]
+pub(crate) type Job = (
+    UpgradeOptions,
+    tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>,
+);
+
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub(crate) struct Upgrader(pub(crate) std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
+
+#[cfg(feature = "tokio")]
+impl Upgrader {
+    /// A thread of its own that runs upgrades one after another until every
+    /// handle of the generation is gone.
+    pub(crate) fn start(g: std::sync::Arc<Generation>) -> std::io::Result<Upgrader> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("handover-upgrade".into())
+            .spawn(move || {
+                for (opts, reply) in rx {
+                    let _ = reply.send(run_caught(&g, opts));
+                }
+            })?;
+        Ok(Upgrader(std::sync::Mutex::new(tx)))
+    }
+}
+
+/// Runs an upgrade; a panic inside it (a bug) is counted like any failure
+/// and returned as one. The attempt's guard puts the state back while
+/// unwinding.
+#[cfg(feature = "tokio")]
+pub(crate) fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
+    let run = std::panic::AssertUnwindSafe(|| g.upgrade(opts));
+    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        let e = UpgradeError::io("upgrade task panicked", std::io::Error::other(what));
+        g.record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
+        Err(e)
+    })
+}
+
 /// Streams `state` over `fd`, a copy of the channel, from a thread of its
 /// own, so that waiting for ready goes on meanwhile. Its sends time out at
 /// the ready deadline.

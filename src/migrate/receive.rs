@@ -11,8 +11,9 @@ use tokio::io::unix::AsyncFd;
 
 use super::{FrameError, MAX_STATE, MigrateError, is_gone, sock, wire};
 use crate::channel::Message;
-use crate::handover::Handover;
+use crate::lifecycle::Generation;
 use crate::lifecycle::State;
+use std::sync::Arc;
 
 /// A connection handed over by the old generation: the very same socket,
 /// and the payload it was sent with.
@@ -74,7 +75,7 @@ pub enum Migrated {
 
 pub(super) enum Phase {
     /// Wait for the commit, then offer over the channel.
-    Commit(Handover),
+    Commit(Arc<Generation>),
     /// Offer over this channel (tests: no handover).
     #[cfg(test)]
     Offer(OwnedFd),
@@ -83,7 +84,7 @@ pub(super) enum Phase {
 }
 
 /// The successor's side: connections and state from the old generation,
-/// from [`Handover::incoming_connections`].
+/// from [`Handover::incoming_connections`](crate::Handover::incoming_connections).
 ///
 /// Read it with [`recv`](Self::recv) from one task; the old generation's
 /// sends resolve as the records are read, so a successor that stops reading
@@ -144,7 +145,7 @@ impl IncomingConnections {
     /// after them.
     ///
     /// The first call offers to take connections, once this generation's
-    /// handover is committed (see [`Handover::committed`]). Cancel-safe.
+    /// handover is committed (see [`Handover::committed`](crate::Handover::committed)). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<Migrated, MigrateError>> {
         loop {
             if let Err(e) = self.pay_answers().await {
@@ -155,9 +156,12 @@ impl IncomingConnections {
             }
             match &self.phase {
                 Phase::Done => return None,
-                Phase::Commit(h) => {
-                    let h = h.clone();
-                    if let Err(e) = h.committed().await {
+                Phase::Commit(g) => {
+                    let g = g.clone();
+                    if let Err(e) = g
+                        .wait_channel(|g, closed| closed || g.life().committed)
+                        .await
+                    {
                         self.phase = Phase::Done;
                         return Some(Err(MigrateError::io(
                             "waiting for the commit",
@@ -166,7 +170,7 @@ impl IncomingConnections {
                     }
                     // A generation its predecessor took back gets nothing.
                     let channel = {
-                        let life = h.g.life();
+                        let life = g.life();
                         match life.state {
                             State::RolledBack => None,
                             _ => life.predecessor.as_ref().map(|c| c.try_clone()),
