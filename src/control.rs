@@ -353,21 +353,23 @@ mod server {
         }
         loop {
             if let Some(rx) = shareable(runner, asked, &program) {
-                return shared(rx).await;
+                match shared(rx).await {
+                    Some(reply) => return reply,
+                    None => continue, // that attempt gave way: look again
+                }
             }
             let gate = runner.gate.lock().await;
             // While we queued, a request that queued before us may have run
             // an upgrade that started after ours was made.
             if let Some(rx) = shareable(runner, asked, &program) {
                 drop(gate);
-                return shared(rx).await;
+                match shared(rx).await {
+                    Some(reply) => return reply,
+                    None => continue,
+                }
             }
             if h.state() == crate::State::HandedOver {
-                return format!(
-                    "retry this generation handed over (to a successor that started before \
-                     the request was made); ask again: the successor answers (generation {})",
-                    h.generation() + 1
-                );
+                return handed_over(h);
             }
             let ended = h.generation_data().upgrade_ended.notified();
             let (tx, rx) = watch::channel(None);
@@ -392,6 +394,11 @@ mod server {
                     let _ = tokio::time::timeout(Duration::from_secs(24 * 3600), ended).await;
                     continue;
                 }
+                Err(crate::UpgradeError::HandedOver) => {
+                    // Another trigger handed over just now.
+                    let _ = tx.send(Some(Err(handed_over(h))));
+                    return handed_over(h);
+                }
                 Ok(u) => Ok(format!(
                     "{{\"pid\":{},\"generation\":{},\"program\":{},\"started_us\":{started},\"ready_ms\":{:.3}}}",
                     u.pid,
@@ -413,6 +420,16 @@ mod server {
         }
     }
 
+    /// The answer of a generation that handed over to a successor that
+    /// started before the request: ask the successor.
+    fn handed_over(h: &Handover) -> String {
+        format!(
+            "retry this generation handed over (to a successor that started before \
+             the request was made); ask again: the successor answers (generation {})",
+            h.generation() + 1
+        )
+    }
+
     /// The latest upgrade, if it started after `asked` for the same program.
     fn shareable(
         runner: &Runner,
@@ -424,17 +441,14 @@ mod server {
         (l.started > asked && &l.program == program).then(|| l.outcome.clone())
     }
 
-    async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> String {
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(r) => r
-                .clone()
-                .unwrap_or_else(|| Err("error no outcome".to_owned())),
-            Err(_) => Err("error the upgrade task ended".to_owned()),
-        };
-        match outcome {
+    /// The reply of a request that shares an upgrade: `None` if that
+    /// attempt gave way to another trigger's upgrade without an outcome.
+    async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> Option<String> {
+        let outcome = rx.wait_for(Option::is_some).await.ok()?.clone()?;
+        Some(match outcome {
             Ok(json) => format!("ok {},\"shared\":true}}", json.trim_end_matches('}')),
             Err(reply) => format!("{reply} (shared)"),
-        }
+        })
     }
 
     fn euid() -> u32 {
