@@ -12,9 +12,12 @@
 //! channel to its predecessor and what came over it, the channel to its
 //! successor, the counters, its last upgrade — is one [`Life`] under one
 //! lock. The few other locks guard independent things (the fd registry, the
-//! drain, the state source, the state stream's reader); the rule that keeps
-//! them free of deadlocks is that no code takes one while it holds another:
-//! every function locks, copies or changes what it needs, and lets go.
+//! drain, the state source, the state stream's reader, the fds reserved for
+//! upgrades); the rule that keeps them free of deadlocks is that no code
+//! takes one while it holds another — every function locks, copies or
+//! changes what it needs, and lets go — with one exception in one order: the
+//! reserve may be locked while `life` is held (a successor's channel copy),
+//! never `life` while the reserve is.
 //!
 //! This module owns the states and their rules; it never touches a socket.
 
