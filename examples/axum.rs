@@ -1,4 +1,4 @@
-//! A zero-downtime axum service: `axum --listen ADDR [--pid-file PATH] [--control PATH]` serves,
+//! A zero-downtime axum service: `axum --listen ADDR [--pid-file PATH] [--control PATH] [--migrate]`,
 //! SIGHUP or `axum reload --control PATH` upgrades it in place, SIGTERM drains and stops.
 use axum::{Router, http::HeaderValue, middleware::map_response, response::Response, routing::get};
 use handover::serve::{Server, Triggers};
@@ -33,7 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let app = app.layer(map_response(move |mut r: Response| async move {
             (r.headers_mut().insert("x-pid", HeaderValue::from(pid)), r).1
         }));
-        let report = Server::new(&handover).listener(listener).serve(app).await?;
+        let migrate = std::env::args().any(|a| a == "--migrate"); // keep-alive moves on
+        let server = Server::new(&handover).listener(listener).migrate(migrate);
+        let report = server.serve(app).await?;
         eprintln!("drained: {report:?}"); // all done, or the drain timeout passed
         Ok(())
     })

@@ -10,11 +10,29 @@
 //!   which can be finished with `without_shutdown()`: that returns the
 //!   socket (inside [`Rewind`]) and the bytes hyper read ahead, which is what
 //!   handing a connection to the successor needs.
+//!
+//! # Migration (HTTP/1.1, TCP, opt-in)
+//!
+//! With [`Server::migrate`](super::Server::migrate) on, an HTTP/1.1
+//! connection is served by `http1::Connection` driven with
+//! `poll_without_shutdown`. When the drain starts after a committed upgrade,
+//! the connection is shut down gracefully (`graceful_shutdown`, which makes
+//! hyper stop after the response in flight) only once no request is
+//! between the service call and its response head: the head of every
+//! response was already written without `Connection: close`, so the client
+//! is never told to leave. hyper then stops without closing the socket;
+//! the socket and the bytes it had read but not parsed (pipelined requests,
+//! a partial head; `Parts::read_buf`, then what [`Rewind`] still held) go
+//! to the successor ([`Handover::send_connection`]), which serves them
+//! first. A connection the successor does not take comes back and is
+//! served as a lame duck.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -28,6 +46,38 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::drain::{Drain, DrainGuard};
+use crate::handover::Handover;
+use crate::lifecycle::State;
+
+/// A stream the server serves: whether it can be handed to a successor.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// TCP connections migrate; Unix ones keep the lame-duck drain.
+    const MIGRATES: bool;
+    /// The socket off this process's reactor, to hand over.
+    fn into_fd(self) -> io::Result<OwnedFd>;
+    /// A socket given back (not taken by the successor), on the reactor again.
+    fn from_fd(fd: OwnedFd) -> io::Result<Self>;
+}
+
+impl Socket for tokio::net::TcpStream {
+    const MIGRATES: bool = true;
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        tokio::net::TcpStream::from_std(fd.into())
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    const MIGRATES: bool = false;
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(self.into_std()?.into())
+    }
+    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        tokio::net::UnixStream::from_std(fd.into())
+    }
+}
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -48,6 +98,9 @@ pub(crate) struct Shared {
     pub(crate) deadline: watch::Receiver<bool>,
     pub(crate) http1: hyper::server::conn::http1::Builder,
     pub(crate) http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// Migration on: the handover whose successor takes HTTP/1.1
+    /// connections.
+    pub(crate) migrate: Option<Handover>,
 }
 
 /// A stream with bytes put back in front of it: the bytes read to tell the
@@ -59,8 +112,12 @@ pub(crate) struct Rewind<T> {
 }
 
 impl<T> Rewind<T> {
+    /// `inner`, with `pre` to be read first.
+    pub(crate) fn new(pre: Bytes, inner: T) -> Self {
+        Rewind { pre, inner }
+    }
+
     /// The stream, and the bytes put back that were not read again yet.
-    #[allow(dead_code)] // for handing a connection on (`without_shutdown`)
     pub(crate) fn into_inner(self) -> (T, Bytes) {
         (self.inner, self.pre)
     }
@@ -148,7 +205,7 @@ pub(crate) async fn detect<T: AsyncRead + Unpin>(
 /// it ends or the drain deadline passes.
 pub(crate) async fn serve<T, S, B>(io: T, service: S, shared: Arc<Shared>, guard: DrainGuard)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -184,6 +241,31 @@ where
     drop(guard);
 }
 
+/// Serves a connection the predecessor handed over: HTTP/1.1, with the
+/// bytes it had read ahead (`pre`) read first.
+pub(crate) async fn serve_migrated<T, S, B>(
+    io: T,
+    pre: Bytes,
+    service: S,
+    shared: Arc<Shared>,
+    guard: DrainGuard,
+) where
+    T: Socket,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut deadline = shared.deadline.clone();
+    tokio::select! {
+        _ = http1(Rewind::new(pre, io), service, &shared) => {}
+        _ = deadline.wait_for(|passed| *passed) => {}
+    }
+    drop(guard);
+}
+
 /// HTTP/1.1, lame duck: nothing is closed on the client. A response made
 /// while draining says `Connection: close`, so hyper closes the connection
 /// after writing it; the request in flight finishes, and the next request
@@ -192,7 +274,7 @@ where
 /// deadline: closing it could race a request already on the wire.
 async fn http1<T, S, B>(io: Rewind<T>, service: S, shared: &Shared)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -200,21 +282,160 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    if let (true, Some(handover)) = (T::MIGRATES, &shared.migrate) {
+        return http1_migrating(io, service, shared, handover).await;
+    }
     let service = LameDuck {
         inner: service,
         drain: shared.drain.clone(),
     };
-    // Handing the connection to a successor instead (a later change) means
-    // serving it without `with_upgrades()` and finishing it, once a response
-    // made while draining is written, with `without_shutdown()`: its `Parts`
-    // hold `TokioIo<Rewind<T>>` (the socket) and `read_buf` (bytes read
-    // ahead). `with_upgrades()` keeps WebSocket and other upgrades working.
+    // `with_upgrades()` keeps WebSocket and other upgrades working.
     let connection = shared
         .http1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, "HTTP/1 connection failed");
+    }
+}
+
+/// HTTP/1.1 with migration: served as [`http1`] does until the drain
+/// starts after a committed upgrade, then finished after the response in
+/// flight and handed to the successor with the bytes read ahead. Given
+/// back (not taken), it is served on as a lame duck. A drain that is a stop
+/// is the lame-duck drain.
+///
+/// HTTP/1 upgrades (WebSocket) are not served on such a connection: the
+/// socket must stay hyper's to hand back, so hyper answers the upgrade but
+/// the service's `on_upgrade` fails.
+async fn http1_migrating<T, S, B>(io: Rewind<T>, service: S, shared: &Shared, handover: &Handover)
+where
+    T: Socket,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let busy = Arc::new(AtomicBool::new(false));
+    let service = Handing {
+        inner: Box::new(service),
+        drain: shared.drain.clone(),
+        handover: Some(handover.clone()),
+        busy: busy.clone(),
+    };
+    let mut connection = shared.http1.serve_connection(TokioIo::new(io), service);
+    let draining = shared.drain.draining();
+    tokio::pin!(draining);
+    let (mut drained, mut finishing) = (false, false);
+    // The moment to finish: draining after a commit, and no request
+    // between its service call and its response head (the head of a
+    // response is written in the same poll that resolves its future).
+    let ready_to_finish = |drained: bool| {
+        drained && !busy.load(Ordering::Acquire) && handover.state() == State::HandedOver
+    };
+    let result = std::future::poll_fn(|cx| {
+        if !drained && draining.as_mut().poll(cx).is_ready() {
+            drained = true;
+        }
+        for _ in 0..2 {
+            if !finishing && ready_to_finish(drained) {
+                // Idle: hyper stops now (a partial head stays in its read
+                // buffer). A body still being written: after it.
+                Pin::new(&mut connection).graceful_shutdown();
+                finishing = true;
+            }
+            let polled = connection.poll_without_shutdown(cx);
+            if polled.is_ready() || finishing || !ready_to_finish(drained) {
+                return polled;
+            }
+        }
+        Poll::Pending // unreachable: the second round finished or returned
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/1 connection failed");
+        return;
+    }
+    if !finishing {
+        return; // the client closed it, or asked to
+    }
+    let parts = connection.into_parts();
+    let (socket, pre) = parts.io.into_inner().into_inner();
+    let mut unread = BytesMut::from(parts.read_buf);
+    unread.extend_from_slice(&pre);
+    let fd = match socket.into_fd() {
+        Ok(fd) => fd,
+        Err(e) => return tracing::debug!(error = %e, "taking a connection off the reactor"),
+    };
+    let (fd, unread) = match handover.send_connection(fd, unread.to_vec()).await {
+        Ok(()) => return, // the successor serves it now
+        Err(e) => {
+            tracing::debug!(error = %e, "an HTTP/1 connection stays (lame duck)");
+            match e.into_connection() {
+                Some(back) => back,
+                None => return, // shut down at the deadline
+            }
+        }
+    };
+    let io = match T::from_fd(fd) {
+        Ok(io) => Rewind::new(Bytes::from(unread), io),
+        Err(e) => return tracing::debug!(error = %e, "a connection given back"),
+    };
+    let mut service = parts.service;
+    service.handover = None; // lame duck from now on
+    let connection = shared
+        .http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "HTTP/1 connection failed");
+    }
+}
+
+/// The service of a connection that may be handed over: marks a request
+/// busy from its call until its response is made, and adds
+/// `Connection: close` while draining unless the connection is to be
+/// handed over (`handover` set and the upgrade committed).
+struct Handing<S> {
+    inner: Box<S>,
+    drain: Drain,
+    handover: Option<Handover>,
+    busy: Arc<AtomicBool>,
+}
+
+type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
+
+impl<S, B> Service<Request<Incoming>> for Handing<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: 'static,
+    S::Error: 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = BoxedResponse<B, S::Error>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.busy.store(true, Ordering::Release);
+        let inner = self.inner.call(req);
+        let (drain, busy) = (self.drain.clone(), self.busy.clone());
+        let handover = self.handover.clone();
+        Box::pin(async move {
+            let mut result = inner.await;
+            if let Ok(response) = &mut result {
+                let hand_over = || handover.as_ref().is_some_and(|h| h.state() == State::HandedOver);
+                if drain.is_draining() && !hand_over() {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            busy.store(false, Ordering::Release);
+            result
+        })
     }
 }
 

@@ -10,13 +10,13 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::backoff::AcceptBackoff;
 use super::conn::{self, Shared};
-use crate::drain::{Drain, DrainReport};
+use crate::drain::{Drain, DrainGuard, DrainReport};
 use crate::handover::Handover;
+use crate::migrate::Migrated;
 
 /// A listening socket for [`Server::listener`]: TCP or Unix, std or tokio.
 #[derive(Debug)]
@@ -127,6 +127,8 @@ impl Listener {
 #[must_use = "nothing is served until serve() is awaited"]
 pub struct Server {
     drain: Drain,
+    handover: Option<Handover>,
+    migrate: bool,
     drain_timeout: Duration,
     listeners: Vec<Listener>,
     http1: hyper::server::conn::http1::Builder,
@@ -138,6 +140,7 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("drain_timeout", &self.drain_timeout)
             .field("listeners", &self.listeners)
+            .field("migrate", &self.migrate)
             .finish_non_exhaustive()
     }
 }
@@ -146,10 +149,13 @@ impl Server {
     /// A server for `handover`'s generation: its [`Drain`] and its drain
     /// timeout.
     pub fn new(handover: &Handover) -> Self {
-        Self::with_drain(handover.drain(), handover.drain_timeout())
+        let mut server = Self::with_drain(handover.drain(), handover.drain_timeout());
+        server.handover = Some(handover.clone());
+        server
     }
 
-    /// A server that follows `drain`, with `timeout` as its deadline.
+    /// A server that follows `drain`, with `timeout` as its deadline
+    /// (no [`migrate`](Self::migrate): it needs the [`Handover`]).
     pub fn with_drain(drain: Drain, timeout: Duration) -> Self {
         // No timer for HTTP/1, as in axum::serve: with one, hyper arms a
         // header_read_timeout sleep per request, which measurably raised
@@ -159,6 +165,8 @@ impl Server {
         http2.timer(TokioTimer::new());
         Server {
             drain,
+            handover: None,
+            migrate: false,
             drain_timeout: timeout,
             listeners: Vec::new(),
             http1,
@@ -170,6 +178,40 @@ impl Server {
     /// are made non-blocking, as the handover hands them out anyway).
     pub fn listener(mut self, listener: impl Into<Listener>) -> Self {
         self.listeners.push(listener.into());
+        self
+    }
+
+    /// Hands HTTP/1.1 keep-alive connections to the successor when the
+    /// drain starts after a committed upgrade, instead of the lame-duck
+    /// drain; and takes the connections the predecessor hands over.
+    /// Default: off. Needs [`Server::new`] (a server made
+    /// [`with_drain`](Self::with_drain) ignores it).
+    ///
+    /// Each HTTP/1.1 connection over TCP finishes its response in flight
+    /// (without `Connection: close`) and then moves, with the bytes hyper
+    /// had read but not parsed (pipelined requests): the successor answers
+    /// them, in order, and serves the connection on. The client sees only
+    /// the `X-Pid` change. The old generation no longer waits for idle
+    /// keep-alive clients: it exits as soon as its connections are handed
+    /// over. What does not move:
+    ///
+    /// - **HTTP/2** keeps the graceful GOAWAY: its connection state (HPACK
+    ///   tables, stream ids, flow control) lives in this process's h2.
+    /// - **TLS** (served by your own loop) keeps the lame-duck drain: the
+    ///   session's keys and sequence numbers live in this process's TLS
+    ///   library; the successor could not continue the session from the
+    ///   socket alone.
+    /// - **Unix-socket** connections keep the lame-duck drain.
+    /// - A connection the successor does not take (an older build, one
+    ///   without migration, a refusal, a successor gone) comes back and
+    ///   gets the lame-duck drain; a successor that does not offer to take
+    ///   connections is waited for at most 5 s.
+    ///
+    /// With migration on, HTTP/1 upgrades (WebSocket) are not served: a
+    /// connection must stay hyper's to be handed over. Why it is opt-in:
+    /// that, and BENCHMARKS.md.
+    pub fn migrate(mut self, on: bool) -> Self {
+        self.migrate = on;
         self
     }
 
@@ -227,8 +269,15 @@ impl Server {
             deadline,
             http1: self.http1,
             http2: self.http2,
+            migrate: self.handover.clone().filter(|_| self.migrate),
         });
         let mut loops = tokio::task::JoinSet::new();
+        if let Some(handover) = &shared.migrate {
+            // Counted until the predecessor is done handing over: a drain
+            // here meanwhile hands the late ones on rather than losing them.
+            let guard = shared.drain.guard();
+            tokio::spawn(take_over(handover.clone(), service.clone(), shared.clone(), guard));
+        }
         for listener in listeners {
             loops.spawn(accept_loop(listener, service.clone(), shared.clone()));
         }
@@ -275,6 +324,45 @@ where
     }
 }
 
+/// Serves the connections the predecessor hands over, until it is done.
+async fn take_over<S, B>(handover: Handover, service: S, shared: Arc<Shared>, _guard: DrainGuard)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut incoming = match handover.incoming_connections() {
+        Ok(incoming) => incoming,
+        Err(e) => return tracing::warn!(error = %e, "not taking connections"),
+    };
+    while let Some(item) = incoming.recv().await {
+        let connection = match item {
+            Ok(Migrated::Connection(c)) => c,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "a handed-over connection was lost");
+                continue;
+            }
+        };
+        let stream = connection
+            .into_tcp()
+            .map_err(io::Error::other)
+            .and_then(|(s, unread)| Ok((tokio::net::TcpStream::from_std(s)?, unread)));
+        match stream {
+            Ok((stream, unread)) => {
+                let guard = shared.drain.guard();
+                let (service, shared) = (service.clone(), shared.clone());
+                let unread = bytes::Bytes::from(unread);
+                tokio::spawn(conn::serve_migrated(stream, unread, service, shared, guard));
+            }
+            Err(e) => tracing::warn!(error = %e, "a handed-over connection could not be used"),
+        }
+    }
+}
+
 /// An accepted connection.
 enum Stream {
     Tcp(tokio::net::TcpStream),
@@ -290,7 +378,7 @@ async fn accept(listener: &Accepting) -> io::Result<Stream> {
 
 fn spawn<T, S, B>(io: T, service: &S, shared: &Arc<Shared>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: conn::Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
