@@ -1,7 +1,7 @@
 //! A zero-downtime axum service: `axum --listen ADDR [--pid-file PATH] [--control PATH] [--migrate]`,
 //! SIGHUP or `axum reload --control PATH` upgrades it in place, SIGTERM drains and stops.
 use axum::{Router, http::HeaderValue, middleware::map_response, response::Response, routing::get};
-use handover::serve::{Server, Triggers};
+use handover::{Handover, serve::Server, serve::Triggers};
 use tokio::signal::unix::SignalKind;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,31 +12,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("upgraded: {reply}");
         return Ok(());
     }
-    let mut builder = handover::Handover::builder();
+    let mut builder = Handover::builder();
     if let Some(path) = flag("--pid-file") {
         builder = builder.pid_file(path);
     }
     let handover = builder.build()?; // inherits the listener; first, before any other fd is opened
     tracing_subscriber::fmt().init(); // a failed upgrade is logged; the service goes on
     tokio::runtime::Runtime::new()?.block_on(async {
-        let addr = flag("--listen").unwrap_or("127.0.0.1:8080".into());
-        let listener = handover.tcp_listener("http", addr)?; // inherited, or bound now
+        let (pid, addr) = (std::process::id(), flag("--listen"));
+        let listener = handover.tcp_listener("http", addr.unwrap_or("127.0.0.1:8080".into()))?;
         let mut triggers = Triggers::new(&handover).upgrade_on(SignalKind::hangup());
         if let Some(path) = flag("--control") {
             triggers = triggers.control(handover::control::bind(&handover, path)?);
         }
         triggers.stop_on(SignalKind::terminate()).spawn()?; // own task: accepting never waits
         handover.ready()?;
-        let pid = std::process::id();
-        println!("listening on {} pid {pid}", listener.local_addr()?);
+        println!("listening on {} pid {pid}", listener.local_addr()?); // inherited, or bound now
         let app = Router::new().route("/", get(|| async { "hello\n" }));
         let app = app.layer(map_response(move |mut r: Response| async move {
             (r.headers_mut().insert("x-pid", HeaderValue::from(pid)), r).1
         }));
-        let migrate = std::env::args().any(|a| a == "--migrate"); // keep-alive moves on
-        let server = Server::new(&handover).listener(listener).migrate(migrate);
-        let report = server.serve(app).await?;
-        eprintln!("drained: {report:?}"); // all done, or the drain timeout passed
+        let server = Server::new(&handover).listener(listener); // --migrate: keep-alive moves on
+        let server = server.migrate(std::env::args().any(|a| a == "--migrate"));
+        eprintln!("drained: {:?}", server.serve(app).await?); // all done, or the drain timeout passed
         Ok(())
     })
 }

@@ -29,8 +29,8 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
@@ -426,7 +426,11 @@ where
         Box::pin(async move {
             let mut result = inner.await;
             if let Ok(response) = &mut result {
-                let hand_over = || handover.as_ref().is_some_and(|h| h.state() == State::HandedOver);
+                let hand_over = || {
+                    handover
+                        .as_ref()
+                        .is_some_and(|h| h.state() == State::HandedOver)
+                };
                 if drain.is_draining() && !hand_over() {
                     response
                         .headers_mut()

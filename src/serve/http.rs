@@ -276,7 +276,12 @@ impl Server {
             // Counted until the predecessor is done handing over: a drain
             // here meanwhile hands the late ones on rather than losing them.
             let guard = shared.drain.guard();
-            tokio::spawn(take_over(handover.clone(), service.clone(), shared.clone(), guard));
+            tokio::spawn(take_over(
+                handover.clone(),
+                service.clone(),
+                shared.clone(),
+                guard,
+            ));
         }
         for listener in listeners {
             loops.spawn(accept_loop(listener, service.clone(), shared.clone()));
