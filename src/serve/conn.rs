@@ -394,10 +394,18 @@ where
     }
 }
 
-/// The service of a connection that may be handed over: marks a request
-/// busy from its call until its response is made, and adds
-/// `Connection: close` while draining unless the connection is to be
-/// handed over (`handover` set and the upgrade committed).
+/// The service of a connection that may be handed over.
+///
+/// - `busy` is true from a request's call until its response is made;
+/// - a response made while draining gets `Connection: close`, unless the
+///   connection is to be handed over (`handover` set and the upgrade
+///   committed): then its body pauses once, right after hyper wrote the
+///   head, so that the connection task gets control before hyper could go
+///   on to a pipelined request it already read (it would otherwise answer
+///   it in the same poll), and makes hyper stop after this response;
+/// - hyper writes `Connection: close` on a response whose head it writes
+///   after `graceful_shutdown`: so that is called only while no request is
+///   busy.
 struct Handing<S> {
     inner: Box<S>,
     drain: Drain,
@@ -405,7 +413,7 @@ struct Handing<S> {
     busy: Arc<AtomicBool>,
 }
 
-type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
+type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<PauseOnce<B>>, E>> + Send>>;
 
 impl<S, B> Service<Request<Incoming>> for Handing<S>
 where
@@ -414,7 +422,7 @@ where
     B: 'static,
     S::Error: 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<PauseOnce<B>>;
     type Error = S::Error;
     type Future = BoxedResponse<B, S::Error>;
 
@@ -424,22 +432,62 @@ where
         let (drain, busy) = (self.drain.clone(), self.busy.clone());
         let handover = self.handover.clone();
         Box::pin(async move {
-            let mut result = inner.await;
-            if let Ok(response) = &mut result {
-                let hand_over = || {
-                    handover
-                        .as_ref()
-                        .is_some_and(|h| h.state() == State::HandedOver)
-                };
-                if drain.is_draining() && !hand_over() {
+            let result = inner.await;
+            let hand_over = || {
+                handover
+                    .as_ref()
+                    .is_some_and(|h| h.state() == State::HandedOver)
+            };
+            let draining = drain.is_draining();
+            let pause = draining && hand_over();
+            let result = result.map(|response| {
+                let mut response = response.map(|body| PauseOnce { body, pause });
+                if draining && !pause {
                     response
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
-            }
+                response
+            });
             busy.store(false, Ordering::Release);
             result
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that, when `pause` is set, answers its first poll
+    /// with `Pending` (waking its task at once).
+    pub(crate) struct PauseOnce<B> {
+        #[pin]
+        body: B,
+        pause: bool,
+    }
+}
+
+impl<B: Body> Body for PauseOnce<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if std::mem::take(this.pause) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never "ended" before the pause: hyper would not poll it.
+        !self.pause && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
