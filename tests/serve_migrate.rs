@@ -171,6 +171,14 @@ impl Conn {
     }
 
     fn read(&mut self) -> Result<Answer, String> {
+        match self.read_any()? {
+            (answer, false) => Ok(answer),
+            (answer, true) => Err(format!("{answer:?} answered `Connection: close`")),
+        }
+    }
+
+    /// A response, and whether it said `Connection: close`.
+    fn read_any(&mut self) -> Result<(Answer, bool), String> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => return Err("closed by the server".into()),
@@ -182,7 +190,7 @@ impl Conn {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("bad status line {line:?}"))?;
-        let (mut len, mut pid) = (0usize, 0u32);
+        let (mut len, mut pid, mut close) = (0usize, 0u32, false);
         loop {
             let mut h = String::new();
             match self.reader.read_line(&mut h) {
@@ -199,9 +207,7 @@ impl Conn {
             match name.to_ascii_lowercase().as_str() {
                 "content-length" => len = value.parse().map_err(|_| "bad length")?,
                 "x-pid" => pid = value.parse().map_err(|_| "bad x-pid")?,
-                "connection" if value.eq_ignore_ascii_case("close") => {
-                    return Err("answered `Connection: close`".into());
-                }
+                "connection" => close |= value.eq_ignore_ascii_case("close"),
                 _ => {}
             }
         }
@@ -209,7 +215,8 @@ impl Conn {
         self.reader
             .read_exact(&mut body)
             .map_err(|e| format!("body: {e}"))?;
-        Ok((status, pid, String::from_utf8_lossy(&body).into_owned()))
+        let body = String::from_utf8_lossy(&body).into_owned();
+        Ok(((status, pid, body), close))
     }
 
     fn get(&mut self, path: &str) -> Result<Answer, String> {
@@ -368,5 +375,33 @@ fn pipelined_requests_read_by_the_old_generation_are_answered_by_the_successor_i
     }
     assert_eq!(conn.get("/n/4").unwrap(), (200, new, "4\n".to_owned()));
     drop(conn); // a stop is the lame-duck drain: it waits for idle clients
+    chain.stop();
+}
+
+#[test]
+fn a_connection_the_successor_does_not_take_gets_the_lame_duck_drain() {
+    // Generation 2 does not take connections (an older build, say).
+    let mut chain = Chain::start(&["--migrate", "--migrate-below", "2"]);
+    let old = chain.pid();
+    let mut conn = Conn::open(chain.addr);
+    assert_eq!(conn.get("/").unwrap().1, old);
+    procs::signal(old, libc::SIGHUP).unwrap();
+    let (_, new) = chain.wait_listening();
+    chain.pids.push((new, false));
+    // The old generation waits for an offer (at most 5 s), gets the
+    // connection back, and answers its next request as a lame duck.
+    conn.send(&["/"]).unwrap();
+    let (answer, close) = conn.read_any().unwrap();
+    assert_eq!((answer.0, answer.1, close), (200, old, true));
+    assert_eq!(conn.read().unwrap_err(), "closed by the server");
+    let exit = chain.wait_line(&format!("exit pid={old} "));
+    let status = procs::reap(old, EVENT_TIMEOUT).expect("reap the old generation");
+    assert!(status.success(), "{status}");
+    chain.pids.iter_mut().for_each(|p| p.1 |= p.0 == old);
+    assert!(exit.ends_with(" remaining=0"), "{exit}");
+    let drain_ms = field(&exit, "drain_ms");
+    assert!(drain_ms < 29_000, "waited for the drain deadline: {exit}");
+    // The successor serves new connections.
+    assert_eq!(Conn::open(chain.addr).get("/").unwrap().1, new);
     chain.stop();
 }
