@@ -10,6 +10,7 @@
 //! cargo run --release --example bench -- state [--runs 5]
 //! cargo run --release --example bench -- supervised [--runs 30]
 //! cargo run --release --example bench -- axum [--secs 10] [--rounds 3] [--upgrades 20]
+//! cargo run --release --example bench -- migrate [--conns 10000] [--drain-timeout 5]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -28,12 +29,17 @@
 //!   (tests/fixture/axum_plain.rs): req/s and latency under wrk without
 //!   upgrades (rounds interleaved, medians), then failed requests under wrk
 //!   through N upgrades 500 ms apart, keep-alive and close mode.
+//! - `migrate`: N idle keep-alive HTTP/1.1 connections to
+//!   tests/fixture/axum_migrate.rs, one upgrade, with `Server::migrate` and
+//!   with the lame-duck drain: how long the old generation lives after the
+//!   commit, and how many of the N connections fail their next request
+//!   (sent once the old generation is gone: a client must reconnect).
 
 #[path = "support/procs.rs"]
 mod procs;
 
 use std::ffi::OsString;
-use std::io::BufRead;
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -759,6 +765,112 @@ fn axum_upgrades(secs: u64, upgrades: usize) {
     }
 }
 
+/// One keep-alive GET on `s`: the X-Pid, or why it failed (a
+/// `Connection: close` answer counts: the client must reconnect).
+fn keep_alive_get(s: &mut BufReader<std::net::TcpStream>) -> Result<u32, String> {
+    use std::io::{Read, Write};
+    s.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let (mut len, mut pid, mut close, mut first) = (0, 0, false, true);
+    loop {
+        let mut line = String::new();
+        if s.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("closed".into());
+        }
+        let line = line.trim_end().to_ascii_lowercase();
+        if std::mem::take(&mut first) {
+            continue; // the status line
+        }
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            len = v.trim().parse().map_err(|_| "length")?;
+        } else if let Some(v) = line.strip_prefix("x-pid:") {
+            pid = v.trim().parse().map_err(|_| "x-pid")?;
+        } else if line == "connection: close" {
+            close = true;
+        }
+    }
+    s.read_exact(&mut vec![0; len]).map_err(|e| e.to_string())?;
+    if close {
+        return Err("Connection: close".into());
+    }
+    Ok(pid)
+}
+
+/// N idle keep-alive connections, one upgrade: migration against the lame
+/// duck.
+fn migrate(conns: usize, drain_timeout: u64) {
+    raise_nofile();
+    procs::become_subreaper();
+    let server = sibling("fixture_axum_migrate");
+    println!(
+        "{conns} idle keep-alive connections (one GET each), one upgrade, drain timeout {drain_timeout} s (release)"
+    );
+    println!();
+    println!(
+        "| drain | old generation gone after the commit | next request: answered by the successor | needed a reconnect |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for migrate in [true, false] {
+        let dt = drain_timeout.to_string();
+        let mut args = vec!["--listen", "127.0.0.1:0", "--drain-timeout", &dt];
+        if migrate {
+            args.push("--migrate");
+        }
+        let mut child = Command::new(&server)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let lines = procs::line_channel(child.stdout.take().unwrap());
+        let next = |prefix: &str| loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a line from the server");
+            if line.starts_with(prefix) {
+                return line;
+            }
+        };
+        let listening = next("listening on ");
+        let words: Vec<&str> = listening.split_whitespace().collect();
+        let (addr, old): (std::net::SocketAddr, u32) =
+            (words[2].parse().unwrap(), words[4].parse().unwrap());
+        let mut clients: Vec<_> = (0..conns)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut s = BufReader::new(s);
+                assert_eq!(keep_alive_get(&mut s), Ok(old));
+                s
+            })
+            .collect();
+        procs::signal(old, libc::SIGHUP).unwrap();
+        let new: u32 = next("listening on ").split_whitespace().nth(4).unwrap().parse().unwrap();
+        let exit = next(&format!("exit pid={old} "));
+        procs::reap(old, Duration::from_secs(drain_timeout + 30)).expect("reap");
+        let drain_ms = field(&exit, "drain_ms");
+        let (mut moved, mut reconnect) = (0, 0);
+        for c in &mut clients {
+            match keep_alive_get(c) {
+                Ok(pid) if pid == new => moved += 1,
+                _ => reconnect += 1,
+            }
+        }
+        println!(
+            "| {} | {drain_ms} ms | {moved} | {reconnect} |",
+            if migrate { "migration (`--migrate`)" } else { "lame duck" }
+        );
+        drop(clients);
+        procs::signal(new, libc::SIGTERM).unwrap();
+        procs::reap(new, Duration::from_secs(drain_timeout + 30)).expect("reap");
+        let _ = child.wait();
+    }
+}
+
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -790,9 +902,10 @@ fn main() -> ExitCode {
             num("--rounds", 3),
             num("--upgrades", 20),
         ),
+        Some("migrate") => migrate(num("--conns", 10_000), num("--drain-timeout", 5) as u64),
         _ => {
             eprintln!(
-                "usage: bench ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
+                "usage: bench migrate [--conns N] [--drain-timeout S] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

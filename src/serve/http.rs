@@ -106,8 +106,13 @@ impl Listener {
 /// request in flight and every idle keep-alive client that sends nothing
 /// more: one such client holds it until the deadline.
 ///
-/// HTTP/1 upgrades (WebSocket) are supported; an upgraded connection leaves
-/// the drain's count when hyper hands it to the service. TLS is not done
+/// With [`migrate`](Self::migrate) on, HTTP/1.1 keep-alive connections are
+/// handed to the successor after a committed upgrade instead: the old
+/// generation waits only for its responses in flight.
+///
+/// HTTP/1 upgrades (WebSocket) are supported (not with
+/// [`migrate`](Self::migrate)); an upgraded connection leaves the drain's
+/// count when hyper hands it to the service. TLS is not done
 /// here (terminate it in front, or serve TLS streams with your own loop).
 ///
 /// Accept errors back off ([`AcceptBackoff`]): `EMFILE` at the fd limit
