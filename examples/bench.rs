@@ -849,7 +849,12 @@ fn migrate(conns: usize, drain_timeout: u64) {
             })
             .collect();
         procs::signal(old, libc::SIGHUP).unwrap();
-        let new: u32 = next("listening on ").split_whitespace().nth(4).unwrap().parse().unwrap();
+        let new: u32 = next("listening on ")
+            .split_whitespace()
+            .nth(4)
+            .unwrap()
+            .parse()
+            .unwrap();
         let exit = next(&format!("exit pid={old} "));
         procs::reap(old, Duration::from_secs(drain_timeout + 30)).expect("reap");
         let drain_ms = field(&exit, "drain_ms");
@@ -862,7 +867,11 @@ fn migrate(conns: usize, drain_timeout: u64) {
         }
         println!(
             "| {} | {drain_ms} ms | {moved} | {reconnect} |",
-            if migrate { "migration (`--migrate`)" } else { "lame duck" }
+            if migrate {
+                "migration (`--migrate`)"
+            } else {
+                "lame duck"
+            }
         );
         drop(clients);
         procs::signal(new, libc::SIGTERM).unwrap();

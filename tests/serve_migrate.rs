@@ -276,7 +276,10 @@ fn keep_alive_connections_under_load_move_through_20_upgrades() {
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for (i, c) in clients.into_iter().enumerate() {
-        let (ok, pids) = c.join().unwrap().unwrap_or_else(|e| panic!("client {i}: {e}"));
+        let (ok, pids) = c
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
         total += ok;
         assert!(
             pids.len() >= 2,
