@@ -251,7 +251,7 @@ fn h2c_through_10_upgrades_loses_nothing() {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
-    // `--migrate` is accepted (a no-op for now).
+    // With migration on, HTTP/2 keeps the graceful GOAWAY.
     let mut chain = Chain::start(&example("axum"), &["--migrate", "--listen", "127.0.0.1:0"]);
     let uri: hyper::Uri = format!("http://{}/", chain.addr).parse().unwrap();
     let ok = Arc::new(AtomicU64::new(0));
