@@ -18,9 +18,12 @@
 //! `poll_without_shutdown`. When the drain starts after a committed upgrade,
 //! the connection is shut down gracefully (`graceful_shutdown`, which makes
 //! hyper stop after the response in flight) only once no request is
-//! between the service call and its response head: the head of every
-//! response was already written without `Connection: close`, so the client
-//! is never told to leave. hyper then stops without closing the socket;
+//! between the service call and its response head: hyper adds
+//! `Connection: close` to a head it writes after that call, and the client
+//! must never be told to leave. A response made while handing over pauses
+//! its body once, right after its head is written, so that this happens
+//! before hyper goes on to a pipelined request it already read (it would
+//! answer it in the same poll). hyper then stops without closing the socket;
 //! the socket and the bytes it had read but not parsed (pipelined requests,
 //! a partial head; `Parts::read_buf`, then what [`Rewind`] still held) go
 //! to the successor ([`Handover::send_connection`]), which serves them
