@@ -57,6 +57,43 @@ fn served_total_survives_ten_upgrades_under_load() {
     assert!(srv.stop().success());
 }
 
+/// The state goes out when the successor starts, but the old generation
+/// serves on while it drains: what it serves then follows as a final delta
+/// after its drain (over the connection-migration transport), so the count
+/// the service keeps is exactly the count its clients saw.
+#[test]
+fn served_total_is_exact_after_twenty_upgrades_under_load() {
+    let mut srv = Server::start(&["--listen", "127.0.0.1:0"]);
+    let addr = srv.addr();
+    let load = load::Load::start_warm(addr, 2, 2, 51);
+    for _ in 0..20 {
+        srv.upgrade();
+    }
+    let last = srv.pid();
+    let stats_after = load.stop();
+    assert_eq!(
+        stats_after.failed(),
+        0,
+        "{:?}",
+        stats_after.errors.lock().unwrap()
+    );
+    let ok = stats_after.ok();
+    // Each GET /stats counts itself: the n-th one sees ok + n. The last old
+    // generation's delta may still be on its way.
+    let mut polls = 0;
+    let mut seen = 0;
+    wait_until("the last delta to arrive", Duration::from_secs(30), || {
+        polls += 1;
+        let (pid, served) = stats(addr);
+        assert_eq!(pid, last);
+        seen = served;
+        served == ok + polls
+    });
+    assert!(ok > 100, "too little load to mean anything: {ok}");
+    eprintln!("served_total {seen} = {ok} OK responses + {polls} /stats");
+    assert!(srv.stop().success());
+}
+
 #[test]
 fn a_state_of_the_wrong_version_is_rejected_and_the_old_generation_serves() {
     let dir = TempDir::new("state-version");
