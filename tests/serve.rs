@@ -41,13 +41,14 @@ struct Chain {
 impl Chain {
     fn start(program: &Path, args: &[&str]) -> Chain {
         procs::become_subreaper();
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the service");
+        let mut child = common::spawn(
+            Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )
+        .expect("spawn the service");
         let lines = procs::line_channel(child.stdout.take().expect("piped"));
         let mut c = Chain {
             child,
@@ -698,7 +699,7 @@ fn at_the_fd_limit_accepting_backs_off_quietly_and_recovers() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn the fixture");
+    let mut child = common::spawn(&mut cmd).expect("spawn the fixture");
     let lines = procs::line_channel(child.stdout.take().unwrap());
     let warnings = Arc::new(AtomicU64::new(0));
     {

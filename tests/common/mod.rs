@@ -110,15 +110,16 @@ impl Server {
 
     pub fn start_env(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         SUBREAPER.call_once(procs::become_subreaper);
-        let mut child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn http_server");
+        let mut child = spawn(
+            Command::new(program)
+                .args(args)
+                .env("RUST_LOG", "info")
+                .envs(envs.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("spawn http_server");
         let rx = procs::line_channel(child.stdout.take().expect("piped"));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let err_pipe = child.stderr.take().expect("piped");
@@ -309,10 +310,39 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// Replaces `path` atomically (write beside it, rename over it), as a deploy does.
 pub fn install(path: &Path, contents: &[u8], mode: u32) {
     use std::os::unix::fs::PermissionsExt;
+    // No fork of this process while the file is open for writing: a child
+    // forked meanwhile would hold the write fd until its exec, and an exec of
+    // the file in that window fails with ETXTBSY ("Text file busy").
+    let _no_fork = FORK.write().unwrap_or_else(|e| e.into_inner());
     let tmp = path.with_extension("new");
     std::fs::write(&tmp, contents).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Held for writing while `install` has a file open, for reading around a
+/// spawn (see `install`).
+static FORK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// `cmd.spawn()`, never while `install` writes a file; a file another
+/// process still holds open for writing (ETXTBSY) is tried again, bounded.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let spawned = {
+            let _fork = FORK.read().unwrap_or_else(|e| e.into_inner());
+            cmd.spawn()
+        };
+        match spawned {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Installs a copy of the server binary as `dir/name`, as a deploy would,
@@ -327,12 +357,12 @@ pub fn deploy(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
 /// Runs `cmd` to completion with stdout and stderr captured, killing it if
 /// it is still running after `timeout`.
 pub fn output_bounded(cmd: &mut Command, timeout: Duration) -> std::process::Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .expect("spawn");
     let deadline = Instant::now() + timeout;
     while child.try_wait().expect("try_wait").is_none() {
         if Instant::now() >= deadline {
