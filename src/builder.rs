@@ -137,8 +137,9 @@ impl Builder {
         let own_pid = std::process::id();
         let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
-        let (fds, channel, generation, state_expected, deploy_path) = match inherited {
-            None => (Vec::new(), None, 1, false, None),
+        let (fds, channel, generation, state_expected, deploy_path, started_usec) = match inherited
+        {
+            None => (Vec::new(), None, 1, false, None, None),
             Some(inh) => {
                 if TAKEN.swap(true, Ordering::SeqCst) {
                     return Err(Error::AlreadyTaken);
@@ -156,7 +157,14 @@ impl Builder {
                         return Err(e);
                     }
                 };
-                (fds, channel, inh.generation, inh.state, inh.program)
+                (
+                    fds,
+                    channel,
+                    inh.generation,
+                    inh.state,
+                    inh.program,
+                    inh.started_us,
+                )
             }
         };
         let program = match (d.program, deploy_path) {
@@ -195,6 +203,7 @@ impl Builder {
             registry: Registry::new(fds),
             predecessor: channel,
             state_expected,
+            started_usec,
         })))
     }
 }

@@ -3,10 +3,11 @@
 //! The successor finds its fds exactly as under systemd socket activation
 //! ([sd_listen_fds(3)]): fds `3 .. 3 + LISTEN_FDS`, named by the
 //! colon-separated `LISTEN_FDNAMES`, valid only when `LISTEN_PID` equals the
-//! reading process's pid. `handover` adds two variables of its own, read
-//! under the same pid check: `HANDOVER_CHANNEL_FD`, the fd of the readiness
-//! channel to the old generation (always `3 + LISTEN_FDS`), and
-//! `HANDOVER_GENERATION`.
+//! reading process's pid. `handover` adds variables of its own, read under
+//! the same pid check (`HANDOVER_*`, listed below): the fd of the channel to
+//! the old generation (always `3 + LISTEN_FDS`), the generation number,
+//! whether a state follows, the deploy path, the process group to join, and
+//! when the upgrade that started the process began.
 //!
 //! Decoding is a pure function over a getter, so it is tested without
 //! touching the real environment.
@@ -38,6 +39,10 @@ pub(crate) const PROGRAM: &str = "HANDOVER_PROGRAM";
 /// The old generation's process group, which the successor joins in
 /// `ready()` (ours; see `spawn::join_predecessor_group`).
 pub(crate) const PGID: &str = "HANDOVER_PGID";
+/// When the upgrade that started this process began — before it chose the
+/// program to run — in `CLOCK_MONOTONIC` µs (ours): the moment this
+/// generation's binary and configuration are at least as new as.
+pub(crate) const STARTED_US: &str = "HANDOVER_STARTED_US";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
@@ -52,6 +57,7 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     STATE,
     PROGRAM,
     PGID,
+    STARTED_US,
     "WATCHDOG_PID",
 ];
 
@@ -78,6 +84,9 @@ pub(crate) struct Inherited {
     pub state: bool,
     /// The deploy path of the service (`HANDOVER_PROGRAM`), if given.
     pub program: Option<std::path::PathBuf>,
+    /// When the upgrade that started this process began
+    /// (`HANDOVER_STARTED_US`), if given.
+    pub started_us: Option<u128>,
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
@@ -194,12 +203,17 @@ pub(crate) fn decode(
         Some(v) if v.as_encoded_bytes().first() == Some(&b'/') => Some(v.into()),
         Some(v) => return Err(env_err(PROGRAM, &v, "not an absolute path")),
     };
+    let started_us = match get(STARTED_US) {
+        None => None,
+        Some(v) => Some(parse_num(STARTED_US, &v)?),
+    };
     Ok(Some(Inherited {
         fds,
         channel,
         generation,
         state,
         program,
+        started_us,
     }))
 }
 
@@ -210,12 +224,14 @@ pub(crate) fn successor_vars(
     generation: u64,
     state: bool,
     program: &std::path::Path,
+    started_us: u128,
 ) -> Vec<(&'static str, String)> {
     let mut vars = vec![
         (LISTEN_FDS, names.len().to_string()),
         (LISTEN_FDNAMES, names.join(":")),
         (CHANNEL_FD, (FDS_START as usize + names.len()).to_string()),
         (GENERATION, generation.to_string()),
+        (STARTED_US, started_us.to_string()),
     ];
     if state {
         vars.push((STATE, "1".to_owned()));
@@ -355,6 +371,7 @@ mod tests {
             3,
             true,
             std::path::Path::new("/srv/app/current/svc"),
+            1234,
         );
         let mut all: Vec<(&str, String)> = vars.clone();
         all.push((LISTEN_PID, "42".into()));
@@ -373,6 +390,7 @@ mod tests {
         assert_eq!(got.channel, Some(5));
         assert_eq!(got.generation, 3);
         assert!(got.state);
+        assert_eq!(got.started_us, Some(1234));
         assert_eq!(
             got.program.as_deref(),
             Some(std::path::Path::new("/srv/app/current/svc"))

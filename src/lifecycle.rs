@@ -181,7 +181,9 @@ pub(crate) struct Generation {
     pub(crate) generation: u64,
     pub(crate) from_predecessor: bool,
     pub(crate) started: Instant,
-    /// `CLOCK_MONOTONIC` at build, in µs (compared with control requests).
+    /// When this generation's binary and configuration were chosen, in
+    /// `CLOCK_MONOTONIC` µs: the start of the upgrade that made it, else
+    /// `build()` (compared with control requests).
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) started_usec: u128,
     pub(crate) notifier: Notifier,
@@ -231,6 +233,9 @@ pub(crate) struct Birth {
     pub(crate) registry: Registry,
     pub(crate) predecessor: Option<OwnedFd>,
     pub(crate) state_expected: bool,
+    /// When the upgrade that started this process began (`CLOCK_MONOTONIC`
+    /// µs), if a predecessor said so.
+    pub(crate) started_usec: Option<u128>,
 }
 
 impl Generation {
@@ -245,7 +250,9 @@ impl Generation {
             generation: b.generation,
             from_predecessor,
             started: Instant::now(),
-            started_usec: crate::systemd::monotonic_usec(),
+            started_usec: b
+                .started_usec
+                .unwrap_or_else(crate::systemd::monotonic_usec),
             notifier: b.notifier,
             life: Mutex::new(Life {
                 state: State::Starting,

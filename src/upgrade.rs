@@ -261,6 +261,9 @@ impl Generation {
             })?;
         }
         attempt.reloading_sent = self.announce_reload(generation, probation);
+        // The successor's binary and configuration are at least this new:
+        // it tells control requests made later that it is no answer to them.
+        let started_us = crate::systemd::monotonic_usec();
         let program = self.choose_program(&opts)?;
         let args = opts.args.as_ref().unwrap_or(&cfg.args);
         if let Some(check) = opts.preflight.as_ref().or(cfg.preflight.as_ref()) {
@@ -278,8 +281,14 @@ impl Generation {
         };
 
         let spawn_start = Instant::now();
-        let (ours, ours_copy, mut child) =
-            self.spawn_successor(&program, args, generation, state.is_some(), deadline)?;
+        let (ours, ours_copy, mut child) = self.spawn_successor(
+            &program,
+            args,
+            generation,
+            started_us,
+            state.is_some(),
+            deadline,
+        )?;
         let pid = child.pid as u32;
         let writer = match state {
             Some(state) => Some(stream_state(ours_copy, state, deadline)?),
@@ -437,6 +446,7 @@ impl Generation {
         program: &Path,
         args: &[OsString],
         generation: u64,
+        started_us: u128,
         with_state: bool,
         deadline: Instant,
     ) -> Result<(OwnedFd, OwnedFd, spawn::Child), UpgradeError> {
@@ -459,8 +469,13 @@ impl Generation {
             let vars =
                 std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
             // The successor upgrades to the deploy path, whatever it runs.
-            let succ_vars =
-                env::successor_vars(&names, generation, with_state, &self.config.program);
+            let succ_vars = env::successor_vars(
+                &names,
+                generation,
+                with_state,
+                &self.config.program,
+                started_us,
+            );
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
             spawn::spawn(program, args, vars, &succ_vars, &fds, pipes, deadline)
         };
