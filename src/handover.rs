@@ -408,11 +408,11 @@ impl Handover {
     /// On success the pid file names the successor, this generation drops its
     /// own copies of the fds (the application drops its listeners itself),
     /// and the channel stays open until this process exits, so the successor
-    /// learns when its predecessor is gone. The successor is never this
-    /// process's child: it is started through an intermediate process, which
-    /// exits on success so that the successor is reparented to the nearest
-    /// subreaper (the service manager under systemd) or init. Under systemd
-    /// the manager is told `MAINPID=<successor>` and `READY=1` (see
+    /// learns when its predecessor is gone. Under a service manager the
+    /// successor is started through an intermediate process, which exits on
+    /// success so that the successor is reparented to the manager before it
+    /// is named main: under systemd the manager is told `MAINPID=<successor>`
+    /// and `READY=1` (see
     /// [`systemd`](crate::systemd)).
     ///
     /// The work runs on a thread of this generation's, started by

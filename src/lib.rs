@@ -190,13 +190,17 @@
 //! # Limitations
 //!
 //! - Linux only (pidfds, `close_range`, abstract sockets); kernels before
-//!   5.3 fall back to polling for the successor's exit, before 5.11 to a
-//!   loop that closes fds one by one.
+//!   5.3 start every successor through an intermediate process that polls
+//!   for its exit, before 5.11 fall back to a loop that closes fds one by
+//!   one.
 //! - `O_NONBLOCK` is a property of the shared socket: both generations see
 //!   the same value. Listeners are handed out non-blocking.
-//! - The successor is started through a short-lived intermediate process and,
-//!   once ready, reparented to the nearest subreaper (the service manager
-//!   under systemd) or init.
+//! - Without a service manager the successor is the old generation's child
+//!   (started like `posix_spawn` does, sharing its memory until the exec),
+//!   and is reparented to the nearest subreaper or init when the old
+//!   generation exits. Under a service manager (systemd, the PID 1
+//!   supervisor) it is started through a short-lived intermediate process
+//!   and reparented to the manager before it is named main.
 //! - The library installs no signal handlers of its own accord: the
 //!   application names the signals that trigger an upgrade or a stop
 //!   ([`serve::Triggers`]), or handles them itself. A successor starts with

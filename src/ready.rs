@@ -1,6 +1,6 @@
 //! The old generation's side of the channel: it waits for its successor's
-//! ready message, for the successor's exit (reported by the intermediate
-//! process, see `spawn`), or for the deadline, watches a probation window,
+//! ready message, for the successor's exit (a pidfd, or the report of the
+//! intermediate process; see `spawn`), or for the deadline, watches a probation window,
 //! and kills and reaps a successor that failed. What the messages are is
 //! `channel`'s business; what to do about them is this module's.
 

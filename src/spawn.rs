@@ -300,28 +300,53 @@ impl Drop for SigmaskGuard {
 
 /// A started successor.
 ///
-/// It is started through an intermediate process (a double fork): the
-/// intermediate forks the successor, reports its pid, and then either
-/// forwards the successor's wait status (if it exits first, or when asked to
-/// kill it) or exits when released. Released after a successful upgrade, it
-/// leaves the successor an orphan, reparented at once to the nearest
-/// subreaper — the service manager under systemd — so that the successor is
-/// never a child of the old generation when it becomes the main process.
+/// It is started one of two ways:
+///
+/// - **Directly**, when no service manager is told a main pid: the old
+///   generation's upgrade thread starts it with `clone(CLONE_VM |
+///   CLONE_VFORK)`, as `posix_spawn` does — nothing of the old generation's
+///   memory is copied, and there is no second process to start and reap. The
+///   successor stays the old generation's child until that exits, and is
+///   then reparented to the nearest subreaper (or init), like any orphan. Its
+///   exit is watched through a pidfd.
+/// - **Through an intermediate process**, under a service manager (one that
+///   must see the successor as its own child before it is named main): the
+///   old generation forks an intermediate, which starts the successor the
+///   same way, reports its pid, and then either forwards the successor's wait
+///   status (if it exits first, or when asked to kill it) or exits when
+///   released, leaving the successor to the nearest subreaper — the service
+///   manager.
 ///
 /// The successor leads a process group of its own (its pgid is its pid)
-/// until it reports ready. Whenever it fails, the intermediate kills it and
-/// that whole group before reaping it: whatever the successor started before
-/// it was ready (a shell wrapper's real server, a helper) dies with it.
+/// until it reports ready. Whenever it fails, it and that whole group are
+/// killed before it is reaped, while its pid (and so the group id) cannot
+/// have been reused: whatever the successor started before it was ready (a
+/// shell wrapper's real server, a helper) dies with it.
 #[derive(Debug)]
 pub(crate) struct Child {
     /// The successor's pid, and the id of its process group.
     pub pid: libc::pid_t,
-    intermediate: libc::pid_t,
-    /// The successor's wait status, 4 bytes, written by the intermediate.
-    status: OwnedFd,
-    /// Closing it lets the intermediate exit; a [`KILL`] byte asks it to
-    /// kill the successor's group.
-    release: Option<OwnedFd>,
+    via: Via,
+}
+
+#[derive(Debug)]
+enum Via {
+    /// Our own child.
+    Direct {
+        /// Readable once the successor has exited.
+        pidfd: OwnedFd,
+        /// Reaped, or let go: nothing left to do.
+        done: bool,
+    },
+    Intermediate {
+        /// 0 once reaped.
+        pid: libc::pid_t,
+        /// The successor's wait status, 4 bytes, written by the intermediate.
+        status: OwnedFd,
+        /// Closing it lets the intermediate exit; a [`KILL`] byte asks it to
+        /// kill the successor's group.
+        release: Option<OwnedFd>,
+    },
 }
 
 impl Child {
@@ -334,84 +359,270 @@ impl Child {
     /// Waits until the successor exits or `until` passes. When it has, its
     /// process group has been killed too.
     pub(crate) fn wait_exit(&mut self, until: Instant) -> Option<Option<ExitStatus>> {
-        let rev = sys::poll_until(&[(self.status.as_fd(), libc::POLLIN)], until).ok()?;
-        if rev[0] == 0 {
-            return None;
+        let pid = self.pid;
+        match &mut self.via {
+            Via::Direct { done: true, .. } => Some(None),
+            Via::Direct { pidfd, done } => {
+                let rev = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], until).ok()?;
+                if rev[0] == 0 {
+                    return None;
+                }
+                // Exited and not reaped: the pid, and so the group id, are
+                // still its own.
+                kill_group(pid);
+                *done = true;
+                Some(wait_status(pid))
+            }
+            Via::Intermediate {
+                pid: intermediate,
+                status,
+                ..
+            } => {
+                let rev = sys::poll_until(&[(status.as_fd(), libc::POLLIN)], until).ok()?;
+                if rev[0] == 0 {
+                    return None;
+                }
+                use std::os::unix::process::ExitStatusExt;
+                let mut buf = [0u8; 4];
+                let status = match read_full(status.as_fd(), &mut buf) {
+                    Ok(true) => Some(ExitStatus::from_raw(i32::from_ne_bytes(buf))),
+                    _ => None,
+                };
+                if status.is_none() {
+                    // The intermediate died without reporting (killed by
+                    // someone else): the successor may live on, orphaned.
+                    // Best effort: its group, whose id stays taken while any
+                    // member lives.
+                    tracing::warn!(
+                        pid,
+                        "the intermediate process died; killing the successor's process group"
+                    );
+                    kill_group(pid);
+                }
+                if *intermediate != 0 {
+                    reap_blocking(*intermediate);
+                    *intermediate = 0;
+                }
+                Some(status)
+            }
         }
-        use std::os::unix::process::ExitStatusExt;
-        let mut buf = [0u8; 4];
-        let status = match read_full(self.status.as_fd(), &mut buf) {
-            Ok(true) => Some(ExitStatus::from_raw(i32::from_ne_bytes(buf))),
-            _ => None,
-        };
-        if status.is_none() {
-            // The intermediate died without reporting (killed by someone
-            // else): the successor may live on, orphaned. Best effort: its
-            // group, whose id stays taken while any member lives.
-            tracing::warn!(
-                pid = self.pid,
-                "the intermediate process died; killing the successor's process group"
-            );
-            kill_group(self.pid);
-        }
-        reap_blocking(self.intermediate);
-        self.intermediate = 0;
-        Some(status)
     }
 
     /// The fd that becomes readable when the successor exits.
     pub(crate) fn exit_fd(&self) -> BorrowedFd<'_> {
-        self.status.as_fd()
+        match &self.via {
+            Via::Direct { pidfd, .. } => pidfd.as_fd(),
+            Via::Intermediate { status, .. } => status.as_fd(),
+        }
     }
 
     /// Kills the successor and everything it started (its process group),
     /// and waits (bounded) until it is reaped.
     pub(crate) fn kill_and_reap(&mut self) {
-        if self.intermediate == 0 {
-            return; // already reported and reaped
-        }
-        // The intermediate kills the group: it is the successor's parent,
-        // and kills before it reaps, so the group id is still the
-        // successor's. If it is gone, its report (or EOF) is on the pipe.
-        if let Some(r) = &self.release {
-            let _ = sys::send_all(r.as_fd(), &[KILL]);
-        }
-        if self
-            .wait_exit(Instant::now() + Duration::from_secs(5))
-            .is_none()
-        {
-            tracing::error!(
-                pid = self.pid,
-                "successor did not die within 5 s of SIGKILL"
-            );
-            // The intermediate has not reaped the successor (it would have
-            // reported), so the group id is still the successor's.
-            kill_group(self.pid);
-            // Our own, unreaped intermediate: the pid is still its.
-            let _ = kill(Pid::from_raw(self.intermediate), Signal::SIGKILL);
-            reap_blocking(self.intermediate);
-            self.intermediate = 0;
+        let pid = self.pid;
+        match &mut self.via {
+            Via::Direct { done: true, .. } | Via::Intermediate { pid: 0, .. } => {}
+            Via::Direct { .. } => {
+                kill_group(pid);
+                if self
+                    .wait_exit(Instant::now() + Duration::from_secs(5))
+                    .is_none()
+                {
+                    // Left unreaped: a zombie of this process once it dies.
+                    tracing::error!(pid, "successor did not die within 5 s of SIGKILL");
+                    if let Via::Direct { done, .. } = &mut self.via {
+                        *done = true;
+                    }
+                }
+            }
+            Via::Intermediate { release, .. } => {
+                // The intermediate kills the group: it is the successor's
+                // parent, and kills before it reaps, so the group id is still
+                // the successor's. If it is gone, its report (or EOF) is on
+                // the pipe.
+                if let Some(r) = release {
+                    let _ = sys::send_all(r.as_fd(), &[KILL]);
+                }
+                if self
+                    .wait_exit(Instant::now() + Duration::from_secs(5))
+                    .is_none()
+                {
+                    tracing::error!(pid, "successor did not die within 5 s of SIGKILL");
+                    // The intermediate has not reaped the successor (it would
+                    // have reported), so the group id is still the successor's.
+                    kill_group(pid);
+                    if let Via::Intermediate {
+                        pid: intermediate, ..
+                    } = &mut self.via
+                    {
+                        // Our own, unreaped intermediate: the pid is still its.
+                        let _ = kill(Pid::from_raw(*intermediate), Signal::SIGKILL);
+                        reap_blocking(*intermediate);
+                        *intermediate = 0;
+                    }
+                }
+            }
         }
     }
 
-    /// Lets the successor go: the intermediate exits and is reaped, and the
-    /// successor is reparented to the nearest subreaper (or init).
-    pub(crate) fn release(mut self) {
-        self.release.take();
-        if self.intermediate != 0 {
-            reap_blocking(self.intermediate);
-            self.intermediate = 0;
+    /// Nothing is left to do: reaped already, or dealt with by the caller.
+    fn forget(&mut self) {
+        match &mut self.via {
+            Via::Direct { done, .. } => *done = true,
+            Via::Intermediate { pid, release, .. } => {
+                *pid = 0;
+                release.take();
+            }
         }
+    }
+
+    /// Lets the successor go: it is no longer killed when this `Child` is
+    /// dropped. An intermediate exits and is reaped here, and the successor
+    /// is reparented to the nearest subreaper (or init); a successor started
+    /// directly stays this process's child until this process exits.
+    pub(crate) fn release(mut self) {
+        if let Via::Intermediate { pid, release, .. } = &mut self.via {
+            release.take();
+            if *pid != 0 {
+                reap_blocking(*pid);
+            }
+        }
+        self.forget();
     }
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        // Never leave the intermediate behind; a successor that was not
-        // released is killed with it.
-        if self.release.is_some() {
+        // A successor that was not let go is killed (and an intermediate is
+        // never left behind).
+        let live = match &self.via {
+            Via::Direct { done, .. } => !done,
+            Via::Intermediate { release, .. } => release.is_some(),
+        };
+        if live {
             self.kill_and_reap();
         }
+    }
+}
+
+/// Waits for our child `pid` (which has exited, or was just killed) and
+/// returns its wait status, `None` if it could not be collected.
+fn wait_status(pid: libc::pid_t) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes an int through a valid pointer to a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Some(ExitStatus::from_raw(status));
+        }
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+/// A pidfd for our child `pid`: readable once it has exited.
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; the fd it returns (close-on-exec
+    // by definition) is owned by no one else.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd, owned by us alone.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether this kernel has `pidfd_open` (Linux 5.3), which starting a
+/// successor directly needs.
+pub(crate) fn can_start_directly() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| pidfd_open(std::process::id() as libc::pid_t).is_ok())
+}
+
+/// The stack a `CLONE_VM` child runs on, with a guard page below it.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Stack {
+    const LEN: usize = 256 * 1024;
+
+    fn new() -> io::Result<Stack> {
+        // SAFETY: an anonymous private mapping asks nothing of existing
+        // memory; mprotect only touches the mapping just made.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let stack = Stack {
+                base,
+                len: Self::LEN,
+            };
+            if libc::mprotect(base, 4096, libc::PROT_NONE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+
+    /// The highest address: stacks grow down on every Linux target we build for.
+    fn top(&mut self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which is what clone takes.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no child runs on
+        // it any more (a CLONE_VFORK child has exec'd or exited).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Starts `child(plan)` in a new process that shares this process's memory
+/// until it execs (`clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` does):
+/// the calling thread is suspended until then, and nothing is copied.
+/// Returns its pid, or -1 with `errno` set.
+///
+/// A successor hung before its exec (an unresponsive file system) holds the
+/// calling thread meanwhile; the checks of the program before the spawn
+/// read the same file system in the same thread.
+///
+/// # Safety
+/// Every signal must be blocked in the calling thread: the child shares this
+/// process's memory, and no handler of this process may run in it (it
+/// resets every disposition before it unblocks them). `plan` must be built
+/// by `spawn`.
+unsafe fn clone_vfork(plan: &mut Plan, stack: &mut Stack) -> libc::pid_t {
+    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut Plan` given to clone below; the parent
+        // is suspended until this process execs or exits, so nothing else
+        // touches it meanwhile.
+        unsafe { child(&mut *arg.cast::<Plan>()) }
+    }
+    // SAFETY: `entry` runs on `stack`, which nothing else uses, and makes
+    // only async-signal-safe calls (see `child`); CLONE_VFORK keeps `plan`
+    // and `stack` alive and untouched until the child has exec'd or exited.
+    unsafe {
+        libc::clone(
+            entry,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (plan as *mut Plan).cast(),
+        )
     }
 }
 
@@ -486,12 +697,18 @@ struct Plan {
     max_fd: RawFd,
     /// The highest signal number, read before fork.
     max_signal: libc::c_int,
+    /// Whether the child closes every fd but `keep` first (started
+    /// directly: no intermediate did).
+    close_first: bool,
 }
 
 /// Starts `program` with `args`, the environment `vars` (the caller has
 /// removed what must not be inherited) plus the successor variables, and
 /// the fds `fds` at `3, 4, ...`; the last entry of `fds` is the channel.
-/// `pipes` come from the [`Reserve`].
+/// `pipes` come from the [`Reserve`]. `direct`: as this process's own child,
+/// else through an intermediate process (see [`Child`]); direct needs
+/// [`can_start_directly`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     program: &Path,
     args: &[OsString],
@@ -500,6 +717,7 @@ pub(crate) fn spawn(
     fds: &[BorrowedFd<'_>],
     pipes: SpawnFds,
     deadline: Instant,
+    direct: bool,
 ) -> Result<Child, SpawnError> {
     let program_c = cstring(program.as_os_str().as_bytes(), "program path")?;
     let mut argv = Vec::with_capacity(args.len() + 1);
@@ -584,8 +802,13 @@ pub(crate) fn spawn(
         keep,
         max_fd,
         max_signal: libc::SIGRTMAX(),
+        close_first: direct,
     };
 
+    let mut stack = Stack::new().map_err(|e| SpawnError::Parent("mmap", e))?;
+    if direct {
+        return spawn_direct(plan, stack, err_r, err_w, deadline);
+    }
     // Block every signal around fork, so that no handler of this process
     // runs in the intermediate or the child before its dispositions are
     // reset; the guard restores the mask on every path.
@@ -596,7 +819,7 @@ pub(crate) fn spawn(
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the child of fork; see `intermediate`.
-        unsafe { intermediate(&mut plan, status_fd, release_fd) }
+        unsafe { intermediate(&mut plan, &mut stack, status_fd, release_fd) }
     }
     let fork_err = io::Error::last_os_error();
     drop(mask);
@@ -613,17 +836,18 @@ pub(crate) fn spawn(
         && read_full(status_r.as_fd(), &mut pid_buf).unwrap_or(false);
     let mut child = Child {
         pid: i32::from_ne_bytes(pid_buf),
-        intermediate: pid,
-        status: status_r,
-        release: Some(release_ours),
+        via: Via::Intermediate {
+            pid,
+            status: status_r,
+            release: Some(release_ours),
+        },
     };
     if !got_pid {
         // It failed to fork (and wrote why to the error pipe), or hung. Our
         // own, unreaped intermediate: the pid is still its.
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         reap_blocking(pid);
-        child.intermediate = 0;
-        child.release = None;
+        child.forget();
         let mut report = [0u8; 8];
         let readable = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], Instant::now())
             .is_ok_and(|r| r[0] != 0);
@@ -638,35 +862,20 @@ pub(crate) fn spawn(
 
     // Wait for exec: EOF on the error pipe, or an 8-byte report.
     let mut report = [0u8; 8];
-    let mut got = 0;
-    loop {
-        let revents = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], deadline)
-            .map_err(|e| SpawnError::Parent("poll", e))?;
-        if revents[0] == 0 {
-            // The deadline passed while the child was still before exec
-            // (e.g. a hung filesystem). Kill it; the caller reports a timeout.
-            child.kill_and_reap();
-            child.release = None;
-            return Err(SpawnError::ExecTimeout { pid: child.pid });
-        }
-        match sys::read(err_r.as_fd(), &mut report[got..]) {
-            Ok(0) => break,
-            Ok(n) => {
-                got += n;
-                if got == report.len() {
-                    break;
-                }
-            }
-            Err(e) => return Err(SpawnError::Parent("reading the exec error pipe", e)),
-        }
-    }
+    let Some(got) = read_report(err_r.as_fd(), &mut report, deadline)? else {
+        // The deadline passed while the child was still before exec (e.g. a
+        // hung filesystem). Kill it; the caller reports a timeout.
+        child.kill_and_reap();
+        child.forget();
+        return Err(SpawnError::ExecTimeout { pid: child.pid });
+    };
     if got == 0 {
         return Ok(child);
     }
     // The successor reported and _exit()ed: collect its status.
     child.wait_exit(Instant::now() + Duration::from_secs(5));
     child.kill_and_reap();
-    child.release = None;
+    child.forget();
     if got < report.len() {
         return Err(SpawnError::Parent(
             "reading the exec error pipe",
@@ -674,6 +883,83 @@ pub(crate) fn spawn(
         ));
     }
     Err(child_error(&report))
+}
+
+/// [`spawn`], directly: the successor is this process's child.
+fn spawn_direct(
+    mut plan: Plan,
+    mut stack: Stack,
+    err_r: OwnedFd,
+    err_w: OwnedFd,
+    deadline: Instant,
+) -> Result<Child, SpawnError> {
+    let mask = SigmaskGuard::block_all();
+    // SAFETY: every signal is blocked in this thread; `plan` was built by
+    // `spawn`. The call returns once the child has exec'd or exited.
+    let pid = unsafe { clone_vfork(&mut plan, &mut stack) };
+    let clone_err = io::Error::last_os_error();
+    drop(mask);
+    if pid < 0 {
+        return Err(SpawnError::Parent("clone", clone_err));
+    }
+    drop(err_w);
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            kill_group(pid);
+            wait_status(pid);
+            return Err(SpawnError::Parent("pidfd_open", e));
+        }
+    };
+    let mut child = Child {
+        pid,
+        via: Via::Direct { pidfd, done: false },
+    };
+    // Exec'd already (EOF on the error pipe: it was close-on-exec), or an
+    // 8-byte report and an exit.
+    let mut report = [0u8; 8];
+    let got = read_report(err_r.as_fd(), &mut report, deadline)?;
+    if got == Some(0) {
+        return Ok(child);
+    }
+    child.kill_and_reap();
+    let Some(got) = got else {
+        return Err(SpawnError::ExecTimeout { pid: child.pid });
+    };
+    if got < report.len() {
+        return Err(SpawnError::Parent(
+            "reading the exec error pipe",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
+        ));
+    }
+    Err(child_error(&report))
+}
+
+/// Reads the child's `(step, errno)` report until EOF or 8 bytes:
+/// `Some(0)` is EOF at once (the exec succeeded), `None` the deadline.
+fn read_report(
+    err_r: BorrowedFd<'_>,
+    report: &mut [u8; 8],
+    deadline: Instant,
+) -> Result<Option<usize>, SpawnError> {
+    let mut got = 0;
+    loop {
+        let revents = sys::poll_until(&[(err_r, libc::POLLIN)], deadline)
+            .map_err(|e| SpawnError::Parent("poll", e))?;
+        if revents[0] == 0 {
+            return Ok(None);
+        }
+        match sys::read(err_r, &mut report[got..]) {
+            Ok(0) => return Ok(Some(got)),
+            Ok(n) => {
+                got += n;
+                if got == report.len() {
+                    return Ok(Some(got));
+                }
+            }
+            Err(e) => return Err(SpawnError::Parent("reading the exec error pipe", e)),
+        }
+    }
 }
 
 fn child_error(report: &[u8; 8]) -> SpawnError {
@@ -693,8 +979,13 @@ fn child_error(report: &[u8; 8]) -> SpawnError {
 /// # Safety
 /// Must only be called in the child of `fork`, with `plan` built by `spawn`.
 /// It makes only async-signal-safe calls and never returns.
-unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd: RawFd) -> ! {
-    // SAFETY: close, close_range (syscall), fork, setpgid, kill, write,
+unsafe fn intermediate(
+    plan: &mut Plan,
+    stack: &mut Stack,
+    status_fd: RawFd,
+    release_fd: RawFd,
+) -> ! {
+    // SAFETY: close, close_range (syscall), clone, setpgid, kill, write,
     // read, poll, waitpid, waitid, syscall(pidfd_open) and _exit are
     // async-signal-safe system calls; every buffer is on this stack or in
     // `plan`, allocated before the first fork. Every signal is blocked
@@ -707,27 +998,24 @@ unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd: RawFd) -> 
         // child's dups find room, and no connection the old generation
         // closes stays open here.
         close_all_but(&plan.keep, plan.max_fd);
-        let pid = libc::fork();
-        if pid == 0 {
-            child(plan)
-        }
+        // Read before the child, which shares this memory, rearranges them.
+        let (err_fd, channel) = (plan.err_fd, plan.sources.last().copied());
+        let pid = clone_vfork(plan, stack);
         if pid < 0 {
             let errno = *libc::__errno_location();
             let mut buf = [0u8; 8];
             buf[..4].copy_from_slice(&STEP_FORK.to_ne_bytes());
             buf[4..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(plan.err_fd, buf.as_ptr().cast(), buf.len());
+            libc::write(err_fd, buf.as_ptr().cast(), buf.len());
             libc::_exit(127);
         }
-        // The successor's own process group, set from this side too, so that
-        // it exists before the old generation learns the pid (EACCES once
-        // the child has exec'd: it has set it itself by then).
-        libc::setpgid(pid, pid);
+        // The successor has exec'd (or failed) by now, in a process group
+        // of its own, which exists before the old generation learns the pid.
         // Our copies of the error pipe and of the channel must not keep
         // them open once the successor has closed them.
-        libc::close(plan.err_fd);
-        if let Some(channel) = plan.sources.last() {
-            libc::close(*channel);
+        libc::close(err_fd);
+        if let Some(channel) = channel {
+            libc::close(channel);
         }
         let bytes = pid.to_ne_bytes();
         if libc::write(status_fd, bytes.as_ptr().cast(), 4) != 4 {
@@ -870,6 +1158,11 @@ unsafe fn child(plan: &mut Plan) -> ! {
         // old generation can kill everything it will start. (Every signal
         // is blocked, inherited through the intermediate.)
         libc::setpgid(0, 0);
+        if plan.close_first {
+            // As the intermediate would have (see there): room for the
+            // moves below even at the fd limit.
+            close_all_but(&plan.keep, plan.max_fd);
+        }
 
         // 2. Move the error pipe above the target range. Then place each
         // source at its target, in target order, without needing room for a

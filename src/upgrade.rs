@@ -477,7 +477,12 @@ impl Generation {
                 started_us,
             );
             tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
-            spawn::spawn(program, args, vars, &succ_vars, &fds, pipes, deadline)
+            // Under a service manager the successor must be the manager's
+            // child before it is named main: through an intermediate.
+            let direct = !self.notifier.is_enabled() && spawn::can_start_directly();
+            spawn::spawn(
+                program, args, vars, &succ_vars, &fds, pipes, deadline, direct,
+            )
         };
         drop(theirs);
         match child {
@@ -528,15 +533,13 @@ impl Generation {
                 });
             }
         }
-        // Reparented to the nearest subreaper (the service manager) before
-        // it is named main. The intermediate is reaped here, not later: this
-        // process may exit soon after the commit, and an unreaped child would
-        // then be left to whoever inherits it, as a zombie.
+        // An intermediate exits: the successor is reparented to the nearest
+        // subreaper (the service manager) before it is named main.
         child.release();
+        let n = &self.notifier;
         // The old main process names its successor main and ready, and waits
         // until the manager has taken that in before it drains, so the
         // manager never sees the main process exit.
-        let n = &self.notifier;
         let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
         if let Err(e) = n
             .notify(&msg)

@@ -408,9 +408,9 @@ fn successor_exits(mode: &str, clients: usize) -> usize {
     let committed = Instant::now();
     let fixture = field_u32(&ok, "successor");
     server.generations.push((fixture, false));
-    let status = procs::reap(fixture, EVENT_TIMEOUT).expect("reap the fixture");
+    // It stays its predecessor's child (a zombie) until that exits.
+    let status = procs::exit_status(fixture, EVENT_TIMEOUT).expect("the fixture exits");
     assert_eq!(status.code(), Some(3), "fixture: {status}");
-    reaped(&mut server, fixture);
 
     // Each connection is lost with the fixture (EOF), or still served by
     // the old generation, which answers the line it holds half of.
@@ -449,6 +449,9 @@ fn successor_exits(mode: &str, clients: usize) -> usize {
     let status = procs::reap(old, EVENT_TIMEOUT).expect("reap the old generation");
     assert!(status.success(), "old generation: {status}");
     reaped(&mut server, old);
+    // Reparented to us now.
+    procs::reap(fixture, EVENT_TIMEOUT).expect("reap the fixture");
+    reaped(&mut server, fixture);
     let waited = committed.elapsed();
     assert!(waited < DEADLINE + Duration::from_secs(5), "{waited:?}");
     assert_eq!(

@@ -50,6 +50,35 @@ pub fn reap(pid: u32, timeout: Duration) -> io::Result<ExitStatus> {
     }
 }
 
+/// Waits (at most `timeout`) until `pid` has exited, and returns its wait
+/// status without reaping it: read from `/proc/PID/stat` (`exit_code`,
+/// Linux 3.5) while it is a zombie, whoever its parent is.
+pub fn exit_status(pid: u32, timeout: Duration) -> io::Result<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        if fields.first() == Some(&"Z") {
+            let code = fields
+                .get(49)
+                .and_then(|c| c.parse::<i32>().ok())
+                .ok_or_else(|| io::Error::other(format!("no exit_code in {stat:?}")))?;
+            return Ok(ExitStatus::from_raw(code));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("pid {pid} did not exit within {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Whether `pid` exists (zombies count as existing).
 pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
