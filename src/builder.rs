@@ -180,7 +180,7 @@ impl Builder {
             .args
             .unwrap_or_else(|| std::env::args_os().skip(1).collect());
         let from_predecessor = channel.is_some();
-        tracing::info!(
+        tracing::debug!(
             generation,
             inherited = fds.len(),
             from_predecessor,

@@ -23,7 +23,7 @@
 //!
 //! | message | direction | when | the receiver |
 //! | --- | --- | --- | --- |
-//! | state stream: `HOST`, version (u32 LE), chunks `[u32 LE length][bytes]`, a chunk of length 0 | old → new | right after spawn, only with `HANDOVER_STATE=1` | reads it through `take_state` (checks the magic, chunks of at most [`MAX_CHUNK`]); `ready()` discards what is left |
+//! | state stream: `HOST`, version (u32 LE), chunks `[u32 LE length][bytes]`, a chunk of length 0 | old → new | from just before the spawn (what fits in the socket buffer waits there), only with `HANDOVER_STATE=1` | reads it through `take_state` (checks the magic, chunks of at most [`MAX_CHUNK`]); `ready()` discards what is left |
 //! | `R` (one byte, no newline) | new → old | once, at `ready()` | starts the probation window, or commits |
 //! | `F<reason>\n` | new → old | before `R`, when the successor cannot start | fails the upgrade with the reason (`UpgradeError::Failed`), reaps the successor |
 //! | `E<reason>\n` | new → old | before `R`, the state's version is refused | fails the upgrade (`UpgradeError::StateRejected`), kills and reaps the successor |

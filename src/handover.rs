@@ -94,6 +94,22 @@ impl Handover {
         self.g.state()
     }
 
+    /// Resolves once this generation has handed over (the commit), which is
+    /// before `upgrade()` returns to its caller: the serving layer stops
+    /// accepting then.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn handed_over(&self) {
+        loop {
+            let notified = self.g.handed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.g.state() == State::HandedOver {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// A snapshot of this generation's upgrade metrics, its own last upgrade
     /// included; see [`Stats`].
     ///

@@ -172,9 +172,10 @@
 //! # Observability
 //!
 //! Every upgrade runs in a `tracing` span named `upgrade` (fields
-//! `generation`, `successor_generation`) with one `upgrade phase` event
-//! per phase (`phase` = preflight, spawn, state, ready, probation, drain,
-//! exit; `ms`). [`Handover::stats`] returns a [`Stats`] snapshot —
+//! `generation`, `successor_generation`) with one INFO line when it ends
+//! (`successor ready; handed over`, or `upgrade failed; still serving` with
+//! the reason) and one DEBUG `upgrade phase` event per phase (`phase` =
+//! preflight, spawn, state, ready, probation, drain, exit; `ms`). [`Handover::stats`] returns a [`Stats`] snapshot —
 //! generation, upgrades succeeded and failed (carried from generation to
 //! generation), the last error, the last upgrade's [`Phases`], connections
 //! still draining — with a Prometheus example in its documentation.

@@ -210,6 +210,9 @@ pub(crate) struct Generation {
     /// Woken when an upgrade attempt ends, whatever triggered it.
     #[cfg(feature = "tokio")]
     pub(crate) upgrade_ended: tokio::sync::Notify,
+    /// Woken at the commit, when the state becomes [`State::HandedOver`].
+    #[cfg(feature = "tokio")]
+    pub(crate) handed: tokio::sync::Notify,
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
@@ -278,6 +281,8 @@ impl Generation {
             readied: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             upgrade_ended: tokio::sync::Notify::new(),
+            #[cfg(feature = "tokio")]
+            handed: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
         }
     }

@@ -39,24 +39,77 @@ pub(crate) fn set_timeout(fd: BorrowedFd<'_>, dir: Direction, d: Duration) -> io
     }
 }
 
-/// Streams `source` with `version` over `fd` (the old generation's side).
-/// Returns the number of payload bytes sent.
-pub(crate) fn write(fd: BorrowedFd<'_>, version: u32, source: &mut dyn Read) -> io::Result<u64> {
-    sys::send_all(fd, &channel::state_header(version))?;
-    let mut buf = vec![0u8; CHUNK + 4];
-    let mut total = 0u64;
-    loop {
-        let n = match source.read(&mut buf[4..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
-        sys::send_all(fd, &buf[..4 + n])?;
-        if n == 0 {
-            return Ok(total);
+/// A state stream on its way from the old generation: the frame read from
+/// the source and not yet sent. It is started before the successor exists:
+/// what fits in the channel's socket buffer waits there, so the successor
+/// reads it at once instead of waiting for the old generation to be
+/// scheduled again.
+pub(crate) struct Writer {
+    source: Box<dyn Read + Send>,
+    /// `[u32 LE length][bytes]` of the current chunk (the header at first).
+    frame: Vec<u8>,
+    /// Bytes of `frame` that are valid.
+    len: usize,
+    /// Bytes of `frame` already sent.
+    sent: usize,
+    /// The end chunk (length 0) is in `frame`.
+    finished: bool,
+    /// Payload bytes read from the source.
+    total: u64,
+}
+
+impl Writer {
+    pub(crate) fn new((version, source): StateStream) -> Writer {
+        let header = channel::state_header(version);
+        let mut frame = vec![0u8; CHUNK + 4];
+        frame[..header.len()].copy_from_slice(&header);
+        Writer {
+            source,
+            frame,
+            len: header.len(),
+            sent: 0,
+            finished: false,
+            total: 0,
         }
-        total += n as u64;
+    }
+
+    /// Sends the stream over `fd` until it is all sent (`Ok(true)`) or, with
+    /// `nonblocking`, until the socket is full (`Ok(false)`). Blocking sends
+    /// end at the socket's send timeout.
+    pub(crate) fn send(&mut self, fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<bool> {
+        loop {
+            if self.sent == self.len {
+                if self.finished {
+                    return Ok(true);
+                }
+                self.next_chunk()?;
+            }
+            match sys::send(fd, &self.frame[self.sent..self.len], nonblocking) {
+                Ok(n) => self.sent += n,
+                Err(e) if nonblocking && e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Payload bytes read from the source so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn next_chunk(&mut self) -> io::Result<()> {
+        let n = loop {
+            match self.source.read(&mut self.frame[4..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        self.frame[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        (self.len, self.sent) = (4 + n, 0);
+        self.finished = n == 0;
+        self.total += n as u64;
+        Ok(())
     }
 }
 

@@ -73,11 +73,12 @@ pub(crate) fn upgrade_span(generation: u64) -> tracing::Span {
     tracing::info_span!("upgrade", generation, successor_generation = generation + 1)
 }
 
-/// Records that phase `name` took `took`, and reports it as an
-/// `upgrade phase` event (fields `phase`, `ms`) in the current span.
+/// Records that phase `name` took `took`, and reports it as a DEBUG
+/// `upgrade phase` event (fields `phase`, `ms`) in the current span: the
+/// INFO log has one line per upgrade, and the phases are in [`Phases`].
 pub(crate) fn record(phases: &mut Phases, name: &'static str, took: Duration) {
     phases.set(name, took);
-    tracing::info!(phase = name, ms = took.as_secs_f64() * 1e3, "upgrade phase");
+    tracing::debug!(phase = name, ms = took.as_secs_f64() * 1e3, "upgrade phase");
 }
 
 /// The counters a generation keeps and hands on.

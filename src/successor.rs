@@ -94,6 +94,7 @@ impl Generation {
         }
         tracing::info!(
             generation = g.generation,
+            from_predecessor = g.from_predecessor,
             since_start_ms = g.started.elapsed().as_secs_f64() * 1e3,
             "ready"
         );
@@ -248,7 +249,7 @@ impl Generation {
                 Next::Incomplete => return,
                 Next::Message(Message::Commit(c)) => {
                     life.commit_received(c);
-                    tracing::info!(
+                    tracing::debug!(
                         generation = self.generation,
                         "predecessor committed the handover"
                     );

@@ -280,20 +280,23 @@ impl Generation {
             None => self.default_state(),
         };
 
-        let spawn_start = Instant::now();
-        let (ours, ours_copy, mut child) = self.spawn_successor(
-            &program,
-            args,
-            generation,
-            started_us,
-            state.is_some(),
-            deadline,
-        )?;
-        let pid = child.pid as u32;
+        let spawn::ChannelFds {
+            ours,
+            ours_copy,
+            theirs,
+        } = lock(&self.reserve)
+            .channel()
+            .map_err(|e| UpgradeError::io("socketpair", e))?;
+        let with_state = state.is_some();
         let writer = match state {
             Some(state) => Some(stream_state(ours_copy, state, deadline)?),
             None => None,
         };
+        let spawn_start = Instant::now();
+        let mut child = self.spawn_successor(
+            &program, args, generation, started_us, theirs, with_state, deadline,
+        )?;
+        let pid = child.pid as u32;
         let exec_done = Instant::now();
         let exec_ms = (exec_done - start).as_secs_f64() * 1e3;
         phase(phases, "spawn", exec_done - spawn_start);
@@ -437,26 +440,18 @@ impl Generation {
         Some(source())
     }
 
-    /// Starts the successor with this generation's fds and a fresh channel
-    /// (both opened in advance, see `spawn::Reserve`); returns this
-    /// generation's end of the channel, a second fd of it (for the state
-    /// stream) and the child.
+    /// Starts the successor with this generation's fds and `theirs`, its end
+    /// of the channel (opened in advance, see `spawn::Reserve`).
     fn spawn_successor(
         &self,
         program: &Path,
         args: &[OsString],
         generation: u64,
         started_us: u128,
+        theirs: OwnedFd,
         with_state: bool,
         deadline: Instant,
-    ) -> Result<(OwnedFd, OwnedFd, spawn::Child), UpgradeError> {
-        let spawn::ChannelFds {
-            ours,
-            ours_copy,
-            theirs,
-        } = lock(&self.reserve)
-            .channel()
-            .map_err(|e| UpgradeError::io("socketpair", e))?;
+    ) -> Result<spawn::Child, UpgradeError> {
         let pipes = lock(&self.reserve)
             .spawn_fds()
             .map_err(|e| UpgradeError::io("pipe2", e))?;
@@ -476,7 +471,7 @@ impl Generation {
                 &self.config.program,
                 started_us,
             );
-            tracing::info!(program = %program.display(), fds = names.len(), "spawning successor");
+            tracing::debug!(program = %program.display(), fds = names.len(), "spawning successor");
             // Under a service manager the successor must be the manager's
             // child before it is named main: through an intermediate.
             let direct = !self.notifier.is_enabled() && spawn::can_start_directly();
@@ -486,7 +481,7 @@ impl Generation {
         };
         drop(theirs);
         match child {
-            Ok(c) => Ok((ours, ours_copy, c)),
+            Ok(c) => Ok(c),
             Err(SpawnError::Child { step, err }) => {
                 tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
                 Err(UpgradeError::Exec {
@@ -553,6 +548,10 @@ impl Generation {
         // process exits: its EOF tells the successor that its predecessor is
         // gone. It is close-on-exec, so no other child ever holds it.
         let commit = Message::Commit(self.life().handed_over(ours, *phases)).encode();
+        // The serving layer stops accepting now, without waiting for the
+        // caller of `upgrade` to be scheduled first.
+        #[cfg(feature = "tokio")]
+        self.handed.notify_waiters();
         if let Some(ch) = self.life().successor.as_ref() {
             if let Err(e) = sys::send_all(ch.as_fd(), &commit) {
                 tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
@@ -628,40 +627,64 @@ pub(crate) fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgrade
     })
 }
 
-/// Streams `state` over `fd`, a copy of the channel, from a thread of its
-/// own, so that waiting for ready goes on meanwhile. Its sends time out at
-/// the ready deadline.
+/// How the state went, or is going, to the successor.
+enum StateSent {
+    /// It all fit in the channel's socket buffer before the successor
+    /// started (or failed at once): the result and how long it took.
+    Done(std::io::Result<u64>, Duration),
+    /// The rest goes from a thread of its own, so that waiting for ready
+    /// goes on meanwhile.
+    Thread(std::thread::JoinHandle<(std::io::Result<u64>, Duration)>),
+}
+
+/// Streams `state` over `fd`, a copy of the channel, before the successor
+/// starts: what fits in the socket buffer is written at once, and waits
+/// there for the successor, which so never waits for this generation to be
+/// scheduled. The rest goes from a thread, whose sends time out at the
+/// ready deadline.
 fn stream_state(
     fd: OwnedFd,
     state: StateStream,
     deadline: Instant,
-) -> Result<std::thread::JoinHandle<(std::io::Result<u64>, Duration)>, UpgradeError> {
-    let (version, mut source) = state;
+) -> Result<StateSent, UpgradeError> {
+    // A broken source must not leave the successor waiting for bytes that
+    // never come.
+    fn give_up(fd: &OwnedFd) {
+        let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Write);
+    }
+    let t = Instant::now();
+    let mut writer = crate::state::Writer::new(state);
+    match writer.send(fd.as_fd(), true) {
+        Ok(true) => return Ok(StateSent::Done(Ok(writer.total()), t.elapsed())),
+        Ok(false) => {}
+        Err(e) => {
+            give_up(&fd);
+            return Ok(StateSent::Done(Err(e), t.elapsed()));
+        }
+    }
     let left = deadline.saturating_duration_since(Instant::now());
     crate::state::set_timeout(fd.as_fd(), crate::state::Direction::Send, left)
         .map_err(|e| UpgradeError::io("setting the state timeout", e))?;
-    Ok(std::thread::spawn(move || {
-        let t = Instant::now();
-        let result = crate::state::write(fd.as_fd(), version, &mut source);
+    Ok(StateSent::Thread(std::thread::spawn(move || {
+        let result = writer.send(fd.as_fd(), false).map(|_| writer.total());
         if result.is_err() {
-            // A broken source must not leave the successor waiting for
-            // bytes that never come.
-            let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write);
+            give_up(&fd);
         }
         (result, t.elapsed())
-    }))
+    })))
 }
 
 /// Waits for the state writer (bounded: its sends time out at the ready
 /// deadline, and fail at once when the successor is gone) and records it.
-fn join_state_writer(
-    writer: std::thread::JoinHandle<(std::io::Result<u64>, Duration)>,
-    phases: &mut Phases,
-) {
-    match writer.join() {
-        Ok((Ok(bytes), took)) => {
+fn join_state_writer(sent: StateSent, phases: &mut Phases) {
+    let outcome = match sent {
+        StateSent::Done(result, took) => Some((result, took)),
+        StateSent::Thread(t) => t.join().ok(),
+    };
+    match outcome {
+        Some((Ok(bytes), took)) => {
             phases.state = Some(took);
-            tracing::info!(
+            tracing::debug!(
                 phase = "state",
                 ms = took.as_secs_f64() * 1e3,
                 bytes,
@@ -669,8 +692,8 @@ fn join_state_writer(
                 "upgrade phase"
             )
         }
-        Ok((Err(e), _)) => tracing::warn!(error = %e, "state stream failed"),
-        Err(_) => tracing::error!("state writer panicked"),
+        Some((Err(e), _)) => tracing::warn!(error = %e, "state stream failed"),
+        None => tracing::error!("state writer panicked"),
     }
 }
 

@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     /// Migration on: the handover whose successor takes HTTP/1.1
     /// connections.
     pub(crate) migrate: Option<Handover>,
+    /// The handover served, if known: accepting stops at its commit.
+    pub(crate) handover: Option<Handover>,
 }
 
 /// A stream with bytes put back in front of it: the bytes read to tell the

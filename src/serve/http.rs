@@ -235,7 +235,9 @@ impl Server {
     }
 
     /// Serves `service` — a tower service such as an axum `Router` — until
-    /// the drain has ended; returns how it ended.
+    /// the drain has ended; returns how it ended. Accepting stops as soon as
+    /// an upgrade commits (the successor accepts from then on), or when the
+    /// drain starts.
     ///
     /// Errors only if a listener cannot be registered with tokio.
     pub async fn serve<S, B>(self, service: S) -> io::Result<DrainReport>
@@ -275,6 +277,7 @@ impl Server {
             http1: self.http1,
             http2: self.http2,
             migrate: self.handover.clone().filter(|_| self.migrate),
+            handover: self.handover.clone(),
         });
         let mut loops = tokio::task::JoinSet::new();
         if let Some(handover) = &shared.migrate {
@@ -291,8 +294,10 @@ impl Server {
         for listener in listeners {
             loops.spawn(accept_loop(listener, service.clone(), shared.clone()));
         }
-        // Each loop returns (dropping its listener) when the drain starts.
+        // Each loop returns (dropping its listener) at the commit or when the
+        // drain starts; the drain is timed from its start.
         while loops.join_next().await.is_some() {}
+        self.drain.draining().await;
         let report = self.drain.wait(self.drain_timeout).await;
         let _ = passed.send(true);
         Ok(report)
@@ -310,7 +315,19 @@ where
 {
     let mut backoff = AcceptBackoff::new();
     let drain = shared.drain.clone();
-    let draining = drain.draining();
+    // Accepting ends when the drain starts, or already at the commit: the
+    // successor accepts from then on, and the drain follows once the caller
+    // of `upgrade` has run.
+    let handover = shared.handover.clone();
+    let draining = async {
+        match &handover {
+            Some(h) => tokio::select! {
+                _ = drain.draining() => {}
+                _ = h.handed_over() => {}
+            },
+            None => drain.draining().await,
+        }
+    };
     tokio::pin!(draining);
     loop {
         let accepted = tokio::select! {
