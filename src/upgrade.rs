@@ -446,12 +446,15 @@ impl Generation {
         &self,
         program: &Path,
         args: &[OsString],
-        generation: u64,
-        started_us: u128,
+        next: Next,
         theirs: OwnedFd,
-        with_state: bool,
         deadline: Instant,
     ) -> Result<spawn::Child, UpgradeError> {
+        let Next {
+            generation,
+            started_us,
+            with_state,
+        } = next;
         let pipes = lock(&self.reserve)
             .spawn_fds()
             .map_err(|e| UpgradeError::io("pipe2", e))?;
