@@ -293,9 +293,12 @@ impl Generation {
             None => None,
         };
         let spawn_start = Instant::now();
-        let mut child = self.spawn_successor(
-            &program, args, generation, started_us, theirs, with_state, deadline,
-        )?;
+        let next = Next {
+            generation,
+            started_us,
+            with_state,
+        };
+        let mut child = self.spawn_successor(&program, args, next, theirs, deadline)?;
         let pid = child.pid as u32;
         let exec_done = Instant::now();
         let exec_ms = (exec_done - start).as_secs_f64() * 1e3;
@@ -628,6 +631,15 @@ pub(crate) fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgrade
         g.record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
         Err(e)
     })
+}
+
+/// What a successor is told about itself (see `env::successor_vars`).
+struct Next {
+    generation: u64,
+    /// When the upgrade began (`CLOCK_MONOTONIC` µs).
+    started_us: u128,
+    /// A state stream follows on the channel.
+    with_state: bool,
 }
 
 /// How the state went, or is going, to the successor.
