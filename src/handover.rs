@@ -354,6 +354,10 @@ impl Handover {
         if !self.g.ready()? {
             return Ok(());
         }
+        // What an upgrade needs is opened now: after the ready message (not
+        // while a predecessor waits for it), before the application accepts
+        // (which may take every fd slot).
+        lock(&self.g.reserve).refill();
         #[cfg(feature = "tokio")]
         match Upgrader::start(self.g.clone()) {
             Ok(u) => {

@@ -149,24 +149,19 @@ pub(crate) struct Reserve {
 }
 
 impl Reserve {
-    /// Opens everything an upgrade needs (best effort; see [`Reserve`]).
-    pub(crate) fn new(pid_file: Option<&Path>) -> Reserve {
+    /// The reserve of a new generation: copies of the channel to its
+    /// predecessor, if it has one, at once; the rest is opened by
+    /// [`refill`](Self::refill) once the generation is ready — not while
+    /// its predecessor waits for it.
+    pub(crate) fn for_generation(
+        pid_file: Option<&Path>,
+        predecessor: Option<&OwnedFd>,
+    ) -> Reserve {
         let mut r = Reserve {
             pid_file: pid_file.map(Path::to_owned),
             lock_path: pid_file.map(pidfile::lock_path),
             ..Reserve::default()
         };
-        r.refill();
-        r
-    }
-
-    /// The reserve of a new generation: [`Reserve::new`], plus copies of the
-    /// channel to its predecessor, if it has one.
-    pub(crate) fn for_generation(
-        pid_file: Option<&Path>,
-        predecessor: Option<&OwnedFd>,
-    ) -> Reserve {
-        let mut r = Reserve::new(pid_file);
         if let Some(ch) = predecessor {
             r.keep_channel_copies(ch);
         }
@@ -1461,7 +1456,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let pid_file = dir.join("x.pid");
-        let mut r = Reserve::new(Some(&pid_file));
+        let mut r = Reserve::for_generation(Some(&pid_file), None);
+        assert!(r.lock.is_none() && r.channel.is_none(), "opened by refill");
+        r.refill();
         assert!(r.lock.is_some() && r.channel.is_some() && r.spawn.is_some());
         assert_eq!(r.spare.len(), SPARE_FDS);
         let c = r.channel().unwrap();
