@@ -74,7 +74,8 @@ impl Builder {
     /// A pid file naming the serving generation. It is written atomically
     /// (temporary file, then rename): by the first generation when it calls
     /// [`Handover::ready`], and by an old generation with its successor's pid
-    /// once the successor is ready. A failed upgrade leaves it unchanged.
+    /// — written while the successor starts, renamed into place at the
+    /// commit. A failed upgrade leaves it unchanged.
     ///
     /// `<path>.lock` is `flock`ed during an upgrade, so that two processes
     /// cannot upgrade one service at once. Default: none.

@@ -16,6 +16,49 @@ use nix::fcntl::{Flock, FlockArg};
 /// nothing after a crash of the machine (it lives on a tmpfs under /run as
 /// a rule), and an `fdatasync` cost up to 1.4 ms between ready and commit.
 pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
+    stage(path, pid, None)?.publish()
+}
+
+/// A pid file written under a temporary name beside its path (a dot file
+/// named after it and this process), waiting to be renamed into place by
+/// [`publish`](Staged::publish); removed if dropped unpublished. An upgrade
+/// stages its successor's pid while the successor starts, so that a pid file
+/// that cannot be written fails the upgrade before the commit, and only the
+/// rename is left for after it.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    published: bool,
+}
+
+impl Staged {
+    /// The pid file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the staged file over the pid file.
+    pub(crate) fn publish(mut self) -> io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.published = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `pid` under the temporary name of the pid file at `path`: through
+/// `reserved`, a [`TempFile`] opened in advance, when there is one (written,
+/// then named with `linkat` through `/proc/self/fd`, which needs no new fd),
+/// else — or if that fails — in a file created under that name.
+pub(crate) fn stage(path: &Path, pid: u32, reserved: Option<TempFile>) -> io::Result<Staged> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -29,22 +72,54 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        // std opens files with O_CLOEXEC.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(format!("{pid}\n").as_bytes())?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let staged = Staged {
+        tmp: dir.join(tmp_name),
+        path: path.to_owned(),
+        published: false,
+    };
+    let content = format!("{pid}\n");
+    if let Some(TempFile(mut file)) = reserved {
+        let linked = (|| {
+            use nix::fcntl::{AT_FDCWD, AtFlags};
+            file.write_all(content.as_bytes())?;
+            let from = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let link = || {
+                // AT_SYMLINK_FOLLOW resolves the /proc link to the open,
+                // unnamed file.
+                nix::unistd::linkat(
+                    AT_FDCWD,
+                    from.as_str(),
+                    AT_FDCWD,
+                    &staged.tmp,
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                )
+            };
+            match link() {
+                Err(Errno::EEXIST) => {
+                    // Left by an earlier process with this pid.
+                    std::fs::remove_file(&staged.tmp)?;
+                    link()?;
+                }
+                other => other?,
+            }
+            Ok::<(), io::Error>(())
+        })();
+        match linked {
+            Ok(()) => return Ok(staged),
+            Err(e) => {
+                tracing::debug!(error = %e, "reserved pid file write failed; writing it anew");
+            }
+        }
     }
-    result
+    // std opens files with O_CLOEXEC.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&staged.tmp)?;
+    f.write_all(content.as_bytes())?;
+    Ok(staged)
 }
 
 /// Checks, before an upgrade starts anything, that the pid file can be
@@ -181,14 +256,14 @@ impl Drop for UpgradeLock {
 }
 
 /// An unnamed file in the pid file's directory (`O_TMPFILE`), opened in
-/// advance so that writing the pid file at a commit needs no new fd; see
-/// [`write_reserved`].
+/// advance so that writing the pid file in an upgrade needs no new fd; see
+/// [`stage`].
 #[derive(Debug)]
 pub(crate) struct TempFile(File);
 
 impl TempFile {
     /// Opens an unnamed temporary file beside `pid_file`. Fails where the
-    /// file system has no `O_TMPFILE` (then [`write`] is used at the commit).
+    /// file system has no `O_TMPFILE` (then [`stage`] creates a file).
     pub(crate) fn reserve(pid_file: &Path) -> io::Result<TempFile> {
         let dir = match pid_file.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -200,52 +275,6 @@ impl TempFile {
             .mode(0o644)
             .open(dir)?;
         Ok(TempFile(file))
-    }
-}
-
-/// [`write`], through a [`TempFile`] reserved in advance when there is one:
-/// the pid is written there (not synced, as by [`write`]), the file is given the temporary
-/// name (`linkat` through `/proc/self/fd`, which needs no new fd) and
-/// renamed over `path`. Falls back to [`write`] if any step fails.
-pub(crate) fn write_reserved(path: &Path, pid: u32, tmp: Option<TempFile>) -> io::Result<()> {
-    use nix::fcntl::{AT_FDCWD, AtFlags};
-    let Some(TempFile(mut file)) = tmp else {
-        return write(path, pid);
-    };
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return write(path, pid);
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp_path = dir.join(tmp_name);
-    let linked = (|| {
-        file.write_all(format!("{pid}\n").as_bytes())?;
-        let from = format!("/proc/self/fd/{}", file.as_raw_fd());
-        let _ = std::fs::remove_file(&tmp_path);
-        // AT_SYMLINK_FOLLOW resolves the /proc link to the open, unnamed file.
-        nix::unistd::linkat(
-            AT_FDCWD,
-            from.as_str(),
-            AT_FDCWD,
-            &tmp_path,
-            AtFlags::AT_SYMLINK_FOLLOW,
-        )?;
-        std::fs::rename(&tmp_path, path)
-    })();
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp_path);
-            drop(file);
-            tracing::debug!(error = %e, "reserved pid file write failed; writing it anew");
-            write(path, pid)
-        }
     }
 }
 
@@ -282,7 +311,9 @@ mod tests {
         let path = dir.join("x.pid");
         write(&path, 1).unwrap();
         let tmp = TempFile::reserve(&path).ok();
-        write_reserved(&path, 4242, tmp).unwrap();
+        let staged = stage(&path, 4242, tmp).unwrap();
+        assert_eq!(read(&path).unwrap(), 1, "unchanged until published");
+        staged.publish().unwrap();
         assert_eq!(read(&path).unwrap(), 4242);
         // Nothing is left beside it.
         let names: Vec<_> = std::fs::read_dir(&dir)
@@ -290,6 +321,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.pid")]);
+        // Staged and dropped: nothing left, the pid file unchanged.
+        drop(stage(&path, 7, TempFile::reserve(&path).ok()).unwrap());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.pid")]);
+        assert_eq!(read(&path).unwrap(), 4242);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -260,11 +260,16 @@ impl Reserve {
         self.channel_copies.clear();
     }
 
-    /// At the commit: frees the spare fds (for the service manager's
-    /// barrier) and hands over the pid file's temporary file.
-    pub(crate) fn for_commit(&mut self) -> Option<TempFile> {
-        self.spare.clear();
+    /// The pid file's temporary file, for an upgrade to stage its
+    /// successor's pid in.
+    pub(crate) fn pid_tmp(&mut self) -> Option<TempFile> {
         self.pid_tmp.take()
+    }
+
+    /// At the commit: frees the spare fds (for the service manager's
+    /// barrier).
+    pub(crate) fn for_commit(&mut self) {
+        self.spare.clear();
     }
 }
 

@@ -300,6 +300,21 @@ impl Generation {
         };
         let mut child = self.spawn_successor(&program, args, next, theirs, deadline)?;
         let pid = child.pid as u32;
+        // Written while the successor starts: a pid file that cannot be
+        // written fails the upgrade now, and the commit only renames it.
+        let pid_file = match &cfg.pid_file {
+            Some(path) => {
+                let tmp = lock(&self.reserve).pid_tmp();
+                Some(pidfile::stage(path, pid, tmp).map_err(|source| {
+                    tracing::error!(path = %path.display(), error = %source, "cannot write the pid file; killing the successor");
+                    UpgradeError::PidFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
+            None => None,
+        };
         let exec_done = Instant::now();
         let exec_ms = (exec_done - start).as_secs_f64() * 1e3;
         phase(phases, "spawn", exec_done - spawn_start);
@@ -338,7 +353,7 @@ impl Generation {
             phase(phases, "probation", t.elapsed());
             watched?;
         }
-        self.commit(ours, child, generation, phases)?;
+        self.commit(ours, child, generation, phases, pid_file);
         attempt.committed = true;
         tracing::info!(
             pid,
@@ -509,31 +524,23 @@ impl Generation {
         }
     }
 
-    /// The commit: from here on the successor serves. The pid file is
-    /// written first — if it cannot be, the successor is killed (it is still
-    /// ours) and the upgrade fails, so the pid file never names a process
-    /// that does not serve. Then the successor is let go (reparented to the
-    /// nearest subreaper before anyone names it main), the service manager
-    /// is told, and the successor gets the commit with the counters.
+    /// The commit: from here on the successor serves. The successor is let
+    /// go (reparented to the nearest subreaper before anyone names it main),
+    /// the service manager is told, the serving layer stops accepting, the
+    /// successor gets the commit with the counters, and the pid file, staged
+    /// with the successor's pid while it started (a failure there failed the
+    /// upgrade), is renamed into place: it never names a process that does
+    /// not serve.
     fn commit(
         &self,
         ours: std::os::fd::OwnedFd,
         child: spawn::Child,
         generation: u64,
         phases: &Phases,
-    ) -> Result<(), UpgradeError> {
+        pid_file: Option<pidfile::Staged>,
+    ) {
         let pid = child.pid as u32;
-        let tmp = lock(&self.reserve).for_commit();
-        if let Some(path) = &self.config.pid_file {
-            if let Err(source) = pidfile::write_reserved(path, pid, tmp) {
-                tracing::error!(path = %path.display(), error = %source, "cannot write the pid file; killing the successor");
-                drop(child); // kills and reaps it: it was not released
-                return Err(UpgradeError::PidFile {
-                    path: path.clone(),
-                    source,
-                });
-            }
-        }
+        lock(&self.reserve).for_commit();
         // An intermediate exits: the successor is reparented to the nearest
         // subreaper (the service manager) before it is named main.
         child.release();
@@ -563,7 +570,12 @@ impl Generation {
                 tracing::warn!(pid, error = %e, "cannot send the commit to the successor");
             }
         }
-        Ok(())
+        if let Some(staged) = pid_file {
+            let path = staged.path().to_owned();
+            if let Err(e) = staged.publish().or_else(|_| pidfile::write(&path, pid)) {
+                tracing::error!(error = %e, "cannot rename the pid file into place: it names this generation until it exits");
+            }
+        }
     }
 }
 
