@@ -6,24 +6,32 @@
 //! works when the process is at its fd limit — which is when a fix for an fd leak must be
 //! deployed.
 //!
-//! The old generation blocks every signal around `fork` (restored by a guard on every path)
-//! and forks an *intermediate* process, which:
+//! The successor is started the way `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on a
+//! stack of its own, sharing its parent's memory until it execs, while the parent thread waits —
+//! no page table is copied and nothing needs tearing down. Every signal is blocked around it
+//! (restored by a guard on every path).
+//!
+//! Without a service manager the old generation's upgrade thread starts it directly and
+//! watches it through a pidfd: it stays the old generation's child until that exits. Under a
+//! service manager (which must see the successor as its own child before it is named main)
+//! the old generation forks an *intermediate* process, which:
 //!
 //! 1. closes every fd it does not need: it is a copy of the old generation, which may hold
 //!    thousands of connections and have no fd slot left;
-//! 2. forks the successor, puts it into a process group of its own (`setpgid` from both sides,
-//!    so that the group exists before its pid is reported), reports its pid;
+//! 2. starts the successor (in a process group of its own, which exists before its pid is
+//!    reported) and reports its pid;
 //! 3. then waits: released (EOF on the release socket), it exits and leaves the successor to
 //!    the nearest subreaper; asked to kill (a byte on it), or seeing the successor exit, it
 //!    kills the successor's whole process group — while the successor is still its unreaped
 //!    child, so the group id cannot have been reused — reaps it and reports its wait status.
 //!
-//! Between fork and exec the successor only makes async-signal-safe system calls on memory
-//! prepared before the fork:
+//! Between its start and exec the successor only makes async-signal-safe system calls on
+//! memory prepared before:
 //!
 //! 1. `setpgid(0, 0)`: a process group of its own, so that a signal sent to the service's
 //!    group (`kill -HUP -- -PGID`, a terminal's hangup) does not reach it before it can
-//!    handle it, and so that killing the group ends everything it started;
+//!    handle it, and so that killing the group ends everything it started; started directly,
+//!    it then closes every fd it does not need, as an intermediate would have;
 //! 2. moves the error pipe above the target range, then `dup2`s each handed
 //!    fd to `3, 4, ...` in order (`dup2` of two distinct fds clears
 //!    `FD_CLOEXEC` on the target), first moving aside a later fd that sits on
@@ -1120,11 +1128,14 @@ unsafe fn close_all_but(keep: &[RawFd], max_fd: RawFd) {
     unsafe { close_between(next, libc::c_uint::MAX, max_fd) };
 }
 
-/// The child between fork and exec.
+/// The successor between its start and exec.
 ///
 /// # Safety
-/// Must only be called in the child of `fork`, with `plan` built by `spawn`.
-/// It makes only async-signal-safe calls and never returns.
+/// Must only be called in the child of [`clone_vfork`], with `plan` built by
+/// `spawn`. It shares its parent's memory (the parent is suspended), so it
+/// makes only async-signal-safe calls, allocates nothing, and never
+/// returns; what it changes in `plan` (the fd layout, the pid entry) is
+/// scratch space nobody reads after it.
 unsafe fn child(plan: &mut Plan) -> ! {
     let n = plan.sources.len() as RawFd;
     let floor = env::FDS_START + n;
