@@ -97,7 +97,7 @@ impl Handover {
     /// Resolves once this generation has handed over (the commit), which is
     /// before `upgrade()` returns to its caller: the serving layer stops
     /// accepting then.
-    #[cfg(feature = "tokio")]
+    #[cfg(feature = "http")]
     pub(crate) async fn handed_over(&self) {
         loop {
             let notified = self.g.handed.notified();
