@@ -540,7 +540,7 @@ impl Generation {
         pid_file: Option<pidfile::Staged>,
     ) {
         let pid = child.pid as u32;
-        lock(&self.reserve).for_commit();
+        lock(&self.reserve).free_spares();
         // An intermediate exits: the successor is reparented to the nearest
         // subreaper (the service manager) before it is named main.
         child.release();

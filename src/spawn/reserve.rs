@@ -1,0 +1,259 @@
+//! The fds an upgrade needs, opened in advance (see [`Reserve`]).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use crate::pidfile::{self, LockFile, TempFile, UpgradeLock};
+use crate::sys;
+
+/// Spare fds in the [`Reserve`], freed for what cannot be opened in advance:
+/// the preflight check's pipes and `/dev/null` (6), or the commit's
+/// `BARRIER=1` pipe (2).
+const SPARE_FDS: usize = 6;
+
+/// Copies of a successor's channel to its predecessor made at build, for
+/// what uses one while the successor may already be at its fd limit: the
+/// state reader, the discarding of an unread state, the ready message, and
+/// the task waiting on the channel (`predecessor_exited`, `committed`).
+const CHANNEL_COPIES: usize = 4;
+
+/// The pipes of one spawn.
+#[derive(Debug)]
+pub(crate) struct SpawnFds {
+    /// The child's `(step, errno)` report, `(read, write)`.
+    pub(super) err: (OwnedFd, OwnedFd),
+    /// The intermediate's report (successor pid, then wait status), `(read, write)`.
+    pub(super) status: (OwnedFd, OwnedFd),
+    /// `(ours, the intermediate's)`: a socket pair, so that a byte for an
+    /// intermediate that is gone is `EPIPE`, never `SIGPIPE`.
+    pub(super) release: (OwnedFd, OwnedFd),
+}
+
+impl SpawnFds {
+    fn open() -> io::Result<SpawnFds> {
+        Ok(SpawnFds {
+            err: sys::pipe_cloexec()?,
+            status: sys::pipe_cloexec()?,
+            release: sys::socketpair_cloexec()?,
+        })
+    }
+}
+
+/// The channel of one upgrade.
+#[derive(Debug)]
+pub(crate) struct ChannelFds {
+    /// The old generation's end.
+    pub(crate) ours: OwnedFd,
+    /// A second fd for the old generation's end, for the thread that streams
+    /// the state.
+    pub(crate) ours_copy: OwnedFd,
+    /// The successor's end.
+    pub(crate) theirs: OwnedFd,
+}
+
+impl ChannelFds {
+    fn open() -> io::Result<ChannelFds> {
+        let (ours, theirs) = sys::socketpair_cloexec()?;
+        let ours_copy = ours.try_clone()?;
+        Ok(ChannelFds {
+            ours,
+            ours_copy,
+            theirs,
+        })
+    }
+}
+
+/// What an upgrade needs, opened while fds are plentiful (at build, and again
+/// after each failed upgrade), so that an upgrade works at the fd limit: the
+/// lock file, the channel, the spawn's pipes, the pid file's temporary file
+/// and a few spare fds. Each part that is missing (it could not be opened
+/// in advance) is opened when needed instead. Every fd is close-on-exec.
+///
+/// The spare fds are a last resort for what cannot be opened in advance:
+/// freed just before it is opened, a slot may be taken by another thread of
+/// the application meanwhile (an accept loop at the limit).
+#[derive(Debug, Default)]
+pub(crate) struct Reserve {
+    lock: Option<LockFile>,
+    lock_path: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    pid_tmp: Option<TempFile>,
+    channel: Option<ChannelFds>,
+    spawn: Option<SpawnFds>,
+    spare: Vec<OwnedFd>,
+    channel_copies: Vec<OwnedFd>,
+}
+
+impl Reserve {
+    /// The reserve of a new generation: copies of the channel to its
+    /// predecessor, if it has one, at once; the rest is opened by
+    /// [`refill`](Self::refill) once the generation is ready — not while
+    /// its predecessor waits for it.
+    pub(crate) fn for_generation(
+        pid_file: Option<&Path>,
+        predecessor: Option<&OwnedFd>,
+    ) -> Reserve {
+        let mut r = Reserve {
+            pid_file: pid_file.map(Path::to_owned),
+            lock_path: pid_file.map(pidfile::lock_path),
+            ..Reserve::default()
+        };
+        if let Some(ch) = predecessor {
+            r.keep_channel_copies(ch);
+        }
+        r
+    }
+
+    /// Opens again what an upgrade used (best effort).
+    pub(crate) fn refill(&mut self) {
+        let mut failed = None;
+        if let (None, Some(path)) = (&self.lock, &self.lock_path) {
+            match LockFile::open(path) {
+                Ok(l) => self.lock = Some(l),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let (None, Some(path)) = (&self.pid_tmp, &self.pid_file) {
+            // Not on every file system: the pid file is then written anew.
+            self.pid_tmp = TempFile::reserve(path).ok();
+        }
+        if self.channel.is_none() {
+            match ChannelFds::open() {
+                Ok(c) => self.channel = Some(c),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if self.spawn.is_none() {
+            match SpawnFds::open() {
+                Ok(p) => self.spawn = Some(p),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Err(e) = self.refill_spares() {
+            failed = Some(e);
+        }
+        if let Some(e) = failed {
+            tracing::debug!(error = %e, "cannot reserve every fd an upgrade needs; opening the rest when needed");
+        }
+    }
+
+    pub(super) fn refill_spares(&mut self) -> io::Result<()> {
+        while self.spare.len() < SPARE_FDS {
+            let spare = match (self.spare.first(), &self.spawn) {
+                (Some(fd), _) => fd.try_clone()?,
+                (None, Some(p)) => p.err.0.try_clone()?,
+                (None, None) => return Ok(()),
+            };
+            self.spare.push(spare);
+        }
+        Ok(())
+    }
+
+    /// Takes the upgrade lock at `path` (`<pid file>.lock`) without waiting,
+    /// on the lock file opened in advance. `Ok(None)`: another process holds it.
+    pub(crate) fn lock_upgrades(&mut self, path: &Path) -> io::Result<Option<UpgradeLock>> {
+        if self.lock.as_ref().is_none_or(|l| l.path() != path) {
+            self.lock = Some(LockFile::open(path)?);
+            self.lock_path = Some(path.to_owned());
+        }
+        self.lock.as_ref().expect("just opened").try_lock()
+    }
+
+    /// The channel for an upgrade.
+    pub(crate) fn channel(&mut self) -> io::Result<ChannelFds> {
+        match self.channel.take() {
+            Some(c) => Ok(c),
+            None => ChannelFds::open(),
+        }
+    }
+
+    /// The pipes for a spawn.
+    pub(crate) fn spawn_fds(&mut self) -> io::Result<SpawnFds> {
+        match self.spawn.take() {
+            Some(p) => Ok(p),
+            None => SpawnFds::open(),
+        }
+    }
+
+    /// Keeps copies of `channel`, a successor's channel to its predecessor
+    /// (best effort).
+    pub(crate) fn keep_channel_copies(&mut self, channel: &OwnedFd) {
+        while self.channel_copies.len() < CHANNEL_COPIES {
+            match channel.try_clone() {
+                Ok(c) => self.channel_copies.push(c),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// A copy of the successor's channel made in advance, if one is left.
+    pub(crate) fn channel_copy(&mut self) -> Option<OwnedFd> {
+        self.channel_copies.pop()
+    }
+
+    /// The predecessor is gone: its channel's copies are of no further use.
+    pub(crate) fn drop_channel_copies(&mut self) {
+        self.channel_copies.clear();
+    }
+
+    /// The pid file's temporary file, for an upgrade to stage its
+    /// successor's pid in.
+    pub(crate) fn pid_tmp(&mut self) -> Option<TempFile> {
+        self.pid_tmp.take()
+    }
+
+    /// Frees the spare fds, for what cannot be opened in advance: the
+    /// commit's `BARRIER=1` pipe, a preflight check's pipes.
+    pub(crate) fn free_spares(&mut self) {
+        self.spare.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_reserve_holds_close_on_exec_fds_and_opens_more_when_empty() {
+        let dir = std::env::temp_dir().join(format!("handover-reserve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("x.pid");
+        let mut r = Reserve::for_generation(Some(&pid_file), None);
+        assert!(r.lock.is_none() && r.channel.is_none(), "opened by refill");
+        r.refill();
+        assert!(r.lock.is_some() && r.channel.is_some() && r.spawn.is_some());
+        assert_eq!(r.spare.len(), SPARE_FDS);
+        let c = r.channel().unwrap();
+        let p = r.spawn_fds().unwrap();
+        for fd in [
+            &c.ours,
+            &c.ours_copy,
+            &c.theirs,
+            &p.err.0,
+            &p.status.1,
+            &p.release.0,
+        ]
+        .into_iter()
+        .chain(&r.spare)
+        {
+            assert!(sys::is_cloexec(fd.as_fd()).unwrap());
+        }
+        // Taken: the next ones are opened on demand; refill reserves again.
+        assert!(r.channel.is_none());
+        assert!(r.channel().is_ok() && r.spawn_fds().is_ok());
+        r.refill();
+        assert!(r.channel.is_some() && r.spawn.is_some());
+        let lock_path = pidfile::lock_path(&pid_file);
+        let held = r.lock_upgrades(&lock_path).unwrap().expect("free");
+        let other = LockFile::open(&lock_path).unwrap();
+        assert!(other.try_lock().unwrap().is_none());
+        drop(held);
+        assert!(other.try_lock().unwrap().is_some());
+        r.free_spares();
+        assert!(r.spare.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
