@@ -539,7 +539,7 @@ pub(crate) fn spawn(
         let readable = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], Instant::now())
             .is_ok_and(|r| r[0] != 0);
         if readable && read_full(err_r.as_fd(), &mut report).unwrap_or(false) {
-            return Err(child_error(&report));
+            return Err(child_error(&report, report.len()));
         }
         return Err(SpawnError::Parent(
             "fork",
@@ -563,13 +563,7 @@ pub(crate) fn spawn(
     child.wait_exit(Instant::now() + Duration::from_secs(5));
     child.kill_and_reap();
     child.forget();
-    if got < report.len() {
-        return Err(SpawnError::Parent(
-            "reading the exec error pipe",
-            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
-        ));
-    }
-    Err(child_error(&report))
+    Err(child_error(&report, got))
 }
 
 /// [`spawn`], directly: the successor is this process's child.
@@ -613,13 +607,7 @@ fn spawn_direct(
     let Some(got) = got else {
         return Err(SpawnError::ExecTimeout { pid: child.pid });
     };
-    if got < report.len() {
-        return Err(SpawnError::Parent(
-            "reading the exec error pipe",
-            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
-        ));
-    }
-    Err(child_error(&report))
+    Err(child_error(&report, got))
 }
 
 /// Reads the child's `(step, errno)` report until EOF or 8 bytes:
@@ -649,7 +637,14 @@ fn read_report(
     }
 }
 
-fn child_error(report: &[u8; 8]) -> SpawnError {
+/// The error a child reported: `got` bytes of its `(step, errno)`.
+fn child_error(report: &[u8; 8], got: usize) -> SpawnError {
+    if got < report.len() {
+        return SpawnError::Parent(
+            "reading the exec error pipe",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
+        );
+    }
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     SpawnError::Child {
