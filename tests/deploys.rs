@@ -123,6 +123,49 @@ fn a_second_reload_tells_the_truth_about_the_second_build_at_any_distance() {
     assert!(srv.stop().success());
 }
 
+/// A reload made after an upgrade started — its successor forked, not yet
+/// built — is not answered by that successor ("already"): the successor's
+/// start is its upgrade's start, before the request. It gets an upgrade of
+/// its own. (A successor once took its start from its own `build()`, and
+/// answered such a request while running the binary read before it.)
+#[test]
+fn a_reload_made_while_a_successor_starts_gets_an_upgrade_of_its_own() {
+    let dir = TempDir::new("deploy-midway");
+    let (bin, good) = common::deploy(dir.path(), "server");
+    let (ctl, mut srv) = start(dir.path(), &bin, &[]);
+    // The next builds take 300 ms to start: a wrapper that sleeps, then
+    // execs the server (same pid, so the handed fds stay its own).
+    let real = dir.path().join("server.real");
+    install(&real, &good, 0o755);
+    let wrapper = format!("#!/bin/sh\nsleep 0.3\nexec '{}' \"$@\"\n", real.display());
+    install(&bin, wrapper.as_bytes(), 0o755);
+    let old = srv.pid();
+    let first = std::thread::spawn({
+        let ctl = ctl.clone();
+        move || reload(&ctl, None)
+    });
+    common::wait_until(
+        "the first reload's successor to be started",
+        Duration::from_secs(30),
+        || !common::procs::children(old).is_empty(),
+    );
+    let second = reload(&ctl, None).expect("the second reload succeeds");
+    let first = first.join().unwrap().expect("the first reload succeeds");
+    let (mid, new) = (pid_of(&first), pid_of(&second));
+    assert_ne!(
+        mid, new,
+        "the second reply names the first reload's successor: {second}"
+    );
+    assert!(!second.contains("\"already\""), "{second}");
+    assert_eq!(
+        common::json(&second, "generation"),
+        (common::json(&first, "generation").parse::<u64>().unwrap() + 1).to_string()
+    );
+    follow(&mut srv, old, mid);
+    follow(&mut srv, mid, new);
+    assert!(srv.stop().success());
+}
+
 #[test]
 fn served_total_carries_over_an_upgrade_through_the_control_socket() {
     let dir = TempDir::new("deploy-state");
