@@ -165,6 +165,13 @@ fn fifty_connections_in_the_backlog_are_answered_by_the_successor() {
         .expect("upgrade");
     assert_eq!(done.generation, 2);
     assert_eq!(h.state(), State::HandedOver);
+    // Outside a service manager the successor is this process's own child,
+    // started without an intermediate process.
+    let kids: Vec<u32> = procs::children(std::process::id())
+        .iter()
+        .map(|k| k.0)
+        .collect();
+    assert_eq!(kids, vec![done.pid]);
     drop(listener);
     for s in clients {
         let r = load::read_response(&mut BufReader::new(s)).expect("queued connection answered");
