@@ -129,7 +129,7 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
 }
 
 /// One line to stdout, flushed at once: the machine-readable event log.
-fn event(line: std::fmt::Arguments<'_>) {
+pub fn event(line: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -225,7 +225,7 @@ fn stats_json(app: &App, served: u64) -> String {
 
 /// `/metrics`: [`handover::Stats`] in Prometheus' text format (the example
 /// of the `Stats` documentation).
-fn metrics(stats: &handover::Stats) -> String {
+pub fn metrics(stats: &handover::Stats) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE handover_generation gauge");
@@ -458,7 +458,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
 /// `reload --control PATH [--binary PATH] [--timeout SECS]`: asks the running
 /// server to upgrade and exits 0 once it has, or 1 with the reason on stderr
 /// — so `ExecReload=` makes `systemctl reload` fail when the upgrade fails.
-fn reload(args: &[OsString]) -> ExitCode {
+pub fn reload(args: &[OsString]) -> ExitCode {
     let (mut control, mut binary, mut timeout) = (None, None, Duration::from_secs(120));
     let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(flag) = it.next() {
