@@ -348,6 +348,10 @@ impl Handover {
     /// for a first generation — writes the pid file and tells the service
     /// manager.
     ///
+    /// It also opens, after the ready message, what this generation's own
+    /// upgrades need (the channel, pipes, the lock file, spare fds), so that
+    /// an upgrade works later at the fd limit: call it before accepting.
+    ///
     /// Until this is called, [`upgrade`](Self::upgrade) refuses to run.
     /// Calling it again is a no-op.
     pub fn ready(&self) -> Result<(), Error> {

@@ -142,13 +142,8 @@ pub(super) struct Plan {
 /// # Safety
 /// Must only be called in the child of `fork`, with `plan` built by `spawn`.
 /// It makes only async-signal-safe calls and never returns.
-pub(super) unsafe fn intermediate(
-    plan: &mut Plan,
-    stack: &mut Stack,
-    status_fd: RawFd,
-    release_fd: RawFd,
-) -> ! {
-    // SAFETY: close, close_range (syscall), clone, setpgid, kill, write,
+pub(super) unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd: RawFd) -> ! {
+    // SAFETY: close, close_range (syscall), fork, setpgid, kill, write,
     // read, poll, waitpid, waitid, syscall(pidfd_open) and _exit are
     // async-signal-safe system calls; every buffer is on this stack or in
     // `plan`, allocated before the first fork. Every signal is blocked
@@ -161,9 +156,15 @@ pub(super) unsafe fn intermediate(
         // child's dups find room, and no connection the old generation
         // closes stays open here.
         close_all_but(&plan.keep, plan.max_fd);
-        // Read before the child, which shares this memory, rearranges them.
         let (err_fd, channel) = (plan.err_fd, plan.sources.last().copied());
-        let pid = clone_vfork(plan, stack);
+        // A fork, not `clone_vfork`: the pid must reach the old generation
+        // before the successor execs, so that a successor hung before its
+        // exec (a stuck file system) is killed at the deadline, not left to
+        // start later on its own. This process is single-threaded.
+        let pid = libc::fork();
+        if pid == 0 {
+            child(plan)
+        }
         if pid < 0 {
             let errno = *libc::__errno_location();
             let mut buf = [0u8; 8];
@@ -172,8 +173,10 @@ pub(super) unsafe fn intermediate(
             libc::write(err_fd, buf.as_ptr().cast(), buf.len());
             libc::_exit(127);
         }
-        // The successor has exec'd (or failed) by now, in a process group
-        // of its own, which exists before the old generation learns the pid.
+        // The successor's own process group, set from this side too, so that
+        // it exists before the old generation learns the pid (EACCES once
+        // the child has exec'd: it has set it itself by then).
+        libc::setpgid(pid, pid);
         // Our copies of the error pipe and of the channel must not keep
         // them open once the successor has closed them.
         libc::close(err_fd);
@@ -286,11 +289,11 @@ unsafe fn close_all_but(keep: &[RawFd], max_fd: RawFd) {
 /// The successor between its start and exec.
 ///
 /// # Safety
-/// Must only be called in the child of [`clone_vfork`], with `plan` built by
-/// `spawn`. It shares its parent's memory (the parent is suspended), so it
-/// makes only async-signal-safe calls, allocates nothing, and never
-/// returns; what it changes in `plan` (the fd layout, the pid entry) is
-/// scratch space nobody reads after it.
+/// Must only be called in the child of [`clone_vfork`] (which shares its
+/// parent's memory while the parent is suspended) or of the intermediate's
+/// `fork`, with `plan` built by `spawn`. It makes only async-signal-safe
+/// calls, allocates nothing, and never returns; what it changes in `plan`
+/// (the fd layout, the pid entry) is scratch space nobody reads after it.
 unsafe fn child(plan: &mut Plan) -> ! {
     let n = plan.sources.len() as RawFd;
     let floor = env::FDS_START + n;

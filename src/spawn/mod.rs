@@ -6,20 +6,22 @@
 //! works when the process is at its fd limit — which is when a fix for an fd leak must be
 //! deployed.
 //!
-//! The successor is started the way `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on a
-//! stack of its own, sharing its parent's memory until it execs, while the parent thread waits —
-//! no page table is copied and nothing needs tearing down. Every signal is blocked around it
-//! (restored by a guard on every path).
+//! Without a service manager the old generation's upgrade thread starts the successor the way
+//! `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, sharing its
+//! parent's memory until it execs, while the parent thread waits — no page table is copied and
+//! nothing needs tearing down — and watches it through a pidfd: it stays the old generation's
+//! child until that exits. Every signal is blocked around the start (restored by a guard on
+//! every path).
 //!
-//! Without a service manager the old generation's upgrade thread starts it directly and
-//! watches it through a pidfd: it stays the old generation's child until that exits. Under a
-//! service manager (which must see the successor as its own child before it is named main)
-//! the old generation forks an *intermediate* process, which:
+//! Under a service manager (which must see the successor as its own child before it is named
+//! main), and on kernels without pidfds, the old generation forks an *intermediate* process,
+//! which:
 //!
 //! 1. closes every fd it does not need: it is a copy of the old generation, which may hold
 //!    thousands of connections and have no fd slot left;
-//! 2. starts the successor (in a process group of its own, which exists before its pid is
-//!    reported) and reports its pid;
+//! 2. forks the successor, puts it into a process group of its own (`setpgid` from both sides,
+//!    so that the group exists before its pid is reported), reports its pid — before the exec,
+//!    so that a successor hung before it is killed at the deadline;
 //! 3. then waits: released (EOF on the release socket), it exits and leaves the successor to
 //!    the nearest subreaper; asked to kill (a byte on it), or seeing the successor exit, it
 //!    kills the successor's whole process group — while the successor is still its unreaped
@@ -165,9 +167,8 @@ impl Child {
                 if rev[0] == 0 {
                     return None;
                 }
-                // Exited and not reaped: the pid, and so the group id, are
-                // still its own.
-                kill_group(pid);
+                // Exited: what it started dies with it.
+                kill_direct(pid, pidfd.as_fd());
                 *done = true;
                 Some(wait_status(pid))
             }
@@ -220,8 +221,8 @@ impl Child {
         let pid = self.pid;
         match &mut self.via {
             Via::Direct { done: true, .. } | Via::Intermediate { pid: 0, .. } => {}
-            Via::Direct { .. } => {
-                kill_group(pid);
+            Via::Direct { pidfd, .. } => {
+                kill_direct(pid, pidfd.as_fd());
                 if self
                     .wait_exit(Instant::now() + Duration::from_secs(5))
                     .is_none()
@@ -337,7 +338,16 @@ fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
 /// successor directly needs.
 pub(crate) fn can_start_directly() -> bool {
     static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CAN.get_or_init(|| pidfd_open(std::process::id() as libc::pid_t).is_ok())
+    if let Some(can) = CAN.get() {
+        return *can;
+    }
+    match pidfd_open(std::process::id() as libc::pid_t) {
+        Ok(_) => *CAN.get_or_init(|| true),
+        // No fd slot free just now (EMFILE, ENFILE) says nothing about the
+        // kernel: through an intermediate this time, and ask again next.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => false,
+        Err(_) => *CAN.get_or_init(|| false),
+    }
 }
 
 /// SIGKILL to a successor and its start process group (whose id is its
@@ -345,6 +355,40 @@ pub(crate) fn can_start_directly() -> bool {
 fn kill_group(pid: libc::pid_t) {
     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+/// SIGKILL to a successor started directly, through its pidfd, and to its
+/// start process group — the group only while the successor is still our
+/// unreaped child, so that its pid, and so the group id, cannot have been
+/// reused: an application that reaps children it did not start (SIGCHLD
+/// ignored, `waitpid(-1)`) may have reaped it behind our back.
+fn kill_direct(pid: libc::pid_t, pidfd: BorrowedFd<'_>) {
+    // SAFETY: pidfd_send_signal takes an fd, a signal number and a null
+    // siginfo pointer (the kernel then fills one in itself).
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    // SAFETY: a zeroed siginfo_t is a valid value to be written into.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes a siginfo_t through a valid pointer to a local;
+    // WNOWAIT leaves the child as it is.
+    let unreaped = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    } == 0;
+    if unreaped {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on an early EOF.
@@ -492,8 +536,8 @@ pub(crate) fn spawn(
         close_first: direct,
     };
 
-    let mut stack = Stack::new().map_err(|e| SpawnError::Parent("mmap", e))?;
     if direct {
+        let stack = Stack::new().map_err(|e| SpawnError::Parent("mmap", e))?;
         return spawn_direct(plan, stack, err_r, err_w, deadline);
     }
     // Block every signal around fork, so that no handler of this process
@@ -506,7 +550,7 @@ pub(crate) fn spawn(
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the child of fork; see `intermediate`.
-        unsafe { intermediate(&mut plan, &mut stack, status_fd, release_fd) }
+        unsafe { intermediate(&mut plan, status_fd, release_fd) }
     }
     let fork_err = io::Error::last_os_error();
     drop(mask);
