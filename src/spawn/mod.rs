@@ -61,7 +61,6 @@ use std::time::{Duration, Instant};
 use std::sync::Mutex;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, pthread_sigmask};
-use nix::sys::wait::waitpid;
 use nix::unistd::{Pid, getpgrp, getpid, setpgid};
 
 use crate::env;
@@ -700,7 +699,7 @@ fn child_error(report: &[u8; 8], got: usize) -> SpawnError {
 /// Reaps our child `pid`: only called for one that has exited or been sent
 /// SIGKILL.
 fn reap_blocking(pid: libc::pid_t) {
-    while let Err(nix::errno::Errno::EINTR) = waitpid(Pid::from_raw(pid), None) {}
+    let _ = wait_status(pid);
 }
 
 /// Checks that `path` is an executable regular file, for a clear error

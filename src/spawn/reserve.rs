@@ -64,8 +64,8 @@ impl ChannelFds {
     }
 }
 
-/// What an upgrade needs, opened while fds are plentiful (at build, and again
-/// after each failed upgrade), so that an upgrade works at the fd limit: the
+/// What an upgrade needs, opened while fds are plentiful (in `ready()`, and
+/// again after each failed upgrade), so that an upgrade works at the fd limit: the
 /// lock file, the channel, the spawn's pipes, the pid file's temporary file
 /// and a few spare fds. Each part that is missing (it could not be opened
 /// in advance) is opened when needed instead. Every fd is close-on-exec.
