@@ -17,8 +17,9 @@
 //! the client's `CLOCK_MONOTONIC` in µs, as [`reload`] sends it; else when
 //! the request arrived). A request that arrives while an older upgrade runs
 //! waits for it and then gets an upgrade of its own; requests that wait
-//! together share that one (`"shared":true`). So a burst of reloads makes
-//! one or two upgrades, and every reply is the truth about a generation
+//! together share that one (`"shared":true`). So a burst of reloads made
+//! together makes one or two upgrades (requests spread over longer than an
+//! upgrade may make more), and every reply is the truth about a generation
 //! that started after its request. A request that reaches a generation
 //! started after it was made is answered by that generation
 //! (`"already":true`). When the upgrade a request waited for hands over,
