@@ -144,16 +144,27 @@ fn hundred_upgrades_keep_fds_and_zombies_flat_and_helpers_never_hold_a_listener(
             .rev()
             .find(|l| l.starts_with("exit") && field_u32(l, "pid") == old);
         assert!(exit.is_some());
-        // Non-pipe fds of the serving generation once its predecessor is gone
-        // (pipes come and go with the helper processes).
+        // The channel to the predecessor closes, copies included, once the
+        // predecessor is gone. Told by what it is (the successor reported
+        // it at start): its fd number, 5, is soon taken again — by the
+        // helpers' pipes, or by the fds the successor opens for its own
+        // next upgrade.
+        let reports = std::fs::read_to_string(&report).unwrap();
+        let channel = reports
+            .lines()
+            .find(|l| field(l, "pid") == Some(new.to_string().as_str()))
+            .and_then(|l| field(l, "channel"))
+            .expect("the successor reported its channel")
+            .to_owned();
+        assert!(channel.starts_with("socket:"), "{channel}");
         wait_until(
-            "the predecessor channel to close",
+            &format!("the predecessor channel ({channel}) to close"),
             Duration::from_secs(10),
             || {
                 !procs::fds(new)
                     .unwrap_or_default()
                     .iter()
-                    .any(|(fd, _)| *fd == 5)
+                    .any(|(_, target)| *target == channel)
             },
         );
         // Non-pipe fds of the serving generation once its predecessor is
@@ -168,7 +179,21 @@ fn hundred_upgrades_keep_fds_and_zombies_flat_and_helpers_never_hold_a_listener(
                 .count()
         };
         if counts.is_empty() {
-            counts.push(steady());
+            // The reference is taken settled too: the same count in 20
+            // polls in a row (100 ms), so that a connection closing just
+            // then is not counted as part of it.
+            let (mut same, mut last) = (0, usize::MAX);
+            let settled = (0..2000).any(|_| {
+                let now = steady();
+                same = if now == last { same + 1 } else { 0 };
+                last = now;
+                same >= 20 || {
+                    std::thread::sleep(Duration::from_millis(5));
+                    false
+                }
+            });
+            assert!(settled, "the first generation's fd count never settled");
+            counts.push(last);
         } else {
             let first = counts[0];
             let mut last = 0;
