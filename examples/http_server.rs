@@ -17,6 +17,9 @@
 //! - `--fd-store`: under systemd, keep the listeners in the fd store too, so
 //!   that `systemctl restart` refuses no connection (`FileDescriptorStoreMax=`)
 //! - `--control PATH`: a control socket (mode 0600) for `reload` and `status`
+//! - `--allow-program PATH` (repeatable): a program, or a directory of
+//!   programs, that `reload --binary` may run (a rollback); by default only
+//!   the deploy path runs
 //! - `--preflight`: before each upgrade, run the new binary with these
 //!   arguments plus `--check`, and upgrade only if that exits 0
 //! - `--probation SECS`: canary upgrades; this process keeps accepting
@@ -27,9 +30,12 @@
 //!   child (see [`handover::supervisor`]); automatic when this process is
 //!   PID 1, as in a container
 //!
-//! `http_server reload --control PATH [--binary PATH]` asks a running server
-//! to upgrade (to another binary, e.g. to roll back) and exits 0 only if the
-//! upgrade succeeded, else 1 with the reason on stderr.
+//! `http_server reload --control PATH [--binary PATH] [--timeout SECS]` asks a
+//! running server to upgrade (to another binary, e.g. to roll back) and exits
+//! 0 if the upgrade succeeded, 1 if it failed (the reason on stderr; the old
+//! generation serves), 3 if no answer came in time (the outcome is unknown:
+//! `http_server status --control PATH --wait SECS` tells). Both are
+//! [`handover::control::command`].
 //!
 //! The server hands its `served_total` counter to its successor (state
 //! version 1, 8 bytes). GET /stats answers JSON: this process,
@@ -72,6 +78,7 @@ struct Config {
     drain_timeout: Option<Duration>,
     fd_store: bool,
     control: Option<PathBuf>,
+    allow_program: Vec<PathBuf>,
     preflight: bool,
     check: bool,
     probation: Option<Duration>,
@@ -81,10 +88,14 @@ struct Config {
 fn parse(args: &[OsString]) -> Result<Config, String> {
     let mut c = Config::default();
     let mut it = args.iter();
+    // A number of seconds; one too large for a Duration is the maximum,
+    // which the handover refuses with the same words as any value over its
+    // bound ("longer than the maximum").
     let secs = |v: &str, flag: &str| {
         v.parse::<f64>()
             .ok()
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
             .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
     };
     while let Some(flag) = it.next() {
@@ -117,6 +128,7 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--ready-timeout" => c.ready_timeout = Some(secs(v, flag)?),
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
             "--control" => c.control = Some(v.into()),
+            "--allow-program" => c.allow_program.push(v.into()),
             "--probation" => c.probation = Some(secs(v, flag)?),
             _ => return Err(format!("unknown flag {flag:?}")),
         }
@@ -392,7 +404,13 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         .stop_on(SignalKind::terminate())
         .stop_on(SignalKind::interrupt());
     if let Some(p) = &config.control {
-        triggers = triggers.control(handover::control::bind(&handover, p)?);
+        let options = config
+            .allow_program
+            .iter()
+            .fold(handover::control::ControlOptions::new(), |o, p| {
+                o.allow_program(p)
+            });
+        triggers = triggers.control(handover::control::bind_with(&handover, p, options)?);
     }
     let triggered = triggers
         .on_upgrade(move |result| match result {
@@ -455,49 +473,11 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     Ok(())
 }
 
-/// `reload --control PATH [--binary PATH] [--timeout SECS]`: asks the running
-/// server to upgrade and exits 0 once it has, or 1 with the reason on stderr
-/// — so `ExecReload=` makes `systemctl reload` fail when the upgrade fails.
-pub fn reload(args: &[OsString]) -> ExitCode {
-    let (mut control, mut binary, mut timeout) = (None, None, Duration::from_secs(120));
-    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
-    while let Some(flag) = it.next() {
-        let value = it.next();
-        match (flag.as_str(), value) {
-            ("--control", Some(v)) => control = Some(PathBuf::from(v)),
-            ("--binary", Some(v)) => binary = Some(PathBuf::from(v)),
-            ("--timeout", Some(v)) if v.parse::<f64>().is_ok_and(|t| t > 0.0) => {
-                timeout = Duration::from_secs_f64(v.parse().expect("checked"))
-            }
-            _ => {
-                eprintln!(
-                    "usage: http_server reload --control PATH [--binary PATH] [--timeout SECS]"
-                );
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(control) = control else {
-        eprintln!("http_server reload: --control PATH is required");
-        return ExitCode::from(2);
-    };
-    match handover::control::reload(&control, binary.as_deref(), timeout) {
-        Ok(reply) => {
-            println!("upgraded: {reply}");
-            ExitCode::SUCCESS
-        }
-        Err(reason) => {
-            let reason = handover::error_chain(&reason);
-            eprintln!("http_server reload: upgrade failed: {reason}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 /// Runs the server with `args` (without the program name).
 pub fn main_with(args: &[OsString]) -> ExitCode {
-    if args.first().is_some_and(|a| a == "reload") {
-        return reload(&args[1..]);
+    // `reload` and `status`: the crate's control client.
+    if let Some(code) = handover::control::command(args) {
+        return code;
     }
     let config = match parse(args) {
         Ok(c) => c,

@@ -138,36 +138,37 @@ impl Builder {
         let own_pid = std::process::id();
         let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
-        let (fds, channel, generation, state_expected, deploy_path, started_usec) = match inherited
-        {
-            None => (Vec::new(), None, 1, false, None, None),
-            Some(inh) => {
-                if TAKEN.swap(true, Ordering::SeqCst) {
-                    return Err(Error::AlreadyTaken);
-                }
-                let channel = match inh.channel {
-                    Some(raw) => Some(adopt_channel(raw)?),
-                    None => None,
-                };
-                let fds = match fds::adopt(&inh.fds) {
-                    Ok(fds) => fds,
-                    Err(e) => {
-                        if let Some(ch) = &channel {
-                            send_failure(ch.as_fd(), &e.to_string());
-                        }
-                        return Err(e);
+        let (fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
+            match inherited {
+                None => (Vec::new(), None, 1, false, None, None, None),
+                Some(inh) => {
+                    if TAKEN.swap(true, Ordering::SeqCst) {
+                        return Err(Error::AlreadyTaken);
                     }
-                };
-                (
-                    fds,
-                    channel,
-                    inh.generation,
-                    inh.state,
-                    inh.program,
-                    inh.started_us,
-                )
-            }
-        };
+                    let channel = match inh.channel {
+                        Some(raw) => Some(adopt_channel(raw)?),
+                        None => None,
+                    };
+                    let fds = match fds::adopt(&inh.fds) {
+                        Ok(fds) => fds,
+                        Err(e) => {
+                            if let Some(ch) = &channel {
+                                send_failure(ch.as_fd(), &e.to_string());
+                            }
+                            return Err(e);
+                        }
+                    };
+                    (
+                        fds,
+                        channel,
+                        inh.generation,
+                        inh.state,
+                        inh.program,
+                        inh.started_us,
+                        inh.counters,
+                    )
+                }
+            };
         let program = match (d.program, deploy_path) {
             (Some(p), _) if p.is_absolute() => p,
             (Some(p), _) => std::env::current_dir()
@@ -205,6 +206,13 @@ impl Builder {
             predecessor: channel,
             state_expected,
             started_usec,
+            counters: counters
+                .map(|(succeeded, failed)| crate::stats::Counters {
+                    succeeded,
+                    failed,
+                    ..Default::default()
+                })
+                .unwrap_or_default(),
         })))
     }
 }

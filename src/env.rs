@@ -43,6 +43,10 @@ pub(crate) const PGID: &str = "HANDOVER_PGID";
 /// program to run — in `CLOCK_MONOTONIC` µs (ours): the moment this
 /// generation's binary and configuration are at least as new as.
 pub(crate) const STARTED_US: &str = "HANDOVER_STARTED_US";
+/// The service's upgrade counters as `SUCCEEDED:FAILED`, the upgrade that
+/// started this process counted as a success (ours): kept if the old
+/// generation dies before its commit, which carries the exact ones.
+pub(crate) const COUNTERS: &str = "HANDOVER_COUNTERS";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
@@ -58,6 +62,7 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     PROGRAM,
     PGID,
     STARTED_US,
+    COUNTERS,
     "WATCHDOG_PID",
 ];
 
@@ -87,6 +92,9 @@ pub(crate) struct Inherited {
     /// When the upgrade that started this process began
     /// (`HANDOVER_STARTED_US`), if given.
     pub started_us: Option<u128>,
+    /// The service's counters `(succeeded, failed)` (`HANDOVER_COUNTERS`),
+    /// if given.
+    pub counters: Option<(u64, u64)>,
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
@@ -207,6 +215,21 @@ pub(crate) fn decode(
         None => None,
         Some(v) => Some(parse_num(STARTED_US, &v)?),
     };
+    let counters = match get(COUNTERS) {
+        None => None,
+        Some(v) => {
+            let bad = || {
+                env_err(
+                    COUNTERS,
+                    &v,
+                    "expected SUCCEEDED:FAILED, two decimal numbers",
+                )
+            };
+            let (a, b) = v.to_str().and_then(|s| s.split_once(':')).ok_or_else(bad)?;
+            let num = |n: &str| parse_num::<u64>(COUNTERS, &OsString::from(n)).map_err(|_| bad());
+            Some((num(a)?, num(b)?))
+        }
+    };
     Ok(Some(Inherited {
         fds,
         channel,
@@ -214,6 +237,7 @@ pub(crate) fn decode(
         state,
         program,
         started_us,
+        counters,
     }))
 }
 
@@ -225,6 +249,7 @@ pub(crate) fn successor_vars(
     state: bool,
     program: &std::path::Path,
     started_us: u128,
+    counters: (u64, u64),
 ) -> Vec<(&'static str, String)> {
     let mut vars = vec![
         (LISTEN_FDS, names.len().to_string()),
@@ -232,6 +257,7 @@ pub(crate) fn successor_vars(
         (CHANNEL_FD, (FDS_START as usize + names.len()).to_string()),
         (GENERATION, generation.to_string()),
         (STARTED_US, started_us.to_string()),
+        (COUNTERS, format!("{}:{}", counters.0, counters.1)),
     ];
     if state {
         vars.push((STATE, "1".to_owned()));
@@ -362,6 +388,17 @@ mod tests {
             ("HANDOVER_GENERATION", "0"),
         ]);
         assert!(e.contains("from 1"), "{e}");
+        for bad in ["1", "1:", ":1", "1:x", "-1:2"] {
+            let e = err(&[
+                ("LISTEN_PID", "7"),
+                ("LISTEN_FDS", "0"),
+                ("HANDOVER_COUNTERS", bad),
+            ]);
+            assert!(
+                e.contains("HANDOVER_COUNTERS") && e.contains("SUCCEEDED:FAILED"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -372,6 +409,7 @@ mod tests {
             true,
             std::path::Path::new("/srv/app/current/svc"),
             1234,
+            (5, 2),
         );
         let mut all: Vec<(&str, String)> = vars.clone();
         all.push((LISTEN_PID, "42".into()));
@@ -391,6 +429,7 @@ mod tests {
         assert_eq!(got.generation, 3);
         assert!(got.state);
         assert_eq!(got.started_us, Some(1234));
+        assert_eq!(got.counters, Some((5, 2)));
         assert_eq!(
             got.program.as_deref(),
             Some(std::path::Path::new("/srv/app/current/svc"))

@@ -70,6 +70,10 @@ pub struct LastUpgrade {
 /// Makes the state for one upgrade.
 pub(crate) type StateFn = Arc<dyn Fn() -> StateStream + Send + Sync>;
 
+/// Told the outcome of every upgrade attempt, whatever triggered it.
+pub(crate) type Observer =
+    Arc<dyn Fn(&Result<crate::upgrade::Upgraded, UpgradeError>) + Send + Sync>;
+
 /// What a generation is configured with; fixed at `build()`.
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -106,6 +110,19 @@ pub(crate) struct Life {
     pub(crate) counters: Counters,
     /// This generation's own last attempt.
     pub(crate) last: Option<LastUpgrade>,
+    /// The upgrade running now, if any.
+    pub(crate) upgrading: Option<InProgress>,
+}
+
+/// The upgrade a generation is running, as `status` shows it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InProgress {
+    /// When it started (`CLOCK_MONOTONIC` µs).
+    pub(crate) started_us: u128,
+    /// The program it runs, once chosen (resolved).
+    pub(crate) program: Option<PathBuf>,
+    /// The successor's pid, once started.
+    pub(crate) successor: Option<u32>,
 }
 
 impl Life {
@@ -120,6 +137,10 @@ impl Life {
             State::HandedOver | State::RolledBack => Err(UpgradeError::HandedOver),
             State::Serving => {
                 self.state = State::Upgrading;
+                self.upgrading = Some(InProgress {
+                    started_us: crate::systemd::monotonic_usec(),
+                    ..InProgress::default()
+                });
                 Ok(())
             }
         }
@@ -127,6 +148,7 @@ impl Life {
 
     /// Upgrading → Serving: the attempt failed.
     pub(crate) fn upgrade_failed(&mut self) {
+        self.upgrading = None;
         if self.state == State::Upgrading {
             self.state = State::Serving;
         }
@@ -137,6 +159,7 @@ impl Life {
     /// counters that travel with the commit.
     pub(crate) fn handed_over(&mut self, successor: OwnedFd, phases: Phases) -> Counters {
         self.state = State::HandedOver;
+        self.upgrading = None;
         self.successor = Some(successor);
         // Our own predecessor's channel is of no further use.
         self.predecessor = None;
@@ -196,6 +219,8 @@ pub(crate) struct Generation {
     /// What every upgrade streams to its successor, unless its options say
     /// otherwise.
     pub(crate) state_source: Mutex<Option<StateFn>>,
+    /// Told the outcome of every upgrade attempt (`Triggers::on_upgrade`).
+    pub(crate) observers: Mutex<Vec<Observer>>,
     /// A state follows on the channel (HANDOVER_STATE=1).
     pub(crate) state_expected: bool,
     pub(crate) state_taken: AtomicBool,
@@ -239,6 +264,9 @@ pub(crate) struct Birth {
     /// When the upgrade that started this process began (`CLOCK_MONOTONIC`
     /// µs), if a predecessor said so.
     pub(crate) started_usec: Option<u128>,
+    /// The service's counters as the predecessor left them (this upgrade
+    /// counted as a success), kept if it never commits.
+    pub(crate) counters: Counters,
 }
 
 impl Generation {
@@ -265,13 +293,15 @@ impl Generation {
                 committed_at: None,
                 rolled_back: false,
                 successor: None,
-                counters: Counters::default(),
+                counters: b.counters,
                 last: None,
+                upgrading: None,
             }),
             registry: Mutex::new(b.registry),
             #[cfg(feature = "tokio")]
             drain: Mutex::new(None),
             state_source: Mutex::new(None),
+            observers: Mutex::new(Vec::new()),
             state_expected: b.state_expected,
             state_taken: AtomicBool::new(false),
             state_progress: Arc::default(),
@@ -421,6 +451,7 @@ mod tests {
             successor: None,
             counters: Counters::default(),
             last: None,
+            upgrading: None,
         }
     }
 

@@ -197,6 +197,10 @@ impl Generation {
                 );
             }
             self.record_outcome(result.as_ref().map(|u| u.pid), phases, start.elapsed());
+            let observers = lock(&self.observers).clone();
+            for observe in observers {
+                observe(&result);
+            }
         }
         #[cfg(feature = "tokio")]
         self.upgrade_ended.notify_waiters();
@@ -265,6 +269,9 @@ impl Generation {
         // it tells control requests made later that it is no answer to them.
         let started_us = crate::systemd::monotonic_usec();
         let program = self.choose_program(&opts)?;
+        if let Some(u) = self.life().upgrading.as_mut() {
+            u.program = Some(program.clone());
+        }
         let args = opts.args.as_ref().unwrap_or(&cfg.args);
         if let Some(check) = opts.preflight.as_ref().or(cfg.preflight.as_ref()) {
             let t = Instant::now();
@@ -293,13 +300,23 @@ impl Generation {
             None => None,
         };
         let spawn_start = Instant::now();
+        // If this generation dies before its commit, the successor serves
+        // alone: this upgrade counts as a success then.
+        let counters = {
+            let c = &self.life().counters;
+            (c.succeeded + 1, c.failed)
+        };
         let next = Next {
             generation,
             started_us,
             with_state,
+            counters,
         };
         let mut child = self.spawn_successor(&program, args, next, theirs, deadline)?;
         let pid = child.pid as u32;
+        if let Some(u) = self.life().upgrading.as_mut() {
+            u.successor = Some(pid);
+        }
         // Written while the successor starts: a pid file that cannot be
         // written fails the upgrade now, and the commit only renames it.
         let pid_file = match &cfg.pid_file {
@@ -472,6 +489,7 @@ impl Generation {
             generation,
             started_us,
             with_state,
+            counters,
         } = next;
         let pipes = lock(&self.reserve)
             .spawn_fds()
@@ -491,6 +509,7 @@ impl Generation {
                 with_state,
                 &self.config.program,
                 started_us,
+                counters,
             );
             tracing::debug!(program = %program.display(), fds = names.len(), "spawning successor");
             // Under a service manager the successor must be the manager's
@@ -641,7 +660,12 @@ pub(crate) fn run_caught(g: &Generation, opts: UpgradeOptions) -> Result<Upgrade
             .unwrap_or_else(|| "a panic".to_owned());
         let e = UpgradeError::io("upgrade task panicked", std::io::Error::other(what));
         g.record_outcome(Err(&e), crate::stats::Phases::default(), Duration::ZERO);
-        Err(e)
+        let result = Err(e);
+        let observers = lock(&g.observers).clone();
+        for observe in observers {
+            observe(&result);
+        }
+        result
     })
 }
 
@@ -652,6 +676,9 @@ struct Next {
     started_us: u128,
     /// A state stream follows on the channel.
     with_state: bool,
+    /// The service's counters `(succeeded, failed)`, this upgrade counted
+    /// as a success.
+    counters: (u64, u64),
 }
 
 /// How the state went, or is going, to the successor.

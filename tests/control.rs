@@ -102,6 +102,8 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
             "--preflight",
             "--ready-timeout",
             "2",
+            "--allow-program",
+            kept.to_str().unwrap(),
         ],
     );
     let load = load::Load::start_warm(srv.addr(), 2, 2, 21);

@@ -42,6 +42,9 @@ fn start(dir: &Path, program: &Path, extra: &[&str]) -> (PathBuf, Server) {
         ctl.to_str().unwrap(),
         "--ready-timeout",
         "10",
+        // Rollbacks (`--binary`) to the programs of this test's directory.
+        "--allow-program",
+        dir.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     let srv = Server::start_program(program, &args);
@@ -285,7 +288,9 @@ fn absurd_ready_timeouts_are_configuration_errors_not_panics() {
         ("0", "ready_timeout: must be greater than zero"),
         ("1e-9", "shorter than the minimum of 1 ms"),
         ("1e19", "longer than the maximum"),
-        ("2e19", "is not a number of seconds"),
+        ("2e19", "longer than the maximum"),
+        ("1e300", "longer than the maximum"),
+        ("-1", "is not a number of seconds"),
     ] {
         let out = common::output_bounded(
             Command::new(common::server_bin()).args([

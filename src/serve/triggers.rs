@@ -14,8 +14,6 @@ use crate::error::UpgradeError;
 use crate::handover::Handover;
 use crate::upgrade::Upgraded;
 
-type OnUpgrade = Arc<dyn Fn(&Result<Upgraded, UpgradeError>) + Send + Sync>;
-
 /// The triggers that end this generation, run by a task of their own:
 /// signals that upgrade, signals that stop, and the control socket.
 ///
@@ -49,8 +47,7 @@ pub struct Triggers {
     handover: Handover,
     upgrade: Vec<SignalKind>,
     stop: Vec<SignalKind>,
-    control: Option<std::os::unix::net::UnixListener>,
-    on_upgrade: Option<OnUpgrade>,
+    control: Option<crate::control::ControlSocket>,
 }
 
 impl std::fmt::Debug for Triggers {
@@ -108,7 +105,6 @@ impl Triggers {
             upgrade: Vec::new(),
             stop: Vec::new(),
             control: None,
-            on_upgrade: None,
         }
     }
 
@@ -125,27 +121,29 @@ impl Triggers {
         self
     }
 
-    /// Serves upgrade and status requests on the control socket `listener`
+    /// Serves upgrade and status requests on the control socket `socket`
     /// (from [`control::bind`](crate::control::bind)), as
     /// [`control::serve`](crate::control::serve) does.
     ///
     /// Every upgrade, signalled or requested, takes the options of
     /// [`Builder::upgrade_options`](crate::Builder::upgrade_options) and the
     /// state of [`Handover::set_state_source`].
-    pub fn control(mut self, listener: std::os::unix::net::UnixListener) -> Self {
-        self.control = Some(listener);
+    pub fn control(mut self, socket: crate::control::ControlSocket) -> Self {
+        self.control = Some(socket);
         self
     }
 
-    /// Called with the result of every upgrade triggered by a signal, and
-    /// with every successful one requested through the control socket (a
-    /// failed request gets its reason in the reply). Failures are also
-    /// logged.
-    pub fn on_upgrade<F>(mut self, f: F) -> Self
+    /// Called with the result of every upgrade attempt of this generation,
+    /// whatever triggered it — a signal, the control socket, a call of
+    /// [`Handover::upgrade`] — once it has ended, on the thread that ran
+    /// it: keep it short. Attempts refused because another upgrade runs
+    /// ([`UpgradeError::InProgress`]) are not upgrades and are not
+    /// reported. Failures are also logged.
+    pub fn on_upgrade<F>(self, f: F) -> Self
     where
         F: Fn(&Result<Upgraded, UpgradeError>) + Send + Sync + 'static,
     {
-        self.on_upgrade = Some(Arc::new(f));
+        crate::lifecycle::lock(&self.handover.g.observers).push(Arc::new(f));
         self
     }
 
@@ -157,14 +155,7 @@ impl Triggers {
         };
         let upgrade = listen(&self.upgrade)?;
         let stop = listen(&self.stop)?;
-        let control = match self.control {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                Some(tokio::net::UnixListener::from_std(l)?)
-            }
-            None => None,
-        };
-        let task = tokio::spawn(run(self.handover, upgrade, stop, control, self.on_upgrade));
+        let task = tokio::spawn(run(self.handover, upgrade, stop, self.control));
         Ok(Triggered { task })
     }
 }
@@ -187,8 +178,7 @@ async fn run(
     handover: Handover,
     mut upgrade: Vec<(SignalKind, Signal)>,
     mut stop: Vec<(SignalKind, Signal)>,
-    control: Option<tokio::net::UnixListener>,
-    on_upgrade: Option<OnUpgrade>,
+    control: Option<crate::control::ControlSocket>,
 ) -> Ending {
     let drain = handover.drain();
     // The control socket is served by a task of its own, as
@@ -212,21 +202,13 @@ async fn run(
     let ending = loop {
         tokio::select! {
             _ = any(&mut upgrade) => {
-                let result = handover.upgrade().await;
-                if let Some(f) = &on_upgrade {
-                    f(&result);
-                }
-                match result {
+                match handover.upgrade().await {
                     Ok(done) => break Ending::Upgraded(done),
-                    Err(e) => tracing::warn!(error = %e, "upgrade failed; still serving"),
+                    // Logged (and counted) by the upgrade itself.
+                    Err(e) => tracing::debug!(error = %e, "signalled upgrade did not hand over"),
                 }
             }
-            done = &mut control => {
-                if let Some(f) = &on_upgrade {
-                    f(&Ok(done.clone()));
-                }
-                break Ending::Upgraded(done);
-            }
+            done = &mut control => break Ending::Upgraded(done),
             kind = any(&mut stop) => {
                 if let Err(e) = handover.stopping() {
                     tracing::warn!(error = %e, "cannot tell the service manager about the stop");
