@@ -17,7 +17,11 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     }
     let handover = builder.build()?; // inherits the listener; first, before any other fd is opened
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or("info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).init(); // RUST_LOG, else info
+    let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colors);
+    log.with_writer(std::io::stderr).init(); // RUST_LOG (else info) to stderr
     tokio::runtime::Runtime::new()?.block_on(async {
         let (pid, addr) = (std::process::id(), flag("--listen"));
         let listener = handover.tcp_listener("http", addr.unwrap_or("127.0.0.1:8080".into()))?;

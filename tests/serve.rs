@@ -761,3 +761,44 @@ fn at_the_fd_limit_accepting_backs_off_quietly_and_recovers() {
     assert!(status.success(), "{status}");
     let _ = child.wait();
 }
+
+/// examples/axum.rs with `RUST_LOG` set to `filter` (unset if `None`),
+/// started and stopped: its stderr.
+fn axum_log(filter: Option<&str>) -> String {
+    let dir = TempDir::new("axum-log");
+    let log = dir.path().join("stderr");
+    let mut cmd = Command::new(example("axum"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(f) = filter {
+        cmd.env("RUST_LOG", f);
+    }
+    procs::become_subreaper();
+    let mut child = common::spawn(&mut cmd).expect("spawn axum");
+    let lines = procs::line_channel(child.stdout.take().expect("piped"));
+    let line = lines.recv_timeout(EVENT_TIMEOUT).expect("listening");
+    assert!(line.starts_with("listening on"), "logs on stdout: {line}");
+    procs::signal(child.id(), libc::SIGTERM).unwrap();
+    let status = procs::reap(child.id(), EVENT_TIMEOUT).expect("reap axum");
+    assert!(status.success(), "{status}");
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn the_axum_example_logs_what_rust_log_asks_for() {
+    let default = axum_log(None);
+    assert!(
+        default.contains(" INFO ") && default.contains("ready"),
+        "{default}"
+    );
+    let quiet = axum_log(Some("warn"));
+    assert!(!quiet.contains(" INFO "), "RUST_LOG=warn ignored: {quiet}");
+    let debug = axum_log(Some("handover=debug"));
+    assert!(
+        debug.contains(" DEBUG "),
+        "RUST_LOG=handover=debug ignored: {debug}"
+    );
+}

@@ -235,3 +235,42 @@ fn a_socket_activated_listener_is_taken_by_name() {
     procs::signal(child.id(), libc::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn an_inherited_control_socket_others_can_reach_is_refused() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    const CONTROL: &[(&str, &str)] = &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "handover.control")];
+    let dir = TempDir::new("ctl-inherited");
+    let path = dir.path().join("ctl");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        path.to_str().unwrap(),
+    ];
+    // As a socket unit with the default SocketMode=0666 would pass it.
+    let open = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    refused(
+        Some(open.as_raw_fd()),
+        CONTROL,
+        &args,
+        "has mode 0666: group or others may connect: other users could reach the control socket",
+    );
+    // An abstract socket: anyone in the network namespace may connect.
+    let name = format!("handover-test-ctl-{}", std::process::id());
+    let abs = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name).unwrap()).unwrap();
+    refused(
+        Some(abs.as_raw_fd()),
+        CONTROL,
+        &args,
+        "it is an abstract socket",
+    );
+    // 0600, ours: taken.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, out, err) = run(Some(open.as_raw_fd()), CONTROL, &args);
+    assert!(status.is_none(), "refused a private control socket: {err}");
+    assert!(out.starts_with("ready"), "{out}{err}");
+}

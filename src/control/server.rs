@@ -72,6 +72,10 @@ struct Runner {
     done: tokio::sync::mpsc::Sender<Upgraded>,
     /// Connections being served.
     active: AtomicUsize,
+    /// One fd slot kept for accepting at the fd limit: freed to accept a
+    /// control connection there, and refilled with that connection's own
+    /// slot when it ends (a new fd could not be had at the limit).
+    spare: std::sync::Mutex<Option<OwnedFd>>,
 }
 
 /// Serves the control socket until an upgrade requested through it
@@ -120,23 +124,17 @@ pub async fn serve(handover: Handover, socket: ControlSocket) -> Upgraded {
         latest: std::sync::Mutex::new(None),
         done,
         active: AtomicUsize::new(0),
+        spare: std::sync::Mutex::new(listener.as_fd().try_clone_to_owned().ok()),
     });
     let mut listener = Some(listener);
     let mut backoff = AcceptBackoff::new();
-    // One fd slot kept for accepting at the fd limit.
-    let mut spare: Option<OwnedFd> = None;
-    let mut use_spare = false;
     loop {
         let ended = handover.generation_data().upgrade_ended.notified();
         if handover.state() == crate::State::HandedOver {
             // Leave the socket to the successor.
             listener = None;
-            spare = None;
+            lock(&runner.spare).take();
         }
-        if let (Some(l), None, false) = (&listener, &spare, use_spare) {
-            spare = l.as_fd().try_clone_to_owned().ok();
-        }
-        use_spare = false;
         let accept = async {
             match &listener {
                 Some(l) => l.accept().await,
@@ -149,10 +147,9 @@ pub async fn serve(handover: Handover, socket: ControlSocket) -> Upgraded {
                     backoff.reset();
                     admit(&runner, stream);
                 }
-                Err(e) if is_fd_limit(&e) && spare.is_some() => {
-                    // Free the reserved slot and accept again at once.
-                    spare = None;
-                    use_spare = true;
+                Err(e) if is_fd_limit(&e) && lock(&runner.spare).take().is_some() => {
+                    // The reserved slot is free: accept again at once.
+                    tracing::debug!("control socket: accepting with the reserved fd slot");
                 }
                 Err(e) => tokio::select! {
                     _ = backoff.wait(&e) => {}
@@ -213,11 +210,26 @@ fn admit(runner: &Arc<Runner>, stream: tokio::net::UnixStream) {
     let active = Active(runner.clone());
     tokio::spawn(async move {
         let runner = active.0.clone();
+        let mut stream = stream;
         // Bounded: an upgrade ends within its ready timeout and probation.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(24 * 3600), connection(&runner, stream)).await;
+        let served = connection(&runner, &mut stream);
+        let _ = tokio::time::timeout(Duration::from_secs(24 * 3600), served).await;
+        recycle(&runner, stream);
         drop(active);
     });
+}
+
+/// Closes a served connection — or, if the reserved slot was used, keeps
+/// its fd (shut down: the peer sees the end) as the new reserve.
+fn recycle(runner: &Runner, stream: tokio::net::UnixStream) {
+    let mut spare = lock(&runner.spare);
+    if spare.is_some() {
+        return;
+    }
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Both);
+    if let Ok(std) = stream.into_std() {
+        *spare = Some(OwnedFd::from(std));
+    }
 }
 
 /// Reads one request line: at most [`MAX_REQUEST`] bytes within
@@ -244,8 +256,8 @@ async fn read_request(stream: &mut tokio::net::UnixStream) -> Option<String> {
     tokio::time::timeout(READ_TIMEOUT, read).await.ok()?
 }
 
-async fn connection(runner: &Runner, mut stream: tokio::net::UnixStream) -> std::io::Result<()> {
-    let Some(line) = read_request(&mut stream).await else {
+async fn connection(runner: &Runner, stream: &mut tokio::net::UnixStream) -> std::io::Result<()> {
+    let Some(line) = read_request(stream).await else {
         return stream
             .write_all(b"error expected one request line (at most 4 KiB, within 10 s)\n")
             .await;
@@ -264,7 +276,7 @@ async fn connection(runner: &Runner, mut stream: tokio::net::UnixStream) -> std:
                 allowed => {
                     // When the client decided to ask; never later than arrival.
                     let asked = since.map_or(arrived, |t| t.min(arrived));
-                    upgrade(runner, asked, allowed.and_then(Result::ok), &stream).await
+                    upgrade(runner, asked, allowed.and_then(Result::ok), stream).await
                 }
             }
         }
