@@ -116,6 +116,7 @@ pub(crate) struct Life {
 
 /// The upgrade a generation is running, as `status` shows it.
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub(crate) struct InProgress {
     /// When it started (`CLOCK_MONOTONIC` µs).
     pub(crate) started_us: u128,

@@ -784,6 +784,7 @@ fn axum_log(filter: Option<&str>) -> String {
     procs::signal(child.id(), libc::SIGTERM).unwrap();
     let status = procs::reap(child.id(), EVENT_TIMEOUT).expect("reap axum");
     assert!(status.success(), "{status}");
+    let _ = child.try_wait(); // reaped above
     std::fs::read_to_string(&log).unwrap()
 }
 

@@ -132,12 +132,14 @@ impl ControlOptions {
     }
 
     /// Whether a peer with `uid` may make requests.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn uid_allowed(&self, uid: u32) -> bool {
         uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
     }
 
     /// The program a request for `asked` runs: the resolved path, if the
     /// options allow it; else why not.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn program_allowed(&self, asked: &Path, deploy: &Path) -> Result<PathBuf, String> {
         let resolved = crate::program::resolve(asked)
             .map_err(|e| format!("cannot run {}: {e}", asked.display()))?;
@@ -165,6 +167,7 @@ impl ControlOptions {
 /// [`serve::Triggers::control`](crate::serve::Triggers::control) or
 /// [`serve`].
 #[derive(Debug)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub struct ControlSocket {
     pub(crate) listener: std::os::unix::net::UnixListener,
     pub(crate) options: Arc<ControlOptions>,
@@ -292,6 +295,7 @@ fn secure_bind(path: &Path) -> io::Result<OwnedFd> {
 
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "tokio", feature = "fuzzing")), allow(dead_code))]
 pub(crate) enum Request {
     /// `status`
     Status,
@@ -307,6 +311,7 @@ pub(crate) enum Request {
     },
 }
 
+#[cfg_attr(not(any(feature = "tokio", feature = "fuzzing")), allow(dead_code))]
 impl Request {
     /// Parses one request line (without its newline).
     pub(crate) fn parse(line: &str) -> Result<Request, String> {
@@ -348,8 +353,10 @@ impl Request {
 /// One JSON object, written field by field: the replies of the control
 /// socket are small and flat, and this keeps them well-formed.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub(crate) struct Json(String);
 
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 impl Json {
     pub(crate) fn new() -> Json {
         Json(String::from("{"))
@@ -394,6 +401,7 @@ impl Json {
 
 /// Appends `s` as a JSON string: quotes, backslashes and control characters
 /// escaped.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
