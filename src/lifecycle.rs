@@ -112,6 +112,9 @@ pub(crate) struct Life {
     pub(crate) last: Option<LastUpgrade>,
     /// The upgrade running now, if any.
     pub(crate) upgrading: Option<InProgress>,
+    /// Upgrades this generation tried and failed (refused on probation):
+    /// they come on top of the counters its predecessor commits.
+    pub(crate) own_failures: u64,
 }
 
 /// The upgrade a generation is running, as `status` shows it.
@@ -173,7 +176,7 @@ impl Life {
     /// the service's counters come with it.
     pub(crate) fn commit_received(&mut self, mut counters: Counters) {
         // Attempts of our own (refused on probation) come on top.
-        counters.failed += self.counters.failed;
+        counters.failed += self.own_failures;
         self.counters = counters;
         self.mark_committed();
     }
@@ -297,6 +300,7 @@ impl Generation {
                 counters: b.counters,
                 last: None,
                 upgrading: None,
+                own_failures: 0,
             }),
             registry: Mutex::new(b.registry),
             #[cfg(feature = "tokio")]
@@ -453,6 +457,7 @@ mod tests {
             counters: Counters::default(),
             last: None,
             upgrading: None,
+            own_failures: 0,
         }
     }
 
@@ -476,7 +481,9 @@ mod tests {
     fn a_commit_brings_the_counters_and_ends_probation() {
         let mut l = life();
         l.committed = false;
-        l.counters.failed = 1;
+        // Inherited at start (HANDOVER_COUNTERS), plus one failure of its own.
+        l.counters.failed = 3;
+        l.own_failures = 1;
         l.commit_received(Counters {
             succeeded: 4,
             failed: 2,

@@ -219,6 +219,7 @@ impl Generation {
         let mut life = self.life();
         let error = outcome.as_ref().err().map(|e| crate::error::chain(*e));
         if let Some(e) = &error {
+            life.own_failures += 1;
             let c = &mut life.counters;
             c.failed += 1;
             c.last_error = Some(e.clone());
