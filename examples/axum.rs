@@ -1,5 +1,6 @@
 //! A zero-downtime axum service:
-//! `axum --listen ADDR [--pid-file PATH] [--control PATH [--allow-program PATH]] [--migrate]`.
+//! `axum --listen ADDR [--pid-file PATH] [--control PATH [--allow-program PATH]] [--migrate]
+//! [--take-over PATH]` (`--take-over`: take the service over from the one at that control socket).
 //! SIGHUP or `axum reload --control PATH [--binary PATH]` upgrades it in place (`--binary`: a
 //! rollback, allowed from `--allow-program`), `axum status --control PATH` tells, SIGTERM stops.
 use axum::{Router, http::HeaderValue, middleware::map_response, response::Response, routing::get};
@@ -15,6 +16,9 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     if let Some(path) = flag("--pid-file") {
         builder = builder.pid_file(path);
     }
+    if let Some(path) = flag("--take-over") {
+        builder = builder.take_over(path); // a new container or unit takes the service over
+    }
     let handover = builder.build()?; // inherits the listener; first, before any other fd is opened
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or("info".into());
     let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -28,7 +32,8 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         let mut triggers = Triggers::new(&handover).upgrade_on(SignalKind::hangup());
         if let Some(path) = flag("--control") {
             let allowed = flag("--allow-program").into_iter(); // programs `reload --binary` may run
-            let options = allowed.fold(control::ControlOptions::new(), |o, p| o.allow_program(p));
+            let options = control::ControlOptions::new().allow_takeover(true); // same uid only
+            let options = allowed.fold(options, |o, p| o.allow_program(p));
             triggers = triggers.control(control::bind_with(&handover, path, options)?);
         }
         triggers.stop_on(SignalKind::terminate()).spawn()?; // own task: accepting never waits

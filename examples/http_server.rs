@@ -17,6 +17,11 @@
 //! - `--fd-store`: under systemd, keep the listeners in the fd store too, so
 //!   that `systemctl restart` refuses no connection (`FileDescriptorStoreMax=`)
 //! - `--control PATH`: a control socket (mode 0600) for `reload` and `status`
+//! - `--take-over PATH`: take the service over from the generation serving
+//!   the control socket PATH (a new container, the other unit of a
+//!   blue/green pair, a build started by hand), with its listeners, its
+//!   control socket and its state; with nobody there, start as the first
+//!   generation. The control socket allows takeovers (by the same uid).
 //! - `--allow-program PATH` (repeatable): a program, or a directory of
 //!   programs, that `reload --binary` may run (a rollback); by default only
 //!   the deploy path runs
@@ -79,6 +84,7 @@ struct Config {
     fd_store: bool,
     control: Option<PathBuf>,
     allow_program: Vec<PathBuf>,
+    take_over: Option<PathBuf>,
     preflight: bool,
     check: bool,
     probation: Option<Duration>,
@@ -129,6 +135,7 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--drain-timeout" => c.drain_timeout = Some(secs(v, flag)?),
             "--control" => c.control = Some(v.into()),
             "--allow-program" => c.allow_program.push(v.into()),
+            "--take-over" => c.take_over = Some(v.into()),
             "--probation" => c.probation = Some(secs(v, flag)?),
             _ => return Err(format!("unknown flag {flag:?}")),
         }
@@ -294,6 +301,10 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
         check.push("--check".into());
         defaults = defaults.preflight(check);
     }
+    if let Some(path) = &config.take_over {
+        // Take the service over from whoever serves this control socket.
+        builder = builder.take_over(path);
+    }
     builder
         .fd_store(config.fd_store)
         .upgrade_options(defaults)
@@ -409,7 +420,8 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
             .iter()
             .fold(handover::control::ControlOptions::new(), |o, p| {
                 o.allow_program(p)
-            });
+            })
+            .allow_takeover(true);
         triggers = triggers.control(handover::control::bind_with(&handover, p, options)?);
     }
     let triggered = triggers

@@ -38,6 +38,7 @@ pub struct Builder {
     pid_file: Option<PathBuf>,
     fd_store: bool,
     defaults: UpgradeOptions,
+    take_over: Option<PathBuf>,
 }
 
 impl Default for Builder {
@@ -48,6 +49,7 @@ impl Default for Builder {
             pid_file: None,
             fd_store: false,
             defaults: UpgradeOptions::new(),
+            take_over: None,
         }
     }
 }
@@ -109,6 +111,29 @@ impl Builder {
         self
     }
 
+    /// Takes the service over from the generation serving the control socket
+    /// at `path` — a process this one was not started by (another container,
+    /// the other unit of a blue/green pair, a new build started by hand) —
+    /// as a successor it had started would: [`build`](Self::build) asks it
+    /// for its named fds (the control socket among them), its state and its
+    /// counters; then [`Handover::ready`] commits the takeover (after the
+    /// old generation's probation window, if it has one), and the old
+    /// generation drains and exits. The old generation must allow it
+    /// ([`control::ControlOptions::allow_takeover`](crate::control::ControlOptions::allow_takeover)).
+    ///
+    /// Nobody at `path` (no socket, or nobody accepting): this process
+    /// starts as a first generation. A refusal (takeover not allowed,
+    /// another upgrade running, a uid not allowed) is
+    /// [`Error::TakeOver`] from `build()`, and the old generation serves
+    /// on. Ignored in a process started by its predecessor or by systemd
+    /// with fds (`LISTEN_PID` naming it): a later upgrade of the process
+    /// that took over starts with the same arguments, and must not take
+    /// over again. Default: none.
+    pub fn take_over(mut self, path: impl Into<PathBuf>) -> Self {
+        self.take_over = Some(path.into());
+        self
+    }
+
     /// Reads what a predecessor or systemd handed to this process and
     /// builds the [`Handover`].
     ///
@@ -138,9 +163,30 @@ impl Builder {
         let own_pid = std::process::id();
         let notifier = Notifier::from_env()?;
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
+        let offer = match (&inherited, &self.take_over) {
+            (None, Some(path)) => {
+                if TAKEN.swap(true, Ordering::SeqCst) {
+                    return Err(Error::AlreadyTaken);
+                }
+                crate::takeover::request(path)?
+            }
+            _ => None,
+        };
+        let took_over = offer.as_ref().and(self.take_over.clone());
         let (fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
             match inherited {
-                None => (Vec::new(), None, 1, false, None, None, None),
+                None => match offer {
+                    None => (Vec::new(), None, 1, false, None, None, None),
+                    Some(o) => (
+                        o.fds,
+                        Some(o.channel),
+                        o.header.generation,
+                        o.header.state,
+                        None,
+                        Some(o.header.started_us),
+                        Some(o.header.counters),
+                    ),
+                },
                 Some(inh) => {
                     if TAKEN.swap(true, Ordering::SeqCst) {
                         return Err(Error::AlreadyTaken);
@@ -206,6 +252,7 @@ impl Builder {
             predecessor: channel,
             state_expected,
             started_usec,
+            took_over,
             counters: counters
                 .map(|(succeeded, failed)| crate::stats::Counters {
                     succeeded,

@@ -31,6 +31,7 @@
 //! | `A\n` | old → new | the answer to `U` | the successor's state becomes `RolledBack`: it drains and exits |
 //! | `C<fields>\n` | old → new | once, at the commit (after the window) | the handover is final: the successor takes the counters over and may serve the control socket and upgrade |
 //! | `D<fields>\n` | old → new | after the old generation's drain | records the drain phase |
+//! | `X<reason>\n` | old → new | to a process that took over (not one the old generation started), instead of `C`, when the takeover failed (it missed the ready deadline, say): the channel closes next | the successor must not serve: `ready()` fails with the reason, or, already ready, it is taken back (drains and exits) |
 //! | `M<version>\n` + one fd (`SCM_RIGHTS`) | new → old | after `C`, once, when the successor starts taking migrated connections | the old generation's connection sender takes the fd as the migration socket and sends records of at most `<version>` over it (see [`migrate`](crate::migrate)) |
 //! | EOF | old → new | the old generation exited | the successor serves alone (committed, unless it was taken back) |
 //!
@@ -67,6 +68,9 @@ pub(crate) const TAKEN_BACK: u8 = b'A';
 pub(crate) const COMMIT: u8 = b'C';
 /// Old generation to successor: its drain ended.
 pub(crate) const DRAINED: u8 = b'D';
+/// Old generation to a successor that took over (not one it started):
+/// the takeover is called off, and why; the old generation serves on.
+pub(crate) const CALLED_OFF: u8 = b'X';
 /// Successor to old generation, after the commit: the migration socket
 /// (attached) and the highest record version the successor reads.
 pub(crate) const MIGRATION_OFFER: u8 = b'M';
@@ -100,6 +104,8 @@ pub(crate) enum Message {
     Drained(Duration),
     /// `M<version>`, with the migration socket attached.
     MigrationOffer(u8),
+    /// `X<reason>`
+    CalledOff(String),
 }
 
 impl Message {
@@ -121,6 +127,7 @@ impl Message {
             Message::Commit(c) => line(COMMIT, &encode_fields(c)),
             Message::Drained(d) => line(DRAINED, &format!(" drain_us={}", d.as_micros())),
             Message::MigrationOffer(v) => line(MIGRATION_OFFER, &v.to_string()),
+            Message::CalledOff(r) => line(CALLED_OFF, &one_line(r)),
         }
     }
 }
@@ -218,6 +225,7 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<Option<Message>, BadMessage> {
         FAILED => Message::Failed(text.to_owned()),
         STATE_REJECTED => Message::StateRejected(text.to_owned()),
         UNHEALTHY => Message::Unhealthy(text.to_owned()),
+        CALLED_OFF => Message::CalledOff(text.to_owned()),
         TAKEN_BACK if text.is_empty() => Message::TakenBack,
         TAKEN_BACK => return Err(BadMessage("A carries no text".into())),
         COMMIT => {
@@ -366,6 +374,7 @@ mod tests {
             Message::Commit(c.clone()),
             Message::Drained(Duration::from_micros(1500)),
             Message::MigrationOffer(1),
+            Message::CalledOff("not ready within 60s".into()),
         ];
         let mut wire = Vec::new();
         for m in &all {
@@ -403,8 +412,8 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_fields_are_skipped_bad_ones_refused() {
-        let got = decode_all(b"Xsomething new\nC succeeded=2 failed=0 wire_us=5 colour=blue\n");
-        assert_eq!(got[0], Next::Unknown(b'X'));
+        let got = decode_all(b"Ysomething new\nC succeeded=2 failed=0 wire_us=5 colour=blue\n");
+        assert_eq!(got[0], Next::Unknown(b'Y'));
         let Next::Message(Message::Commit(c)) = &got[1] else {
             panic!("{got:?}");
         };

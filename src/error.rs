@@ -54,6 +54,16 @@ pub enum Error {
     /// The fds handed to this process were already taken by another
     /// [`Handover`](crate::Handover) in the same process.
     AlreadyTaken,
+    /// Taking over from the service at a control socket
+    /// ([`Builder::take_over`](crate::Builder::take_over)) failed: refused,
+    /// or the running generation called it off (the reason says which).
+    /// The running generation serves on.
+    TakeOver {
+        /// The control socket.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A setting of the [`Builder`](crate::Builder) (or of
     /// [`UpgradeOptions`](crate::UpgradeOptions)) is out of range.
     InvalidConfig {
@@ -84,6 +94,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.kind(),
             Error::AlreadyRegistered { .. } | Error::AlreadyTaken => io::ErrorKind::AlreadyExists,
+            Error::TakeOver { .. } => io::ErrorKind::Other,
             Error::Env { .. }
             | Error::InvalidFd { .. }
             | Error::InvalidName { .. }
@@ -114,6 +125,9 @@ impl fmt::Display for Error {
             }
             Error::InvalidConfig { setting, reason } => {
                 write!(f, "invalid setting {setting}: {reason}")
+            }
+            Error::TakeOver { path, reason } => {
+                write!(f, "cannot take over from {}: {reason}", path.display())
             }
             Error::Io { context, .. } => f.write_str(context),
         }

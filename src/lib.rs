@@ -234,6 +234,7 @@ mod successor;
 pub mod supervisor;
 mod sys;
 pub mod systemd;
+mod takeover;
 mod upgrade;
 
 #[cfg(feature = "tokio")]

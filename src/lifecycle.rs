@@ -207,6 +207,9 @@ pub(crate) struct Generation {
     pub(crate) config: Config,
     pub(crate) generation: u64,
     pub(crate) from_predecessor: bool,
+    /// The control socket it took the service over through, if it did (its
+    /// predecessor did not start it).
+    pub(crate) took_over: Option<PathBuf>,
     pub(crate) started: Instant,
     /// When this generation's binary and configuration were chosen, in
     /// `CLOCK_MONOTONIC` µs: the start of the upgrade that made it, else
@@ -271,6 +274,9 @@ pub(crate) struct Birth {
     /// The service's counters as the predecessor left them (this upgrade
     /// counted as a success), kept if it never commits.
     pub(crate) counters: Counters,
+    /// The control socket this process took the service over through (see
+    /// `takeover`): its predecessor did not start it.
+    pub(crate) took_over: Option<PathBuf>,
 }
 
 impl Generation {
@@ -284,6 +290,7 @@ impl Generation {
             config: b.config,
             generation: b.generation,
             from_predecessor,
+            took_over: b.took_over,
             started: Instant::now(),
             started_usec: b
                 .started_usec

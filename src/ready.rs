@@ -12,6 +12,71 @@ use crate::channel::{self, Inbox, Message, Next};
 use crate::error::UpgradeError;
 use crate::spawn::Child;
 use crate::sys;
+use crate::takeover::Peer;
+
+/// The successor an upgrade watches: a process this generation started, or
+/// one that took over (which it cannot kill or reap: it calls the takeover
+/// off instead, and the process must not serve).
+#[derive(Debug)]
+pub(crate) enum Started {
+    Child(Child),
+    Peer(Peer),
+}
+
+impl Started {
+    pub(crate) fn pid(&self) -> u32 {
+        match self {
+            Started::Child(c) => c.pid as u32,
+            Started::Peer(p) => p.pid,
+        }
+    }
+
+    fn exited(&mut self) -> Option<Option<std::process::ExitStatus>> {
+        match self {
+            Started::Child(c) => c.exited(),
+            Started::Peer(p) => p.wait_gone(Instant::now()).then_some(None),
+        }
+    }
+
+    fn wait_exit(&mut self, until: Instant) -> Option<Option<std::process::ExitStatus>> {
+        match self {
+            Started::Child(c) => c.wait_exit(until),
+            // Its status is not ours to collect.
+            Started::Peer(p) => p.wait_gone(until).then_some(None),
+        }
+    }
+
+    fn exit_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Started::Child(c) => c.exit_fd(),
+            Started::Peer(p) => p.exit_fd(),
+        }
+    }
+
+    /// The upgrade failed with `why`: a child is killed (with what it
+    /// started) and reaped; a peer is told why, and its channel closed.
+    pub(crate) fn give_up(&mut self, why: &UpgradeError) {
+        match self {
+            Started::Child(c) => c.kill_and_reap(),
+            Started::Peer(p) => p.call_off(&crate::error::chain(why)),
+        }
+    }
+
+    fn kill_and_reap(&mut self) {
+        match self {
+            Started::Child(c) => c.kill_and_reap(),
+            Started::Peer(p) => p.call_off("the running generation called the takeover off"),
+        }
+    }
+
+    /// The upgrade committed: let the successor go.
+    pub(crate) fn release(self) {
+        match self {
+            Started::Child(c) => c.release(),
+            Started::Peer(p) => p.release(),
+        }
+    }
+}
 
 /// How long an EOF on the channel may precede the successor's exit before
 /// it counts as "closed without ready" rather than "exited".
@@ -67,13 +132,13 @@ fn hear(channel: BorrowedFd<'_>, inbox: &mut Inbox, allowed: &[u8]) -> io::Resul
 pub(crate) fn wait_ready(
     channel: BorrowedFd<'_>,
     inbox: &mut Inbox,
-    child: &mut Child,
+    child: &mut Started,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), UpgradeError> {
-    let pid = child.pid as u32;
-    let fail = |child: &mut Child, e: UpgradeError| {
-        child.kill_and_reap();
+    let pid = child.pid();
+    let fail = |child: &mut Started, e: UpgradeError| {
+        child.give_up(&e);
         Err(e)
     };
     let allowed = [channel::READY, channel::FAILED, channel::STATE_REJECTED];
@@ -151,11 +216,11 @@ pub(crate) fn wait_ready(
 pub(crate) fn watch_probation(
     channel: BorrowedFd<'_>,
     inbox: &mut Inbox,
-    child: &mut Child,
+    child: &mut Started,
     window: Duration,
     grace: Duration,
 ) -> Result<(), UpgradeError> {
-    let pid = child.pid as u32;
+    let pid = child.pid();
     let start = Instant::now();
     let end = crate::clock::after_from(start, window);
     let failed = |reason: String| UpgradeError::Probation {

@@ -16,6 +16,23 @@ use crate::lifecycle::{Generation, Life, State, lock};
 use crate::pidfile;
 use crate::sys;
 
+/// The reason of an `X` (called off) waiting on the channel, if the
+/// predecessor sent one before it closed it.
+fn called_off(channel: BorrowedFd<'_>) -> Option<String> {
+    let mut inbox = crate::channel::Inbox::default();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = sys::recv(channel, &mut buf, libc::MSG_DONTWAIT) {
+        inbox.push(&buf[..n]);
+    }
+    loop {
+        match inbox.next() {
+            Next::Message(Message::CalledOff(reason)) => return Some(reason),
+            Next::Incomplete => return None,
+            _ => {}
+        }
+    }
+}
+
 /// Sends `F<reason>` to the predecessor (best effort: it may be gone).
 pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
     let msg = Message::Failed(reason.to_owned()).encode();
@@ -51,6 +68,12 @@ impl Generation {
                     if e.raw_os_error() == Some(libc::EPIPE)
                         || e.kind() == std::io::ErrorKind::ConnectionReset =>
                 {
+                    if let Some(reason) = called_off(ch.as_fd()) {
+                        // Not gone: it gave up on this process (a takeover
+                        // past its deadline) and serves on.
+                        let path = g.took_over.clone().unwrap_or_default();
+                        return Err(Error::TakeOver { path, reason });
+                    }
                     tracing::warn!(
                         generation = g.generation,
                         "predecessor is gone; serving alone"
@@ -58,6 +81,14 @@ impl Generation {
                     alone = true;
                 }
                 Err(e) => return Err(Error::io("cannot report ready to the predecessor", e)),
+            }
+            if g.took_over.is_some() {
+                // Started by someone else, maybe as a unit of its own: its
+                // manager waits for this, not for the old generation's word.
+                let msg = format!("READY=1\nSTATUS=took over (generation {})", g.generation);
+                if let Err(e) = g.notifier.notify(&msg) {
+                    tracing::warn!(error = %e, "cannot notify the service manager");
+                }
             }
         } else {
             if let Some(path) = &g.config.pid_file {
@@ -238,6 +269,14 @@ impl Generation {
         if closed {
             self.claim_pid_file();
         }
+        #[cfg(feature = "tokio")]
+        if self.took_over.is_some() && self.state() == State::RolledBack {
+            // Called off: this process must not serve. Its drain ends the
+            // serving layer (and the triggers' task).
+            if let Some(drain) = lock(&self.drain).as_ref() {
+                drain.start();
+            }
+        }
         Ok(closed)
     }
 
@@ -255,6 +294,16 @@ impl Generation {
                     );
                 }
                 Next::Message(Message::TakenBack) => life.taken_back(),
+                Next::Message(Message::CalledOff(reason)) => {
+                    // The running generation gave up on this takeover after
+                    // this process reported ready (just past its deadline,
+                    // say): it serves on, and this process must not.
+                    tracing::error!(generation = self.generation, %reason, "the running generation called the takeover off; draining");
+                    life.taken_back();
+                    if life.state == State::Serving {
+                        life.state = State::RolledBack;
+                    }
+                }
                 Next::Message(Message::Drained(d)) => {
                     life.counters
                         .last

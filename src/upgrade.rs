@@ -17,6 +17,7 @@ use crate::error::UpgradeError;
 use crate::lifecycle::{Generation, LastUpgrade, lock};
 use crate::pidfile;
 use crate::ready;
+use crate::ready::Started;
 use crate::spawn::{self, SpawnError};
 use crate::state::StateStream;
 use crate::stats::Phases;
@@ -38,6 +39,8 @@ pub struct UpgradeOptions {
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) state: Option<StateSource>,
     pub(crate) probation: Option<Duration>,
+    /// A takeover: the process to hand over to, instead of starting one.
+    pub(crate) peer: Option<Arc<Mutex<Option<crate::takeover::PeerRequest>>>>,
 }
 
 impl std::fmt::Debug for UpgradeOptions {
@@ -48,6 +51,7 @@ impl std::fmt::Debug for UpgradeOptions {
             .field("preflight", &self.preflight)
             .field("state", &self.state.is_some())
             .field("probation", &self.probation)
+            .field("takeover", &self.peer.is_some())
             .finish()
     }
 }
@@ -269,12 +273,18 @@ impl Generation {
         // The successor's binary and configuration are at least this new:
         // it tells control requests made later that it is no answer to them.
         let started_us = crate::systemd::monotonic_usec();
-        let program = self.choose_program(&opts)?;
+        let peer = opts.peer.as_ref().and_then(|p| lock(p).take());
+        let program = match &peer {
+            // A takeover runs what its peer runs: nothing is chosen here.
+            Some(p) => crate::takeover::peer_program(p.pid),
+            None => self.choose_program(&opts)?,
+        };
         if let Some(u) = self.life().upgrading.as_mut() {
             u.program = Some(program.clone());
         }
         let args = opts.args.as_ref().unwrap_or(&cfg.args);
-        if let Some(check) = opts.preflight.as_ref().or(cfg.preflight.as_ref()) {
+        let preflight = opts.preflight.as_ref().or(cfg.preflight.as_ref());
+        if let Some(check) = preflight.filter(|_| peer.is_none()) {
             let t = Instant::now();
             let checked = spawn::preflight(&program, check, deadline, &self.reserve);
             phase(phases, "preflight", t.elapsed());
@@ -313,14 +323,20 @@ impl Generation {
             with_state,
             counters,
         };
-        let mut child = self.spawn_successor(&program, args, next, theirs, deadline)?;
-        let pid = child.pid as u32;
+        let mut child = match peer {
+            None => Started::Child(self.spawn_successor(&program, args, next, theirs, deadline)?),
+            Some(req) => Started::Peer(self.offer(req, next, theirs, &ours, deadline)?),
+        };
+        let pid = child.pid();
         if let Some(u) = self.life().upgrading.as_mut() {
             u.successor = Some(pid);
         }
         // Written while the successor starts: a pid file that cannot be
         // written fails the upgrade now, and the commit only renames it.
         let pid_file = match &cfg.pid_file {
+            // A peer in a pid namespace this process cannot see (pid 0)
+            // writes its own when its predecessor is gone.
+            Some(_) if pid == 0 => None,
             Some(path) => {
                 let tmp = lock(&self.reserve).pid_tmp();
                 Some(pidfile::stage(path, pid, tmp).map_err(|source| {
@@ -544,6 +560,43 @@ impl Generation {
         }
     }
 
+    /// A takeover's "spawn": sends the peer the offer — what a successor
+    /// would find in its environment, this generation's fds and `theirs`,
+    /// its end of the channel — over its control connection.
+    fn offer(
+        &self,
+        req: crate::takeover::PeerRequest,
+        next: Next,
+        theirs: OwnedFd,
+        ours: &OwnedFd,
+        deadline: Instant,
+    ) -> Result<crate::takeover::Peer, UpgradeError> {
+        let watch = ours
+            .try_clone()
+            .map_err(|e| UpgradeError::io("duplicating the channel", e))?;
+        let sent = {
+            let registry = lock(&self.registry);
+            let handed = registry.handed();
+            let header = crate::takeover::Header {
+                generation: next.generation,
+                names: handed.iter().map(|(n, _)| (*n).to_owned()).collect(),
+                state: next.with_state,
+                started_us: next.started_us,
+                counters: next.counters,
+            };
+            let fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
+            tracing::debug!(
+                pid = req.pid,
+                fds = fds.len(),
+                "offering the service to a takeover"
+            );
+            crate::takeover::send_offer(req.conn.as_fd(), &header, &fds, theirs.as_fd(), deadline)
+        };
+        drop(theirs);
+        sent.map_err(|e| UpgradeError::io("sending the takeover offer", e))?;
+        Ok(crate::takeover::Peer::new(req.pid, watch))
+    }
+
     /// The commit: from here on the successor serves. The successor is let
     /// go (reparented to the nearest subreaper before anyone names it main),
     /// the service manager is told, the serving layer stops accepting, the
@@ -554,26 +607,36 @@ impl Generation {
     fn commit(
         &self,
         ours: std::os::fd::OwnedFd,
-        child: spawn::Child,
+        child: Started,
         generation: u64,
         phases: &Phases,
         pid_file: Option<pidfile::Staged>,
     ) {
-        let pid = child.pid as u32;
+        let pid = child.pid();
+        let took_over = matches!(child, Started::Peer(_));
         lock(&self.reserve).free_spares();
         // An intermediate exits: the successor is reparented to the nearest
         // subreaper (the service manager) before it is named main.
         child.release();
         let n = &self.notifier;
-        // The old main process names its successor main and ready, and waits
-        // until the manager has taken that in before it drains, so the
-        // manager never sees the main process exit.
-        let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
-        if let Err(e) = n
-            .notify(&msg)
-            .and_then(|()| n.barrier(Duration::from_secs(5)))
-        {
-            tracing::warn!(error = %e, "cannot notify the service manager of the new main pid");
+        if took_over {
+            // The process that took over is not this unit's: it tells its
+            // own manager. This unit stops once the drain is done.
+            let msg = format!("STOPPING=1\nSTATUS=taken over by pid {pid}; draining");
+            if let Err(e) = n.notify(&msg) {
+                tracing::warn!(error = %e, "cannot notify the service manager");
+            }
+        } else {
+            // The old main process names its successor main and ready, and
+            // waits until the manager has taken that in before it drains, so
+            // the manager never sees the main process exit.
+            let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
+            if let Err(e) = n
+                .notify(&msg)
+                .and_then(|()| n.barrier(Duration::from_secs(5)))
+            {
+                tracing::warn!(error = %e, "cannot notify the service manager of the new main pid");
+            }
         }
         lock(&self.registry).clear();
         // The counters travel with the service: the successor carries on

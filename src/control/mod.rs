@@ -23,6 +23,12 @@
 //!    [`ControlOptions::allow_program`]. By default nothing else may run,
 //!    because a peer that may name the program runs any code it likes with
 //!    the service's listening sockets and environment.
+//! 4. **Takeover**: a `takeover` request hands every listener, the state and
+//!    the connections to the peer — as much as running code as the service —
+//!    so it is refused unless the application turned it on
+//!    ([`ControlOptions::allow_takeover`]), and then only for the allowed
+//!    uids of step 1. A plain `reload` never gives a peer more than the
+//!    deploy path; a takeover gives the peer whatever it runs.
 //!
 //! The socket is created 0600 (see [`bind`]); one inherited from a service
 //! manager (socket activation) or the fd store is checked the same way: an
@@ -32,8 +38,10 @@
 //!
 //! # The protocol
 //!
-//! One line each way. Requests: `status`, or `upgrade [since=USEC]
-//! [absolute program path]`. Replies: `ok <json>`, `error <reason>`, `busy
+//! One line each way. Requests: `status`, `upgrade [since=USEC]
+//! [absolute program path]`, or `takeover` (see
+//! [`Builder::take_over`](crate::Builder::take_over); answered with an offer
+//! and fds when allowed). Replies: `ok <json>`, `error <reason>`, `busy
 //! <reason>` (nothing was done; ask again later), or `retry <reason>` (ask
 //! again: the generation that answered has handed over). The reply to
 //! `upgrade` comes when the upgrade has succeeded or failed, and names the
@@ -95,6 +103,7 @@ pub struct ControlOptions {
     programs: Vec<PathBuf>,
     uids: Vec<u32>,
     open_socket: bool,
+    takeover: bool,
 }
 
 impl ControlOptions {
@@ -128,6 +137,18 @@ impl ControlOptions {
     /// to every request. Default: refused ([`bind`] fails).
     pub fn allow_open_socket(mut self, on: bool) -> Self {
         self.open_socket = on;
+        self
+    }
+
+    /// Lets a process started by someone else take the service over through
+    /// this socket ([`Builder::take_over`](crate::Builder::take_over)):
+    /// every listener, the state and (with migration) the connections go to
+    /// it, so this gives an allowed peer as much as running its own program
+    /// as the service — which is why it is off by default. Only peers of an
+    /// allowed uid (the service's own, and [`allow_uid`](Self::allow_uid))
+    /// may, checked before anything is sent. Default: off.
+    pub fn allow_takeover(mut self, on: bool) -> Self {
+        self.takeover = on;
         self
     }
 
@@ -299,6 +320,8 @@ fn secure_bind(path: &Path) -> io::Result<OwnedFd> {
 pub(crate) enum Request {
     /// `status`
     Status,
+    /// `takeover`: hand the service over to the peer.
+    TakeOver,
     /// `upgrade [since=USEC] [PROGRAM]`: upgrade (to `program`, an absolute
     /// path, for this upgrade only). `since` is the client's
     /// `CLOCK_MONOTONIC` in microseconds when it decided to ask: only an
@@ -318,6 +341,9 @@ impl Request {
         let line = line.trim_end_matches('\r');
         if line == "status" {
             return Ok(Request::Status);
+        }
+        if line == crate::takeover::REQUEST {
+            return Ok(Request::TakeOver);
         }
         let unknown = || {
             format!(

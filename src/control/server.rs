@@ -266,6 +266,7 @@ async fn connection(runner: &Runner, stream: &mut tokio::net::UnixStream) -> std
     let reply = match Request::parse(&line) {
         Err(e) => format!("error {e}"),
         Ok(Request::Status) => format!("ok {}", status_json(&runner.handover)),
+        Ok(Request::TakeOver) => take_over(runner, stream).await,
         Ok(Request::Upgrade { since, program }) => {
             let deploy = &runner.handover.generation_data().config.program;
             match program.map(|p| runner.options.program_allowed(&p, deploy)) {
@@ -283,6 +284,66 @@ async fn connection(runner: &Runner, stream: &mut tokio::net::UnixStream) -> std
     };
     stream.write_all(format!("{reply}\n").as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Hands the service over to the peer of `stream`, if takeovers are
+/// allowed (its uid was checked at accept): the upgrade sends it the offer
+/// over a copy of `stream`. The reply line matters only for a refusal,
+/// which the peer reads in place of the offer.
+async fn take_over(runner: &Runner, stream: &tokio::net::UnixStream) -> String {
+    if !runner.options.takeover {
+        tracing::warn!("takeover refused: not allowed");
+        return "error refused: this service does not allow takeover \
+                (ControlOptions::allow_takeover)"
+            .to_owned();
+    }
+    // One upgrade or takeover at a time: refused now, not queued behind
+    // the one running (begin() decides if both race here).
+    match runner.handover.state() {
+        crate::State::Serving => {}
+        crate::State::Upgrading => {
+            return "error refused: an upgrade or takeover is in progress; ask again when \
+                    it has ended"
+                .to_owned();
+        }
+        other => {
+            return format!(
+                "error refused: this generation cannot hand over now ({})",
+                format!("{other:?}").to_lowercase()
+            );
+        }
+    }
+    let pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .filter(|p| *p > 0)
+        .map_or(0, |p| p as u32);
+    let conn = match stream.as_fd().try_clone_to_owned() {
+        Ok(c) => c,
+        Err(e) => return format!("error cannot take the request: {e}"),
+    };
+    tracing::info!(peer_pid = pid, "takeover requested");
+    let request = crate::takeover::PeerRequest { conn, pid };
+    let opts = crate::UpgradeOptions {
+        peer: Some(Arc::new(std::sync::Mutex::new(Some(request)))),
+        ..crate::UpgradeOptions::new()
+    };
+    let started_us = crate::systemd::monotonic_usec();
+    match runner.handover.upgrade_with(opts).await {
+        Ok(u) => {
+            let done = Done {
+                pid: u.pid,
+                generation: u.generation,
+                program: u.program.to_string_lossy().into_owned(),
+                started_us,
+                ready_ms: u.ready_after.as_secs_f64() * 1e3,
+            };
+            let _ = runner.done.send(u).await;
+            done.reply(Some("takeover"))
+        }
+        Err(e) => format!("error {}", crate::error::chain(&e)),
+    }
 }
 
 /// Whether the peer of `stream` has closed its end (or reset it): a

@@ -109,6 +109,10 @@ impl Server {
     }
 
     pub fn start_env(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Server::spawn_env(program, args, envs, true)
+    }
+
+    fn spawn_env(program: &Path, args: &[&str], envs: &[(&str, &str)], wait_ready: bool) -> Server {
         SUBREAPER.call_once(procs::become_subreaper);
         let mut child = spawn(
             Command::new(program)
@@ -144,10 +148,30 @@ impl Server {
             generations: Vec::new(),
             ready_line: String::new(),
         };
+        if !wait_ready {
+            let pid = s.child.id();
+            s.generations.push((pid, false));
+            return s;
+        }
         let ready = s.wait_line("ready", None);
         s.generations.push((field_u32(&ready, "pid"), false));
         s.ready_line = ready;
         s
+    }
+
+    /// Starts the fixture with `args` without waiting for it to be ready
+    /// (one that is expected to fail).
+    pub fn launch(args: &[&str]) -> Server {
+        Server::spawn_env(&server_bin(), args, &[], false)
+    }
+
+    /// Waits until the process this chain started exits, and reaps it.
+    pub fn wait_child(&mut self) -> ExitStatus {
+        let pid = self.child.id();
+        let status = procs::reap(pid, EVENT_TIMEOUT).expect("reap");
+        self.mark_reaped(pid);
+        let _ = self.child.try_wait();
+        status
     }
 
     /// The first TCP address of the serving generation.
@@ -267,6 +291,16 @@ impl Server {
                 g.1 = true;
             }
         }
+    }
+
+    /// Waits for the serving generation (of this chain) to exit on its own
+    /// (after a takeover, say) and reaps it.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let pid = self.pid();
+        self.wait_line("exit", Some(pid));
+        let status = procs::reap(pid, EVENT_TIMEOUT).expect("reap the generation");
+        self.mark_reaped(pid);
+        status
     }
 
     /// SIGTERM to the serving generation; waits for it to drain and exit.
