@@ -172,7 +172,13 @@ impl Builder {
             }
             _ => None,
         };
-        let took_over = offer.as_ref().and(self.take_over.clone());
+        let took_over = match (&offer, &self.take_over) {
+            (Some(o), Some(path)) => Some(crate::lifecycle::TookOver {
+                path: path.clone(),
+                seen_as: o.header.pid,
+            }),
+            _ => None,
+        };
         let (fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
             match inherited {
                 None => match offer {

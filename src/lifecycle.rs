@@ -117,6 +117,17 @@ pub(crate) struct Life {
     pub(crate) own_failures: u64,
 }
 
+/// How a process took the service over from a generation that did not
+/// start it.
+#[derive(Debug, Clone)]
+pub(crate) struct TookOver {
+    /// The control socket it asked.
+    pub(crate) path: PathBuf,
+    /// Its pid as the old generation sees it; 0 if it cannot (a sibling
+    /// pid namespace, as another container's is).
+    pub(crate) seen_as: u32,
+}
+
 /// The upgrade a generation is running, as `status` shows it.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
@@ -207,9 +218,9 @@ pub(crate) struct Generation {
     pub(crate) config: Config,
     pub(crate) generation: u64,
     pub(crate) from_predecessor: bool,
-    /// The control socket it took the service over through, if it did (its
-    /// predecessor did not start it).
-    pub(crate) took_over: Option<PathBuf>,
+    /// How it took the service over, if it did (its predecessor did not
+    /// start it).
+    pub(crate) took_over: Option<TookOver>,
     pub(crate) started: Instant,
     /// When this generation's binary and configuration were chosen, in
     /// `CLOCK_MONOTONIC` µs: the start of the upgrade that made it, else
@@ -274,9 +285,9 @@ pub(crate) struct Birth {
     /// The service's counters as the predecessor left them (this upgrade
     /// counted as a success), kept if it never commits.
     pub(crate) counters: Counters,
-    /// The control socket this process took the service over through (see
-    /// `takeover`): its predecessor did not start it.
-    pub(crate) took_over: Option<PathBuf>,
+    /// How this process took the service over (see `takeover`), if it
+    /// did: its predecessor did not start it.
+    pub(crate) took_over: Option<TookOver>,
 }
 
 impl Generation {

@@ -71,7 +71,8 @@ impl Generation {
                     if let Some(reason) = called_off(ch.as_fd()) {
                         // Not gone: it gave up on this process (a takeover
                         // past its deadline) and serves on.
-                        let path = g.took_over.clone().unwrap_or_default();
+                        let path = g.took_over.as_ref().map(|t| t.path.clone());
+                        let path = path.unwrap_or_default();
                         return Err(Error::TakeOver { path, reason });
                     }
                     tracing::warn!(
@@ -338,6 +339,15 @@ impl Generation {
         // with its successor's pid) meanwhile.
         let life = self.life();
         if life.state != State::Serving {
+            return;
+        }
+        let named = self.took_over.as_ref().is_some_and(|t| t.seen_as != 0);
+        if named && life.committed_at.is_some() {
+            // The old generation committed, and named this process in the
+            // pid file as it sees it: from another pid namespace (a
+            // container) that is not the pid this process knows itself by.
+            // (One that could not see it at all named nobody: this process
+            // names itself, as it sees itself.)
             return;
         }
         let me = std::process::id();

@@ -14,7 +14,7 @@
 //!
 //! ```text
 //! new → old   takeover\n
-//! old → new   ok takeover generation=N fds=K state=0|1 started_us=T counters=S:F names=a:b:…\n
+//! old → new   ok takeover generation=N fds=K state=0|1 started_us=T counters=S:F pid=P names=a:b:…\n
 //! old → new   ⌈(K+1)/253⌉ × (one byte 'F' + up to 253 fds): the K named fds, then the channel
 //! ```
 //! or `error <reason>\n` (refused; nothing was sent).
@@ -56,18 +56,23 @@ pub(crate) struct Header {
     pub(crate) state: bool,
     pub(crate) started_us: u128,
     pub(crate) counters: (u64, u64),
+    /// The new process's pid as the old generation sees it (0: not at
+    /// all, from a sibling pid namespace): the pid file's, written by the
+    /// old generation at the commit unless 0.
+    pub(crate) pid: u32,
 }
 
 impl Header {
     fn encode(&self) -> String {
         format!(
-            "ok takeover generation={} fds={} state={} started_us={} counters={}:{} names={}\n",
+            "ok takeover generation={} fds={} state={} started_us={} counters={}:{} pid={} names={}\n",
             self.generation,
             self.names.len(),
             u8::from(self.state),
             self.started_us,
             self.counters.0,
             self.counters.1,
+            self.pid,
             self.names.join(":")
         )
     }
@@ -80,6 +85,7 @@ impl Header {
             .ok_or_else(|| format!("not an offer: {:?}", cut(line)))?;
         let (mut generation, mut count, mut state, mut started_us, mut counters, mut names) =
             (None, None, None, None, None, None);
+        let mut pid = 0;
         for field in rest.split(' ') {
             let (k, v) = field
                 .split_once('=')
@@ -103,6 +109,7 @@ impl Header {
                     counters = Some((num(a)?, num(b)?));
                 }
                 "names" => names = Some(v),
+                "pid" => pid = u32::try_from(num(v)?).map_err(|_| "pid out of range")?,
                 _ => {} // a newer old generation may say more
             }
         }
@@ -139,6 +146,7 @@ impl Header {
                 u64::try_from(s).map_err(|_| "counters out of range")?,
                 u64::try_from(f).map_err(|_| "counters out of range")?,
             ),
+            pid,
         })
     }
 }
@@ -483,6 +491,7 @@ mod tests {
             state: true,
             started_us: 99,
             counters: (3, 1),
+            pid: 1234,
         };
         let line = h.encode();
         assert_eq!(Header::decode(line.trim_end()).unwrap(), h);
@@ -518,6 +527,7 @@ mod tests {
             state: false,
             started_us: 1,
             counters: (0, 0),
+            pid: 0,
         };
         let deadline = crate::clock::after(Duration::from_secs(10));
         let sender = std::thread::spawn({

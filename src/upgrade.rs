@@ -583,6 +583,7 @@ impl Generation {
                 state: next.with_state,
                 started_us: next.started_us,
                 counters: next.counters,
+                pid: req.pid,
             };
             let fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
             tracing::debug!(

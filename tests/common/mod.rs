@@ -165,6 +165,12 @@ impl Server {
         Server::spawn_env(&server_bin(), args, &[], false)
     }
 
+    /// Starts `program` (which runs the fixture somehow: a wrapper, a
+    /// namespace) without waiting for a ready line.
+    pub fn launch_program(program: &Path, args: &[&str]) -> Server {
+        Server::spawn_env(program, args, &[], false)
+    }
+
     /// Waits until the process this chain started exits, and reaps it.
     pub fn wait_child(&mut self) -> ExitStatus {
         let pid = self.child.id();
@@ -463,4 +469,17 @@ pub fn skip(name: &str, reason: &str) {
         panic!("{name}: this test cannot run here, and CI must run it: {reason}");
     }
     eprintln!("SKIPPED ({name}): {reason}");
+}
+
+/// Whether this process may start others in pid and mount namespaces of
+/// their own (`unshare --pid --fork --mount-proc`, as a container runtime
+/// does): root, with the util-linux tool.
+pub fn can_unshare_pid() -> bool {
+    Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
