@@ -693,3 +693,53 @@ fn readme_unit_for_the_axum_service_reloads_under_load() {
     m.ok(&["stop", unit]);
     assert_eq!(m.prop(unit, "Result"), "success");
 }
+
+/// Blue/green units (examples/systemd/handover-bluegreen@.service): each
+/// deploy starts the other unit, which takes the service over through the
+/// shared control socket; under load nothing fails, the old unit goes
+/// inactive with its main process exited 0, and the new one is active.
+#[test]
+fn blue_green_units_take_over_from_each_other_under_load() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = manager_or_skip!();
+    let out = m.path().join("out");
+    let port = free_port();
+    m.unit(
+        "handover-bluegreen@.service",
+        &example_unit("handover-bluegreen@.service", &out, port, ""),
+    );
+    m.ok(&["daemon-reload"]);
+    m.ok(&["start", "handover-bluegreen@blue.service"]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let blue = m.main_pid("handover-bluegreen@blue.service");
+    wait_ready_addr(&out, blue);
+    let load = load::Load::start_warm(addr, 2, 2, 21);
+    let stats = load.stats.clone();
+    let mut serving = "blue";
+    for _ in 0..3 {
+        let next = if serving == "blue" { "green" } else { "blue" };
+        let (old_unit, new_unit) = (
+            format!("handover-bluegreen@{serving}.service"),
+            format!("handover-bluegreen@{next}.service"),
+        );
+        let old = m.main_pid(&old_unit);
+        // `start` returns once the new unit is active (READY=1).
+        m.ok(&["start", &new_unit]);
+        let new = m.main_pid(&new_unit);
+        assert_ne!(new, 0);
+        assert_eq!(m.prop(&new_unit, "ActiveState"), "active");
+        wait_until("the new unit to answer", Duration::from_secs(30), || {
+            stats.by_pid.lock().unwrap().contains_key(&new)
+        });
+        wait_until("the old unit to stop", Duration::from_secs(30), || {
+            m.prop(&old_unit, "ActiveState") == "inactive"
+        });
+        assert!(!procs::exists(old), "the old main process is still there");
+        assert_eq!(m.prop(&old_unit, "Result"), "success");
+        assert_eq!(m.prop(&old_unit, "ExecMainStatus"), "0");
+        serving = next;
+    }
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    m.ok(&["stop", &format!("handover-bluegreen@{serving}.service")]);
+}
