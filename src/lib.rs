@@ -161,6 +161,16 @@
 //! name the successor then, and the successor learns that it is final
 //! ([`Handover::committed`]).
 //!
+//! # Takeover
+//!
+//! A process that is not the old generation's child — a new container
+//! beside the old one, the other unit of a blue/green pair, a build started
+//! by hand — takes the service over through the control socket
+//! ([`Builder::take_over`], allowed by
+//! [`control::ControlOptions::allow_takeover`]): it receives the named fds,
+//! a channel, the state and the counters, and from there it is the protocol
+//! of every upgrade (ready, probation, commit, migration).
+//!
 //! # Containers
 //!
 //! As PID 1 of a container the server cannot hand over and exit: the
