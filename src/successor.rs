@@ -23,7 +23,9 @@ use crate::sys;
 fn watch(g: Weak<Generation>, ch: OwnedFd) {
     loop {
         let until = Instant::now() + WATCH_SLICE;
-        let hung_up = match sys::poll_until(&[(ch.as_fd(), libc::POLLRDHUP)], until) {
+        // No event asked for: poll still reports POLLHUP, which a Unix
+        // stream socket gets once the other end is closed, and POLLERR.
+        let hung_up = match sys::poll_until(&[(ch.as_fd(), 0)], until) {
             Ok(rev) => rev[0] != 0,
             Err(_) => return,
         };
@@ -148,7 +150,7 @@ impl Generation {
     /// and every copy of it closed, the pid file claimed — also in an
     /// application that never waits for it
     /// ([`predecessor_exited`](crate::Handover::predecessor_exited)). It
-    /// waits for the hang-up alone (`POLLRDHUP`), and leaves the messages
+    /// waits for the hang-up alone (`POLLHUP`), and leaves the messages
     /// before it to whoever waits on the channel.
     fn watch_predecessor(self: &Arc<Self>) {
         let Ok(Some(ch)) = self.channel_copy() else {
