@@ -284,9 +284,11 @@ pub(super) unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd:
     // kill, write, read, poll, waitpid, waitid, syscall(pidfd_open) and
     // _exit are async-signal-safe system calls; every buffer is on this
     // stack or in `plan`, allocated before the first fork. Every signal is
-    // blocked (the old generation's thread blocked them all with the system
-    // call itself before the fork, glibc's internal ones included), so no
-    // handler runs.
+    // blocked (inherited from the old generation's thread), so no handler
+    // of the old generation runs here — but glibc's two internal signals
+    // (SIGCANCEL, SIGSETXID), which its `pthread_sigmask` does not block:
+    // glibc sends them only to threads of its own process, and no one
+    // sends them to this one.
     unsafe {
         // SIGCHLD back to the default first: the application may ignore it
         // (SIG_IGN, or SA_NOCLDWAIT), and the kernel would then reap the
@@ -526,9 +528,11 @@ unsafe fn child(plan: &mut Plan) -> ! {
         // 1. A process group of its own, first: a signal sent to the
         // service's group from now on does not reach this process, and the
         // old generation can kill everything it will start. (Every signal
-        // is blocked, glibc's internal ones included: the old generation's
-        // thread blocked them with the system call itself before the start,
-        // and the mask is inherited.)
+        // is blocked, by the mask inherited from the old generation's
+        // thread: started directly, glibc's two internal ones too, blocked
+        // with the system call itself; through the intermediate, all but
+        // those two, which only glibc sends, and only to threads of its own
+        // process, never to this one.)
         libc::setpgid(0, 0);
         if plan.close_first {
             // As the intermediate would have (see there): room for the

@@ -28,7 +28,9 @@
 //! Every signal is blocked in the calling thread around the start, with the
 //! system call itself as `posix_spawn` does, so that glibc's two internal
 //! signals (which its `pthread_sigmask` leaves unblocked) are blocked too;
-//! a guard restores the mask on every path.
+//! a guard restores the mask on every path. (Around the intermediate's
+//! `fork` those two stay unblocked, as glibc's `fork` wants: they are only
+//! ever sent to threads of this process, never to the new one.)
 //!
 //! The direct start needs `CLONE_PIDFD` and `waitid(P_PIDFD)` (Linux 5.4),
 //! and, on glibc, version 2.25 or later (older ones kept a pid cache that a
@@ -142,31 +144,58 @@ const KERNEL_SIGSET: usize = if cfg!(any(target_arch = "mips", target_arch = "mi
 /// answer a kill, or for a released intermediate to exit.
 const ANSWER: Duration = Duration::from_secs(5);
 
-/// Blocks every signal in the calling thread until dropped, with the system
-/// call itself: glibc's `pthread_sigmask` silently leaves its two internal
-/// signals (SIGCANCEL, SIGSETXID) unblocked. A thread of this process that
-/// calls `setuid` meanwhile (glibc signals every thread with SIGSETXID)
-/// waits until the mask is restored, as it does around `posix_spawn`.
+/// Blocks signals in the calling thread until dropped, restoring the mask
+/// it had then.
 struct SigmaskGuard {
     old: libc::sigset_t,
 }
 
 impl SigmaskGuard {
+    /// Every signal, with the system call itself, as glibc's `posix_spawn`
+    /// does around its `CLONE_VM` start: glibc's `pthread_sigmask` silently
+    /// leaves its two internal signals (SIGCANCEL, SIGSETXID) unblocked, and
+    /// no handler may run in a child that shares this memory. A thread of
+    /// this process that calls `setuid` meanwhile (glibc signals every
+    /// thread with SIGSETXID and waits for each) waits until the mask is
+    /// restored: after the exec.
     fn block_all() -> SigmaskGuard {
-        // SAFETY: a zeroed sigset_t is a valid value; `all` is then filled
-        // with ones (the kernel ignores SIGKILL and SIGSTOP in it).
-        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
-            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-        // SAFETY: writes bytes into a local of that type.
+        // SAFETY: a zeroed sigset_t is a valid value.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: writes bytes into a local of that type: a full set (the
+        // kernel ignores SIGKILL and SIGSTOP in it).
         unsafe { std::ptr::write_bytes(&mut all, 0xff, 1) };
-        // SAFETY: rt_sigprocmask reads KERNEL_SIGSET bytes of `all` and
-        // writes as many into `old`, both locals larger than that. It
+        SigmaskGuard::set(&all)
+    }
+
+    /// Every signal but glibc's two internal ones, which its
+    /// `pthread_sigmask` refuses to block, for the intermediate's `fork`:
+    /// glibc runs the application's `pthread_atfork` handlers in it, which
+    /// may wait for a lock that a thread in `setuid` holds while it waits
+    /// for every thread to take SIGSETXID. (glibc blocks them itself around
+    /// the system call of the fork.)
+    fn block_all_but_libc() -> SigmaskGuard {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+        let mut old = SigSet::empty();
+        // Cannot fail with a valid `how`.
+        let _ = pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        );
+        SigmaskGuard { old: *old.as_ref() }
+    }
+
+    fn set(mask: &libc::sigset_t) -> SigmaskGuard {
+        // SAFETY: a zeroed sigset_t is a valid value.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: rt_sigprocmask reads KERNEL_SIGSET bytes of `mask` and
+        // writes as many into `old`, both of a type larger than that. It
         // cannot fail with these arguments.
         unsafe {
             libc::syscall(
                 libc::SYS_rt_sigprocmask,
                 libc::SIG_SETMASK,
-                &all as *const libc::sigset_t,
+                mask as *const libc::sigset_t,
                 &mut old as *mut libc::sigset_t,
                 KERNEL_SIGSET,
             )
@@ -177,7 +206,9 @@ impl SigmaskGuard {
 
 impl Drop for SigmaskGuard {
     fn drop(&mut self) {
-        // SAFETY: as in `block_all`: the mask read there, given back.
+        // SAFETY: as in `set`: the mask read when the guard was made, given
+        // back with the system call (so that whatever glibc's
+        // `pthread_sigmask` would filter is restored exactly).
         unsafe {
             libc::syscall(
                 libc::SYS_rt_sigprocmask,
@@ -917,10 +948,11 @@ fn start_intermediate(
     plan.keep.extend_from_slice(&[status_fd, release_fd]);
     plan.keep.sort_unstable();
     plan.keep.dedup();
-    // Every signal blocked around fork, so that no handler of this process
-    // runs in the intermediate or the child before its dispositions are
-    // reset; the guard restores the mask on every path.
-    let mask = SigmaskGuard::block_all();
+    // Every signal blocked around fork (but glibc's internal two, which
+    // glibc sends only to threads of this process), so that no handler of
+    // this process runs in the intermediate or the child before its
+    // dispositions are reset; the guard restores the mask on every path.
+    let mask = SigmaskGuard::block_all_but_libc();
     // SAFETY: the child branch only runs `intermediate`, which makes
     // async-signal-safe calls on memory allocated before fork and never
     // returns; the parent branch continues normally. The fds of `plan` are
@@ -1186,6 +1218,20 @@ mod tests {
             // blocks SIGKILL and SIGSTOP.
             let unblockable = bit(libc::SIGKILL) | bit(libc::SIGSTOP);
             assert_eq!(during | unblockable, u64::MAX, "{during:#x}");
+        }
+        assert_eq!(kernel_mask(), before);
+    }
+
+    #[test]
+    fn the_fork_guard_blocks_all_but_the_libc_signals_and_restores_the_mask() {
+        let before = kernel_mask();
+        {
+            let _guard = SigmaskGuard::block_all_but_libc();
+            let during = kernel_mask();
+            for sig in (1..32).filter(|s| ![libc::SIGKILL, libc::SIGSTOP].contains(s)) {
+                assert_ne!(during & bit(sig), 0, "signal {sig}");
+            }
+            assert_ne!(during & bit(libc::SIGRTMAX()), 0);
         }
         assert_eq!(kernel_mask(), before);
     }
