@@ -200,10 +200,12 @@
 //!
 //! # Limitations
 //!
-//! - Linux only (pidfds, `close_range`, abstract sockets); kernels before
-//!   5.3 start every successor through an intermediate process that polls
-//!   for its exit, before 5.11 fall back to a loop that closes fds one by
-//!   one.
+//! - Linux only (pidfds, `close_range`, abstract sockets). Kernels before
+//!   5.4 (no `CLONE_PIDFD`, no `waitid(P_PIDFD)`), glibc before 2.25, and an
+//!   application that ignores `SIGCHLD` (whose children the kernel reaps,
+//!   wait status lost) start every successor through an intermediate
+//!   process (which polls for its exit before 5.3); kernels before 5.11
+//!   fall back to a loop that closes fds one by one.
 //! - `O_NONBLOCK` is a property of the shared socket: both generations see
 //!   the same value. Listeners are handed out non-blocking.
 //! - Without a service manager the successor is the old generation's child

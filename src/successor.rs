@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::channel::{self, Message, Next};
@@ -33,6 +34,41 @@ fn called_off(channel: BorrowedFd<'_>) -> Option<String> {
     }
 }
 
+/// The thread of [`Generation::watch_predecessor`]: it ends once the
+/// predecessor is gone (its hang-up taken in here, or elsewhere), or the
+/// generation is.
+fn watch(g: Weak<Generation>, ch: OwnedFd) {
+    loop {
+        let until = Instant::now() + WATCH_SLICE;
+        // No event asked for: poll still reports POLLHUP, which a Unix
+        // stream socket gets once the other end is closed, and POLLERR.
+        let hung_up = match sys::poll_until(&[(ch.as_fd(), 0)], until) {
+            Ok(rev) => rev[0] != 0,
+            Err(_) => return,
+        };
+        let Some(g) = g.upgrade() else {
+            return;
+        };
+        if g.life().predecessor.is_none() {
+            // Taken in elsewhere, or this generation handed over: the
+            // copies are of no further use either.
+            lock(&g.reserve).drop_channel_copies();
+            return;
+        }
+        if hung_up {
+            // What it sent last (its commit, its drain report), then its end
+            // of file, which closes the channel and its copies; 1 MiB a
+            // call, bounded.
+            for _ in 0..1024 {
+                if !matches!(g.pump(), Ok(false)) {
+                    break;
+                }
+            }
+            return;
+        }
+    }
+}
+
 /// Sends `F<reason>` to the predecessor (best effort: it may be gone).
 pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
     let msg = Message::Failed(reason.to_owned()).encode();
@@ -41,9 +77,13 @@ pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
     }
 }
 
+/// How often the thread watching the predecessor (see
+/// [`Generation::watch_predecessor`]) looks whether it is still wanted.
+const WATCH_SLICE: Duration = Duration::from_secs(5);
+
 impl Generation {
     /// `ready()`'s work; `Ok(false)` if it ran before.
-    pub(crate) fn ready(&self) -> Result<bool, Error> {
+    pub(crate) fn ready(self: &Arc<Self>) -> Result<bool, Error> {
         let g = self;
         if g.state() != State::Starting
             || g.ready_called
@@ -117,7 +157,11 @@ impl Generation {
             life.state = State::Serving;
             if alone {
                 life.predecessor_gone();
+                lock(&g.reserve).drop_channel_copies();
             }
+        }
+        if g.from_predecessor && !alone {
+            g.watch_predecessor();
         }
         #[cfg(feature = "tokio")]
         g.readied.notify_waiters();
@@ -131,6 +175,26 @@ impl Generation {
             "ready"
         );
         Ok(true)
+    }
+
+    /// Watches the channel to the predecessor from a thread of its own until
+    /// the predecessor is gone, so that its exit is taken in — the channel
+    /// and every copy of it closed, the pid file claimed — also in an
+    /// application that never waits for it
+    /// ([`predecessor_exited`](crate::Handover::predecessor_exited)). It
+    /// waits for the hang-up alone (`POLLHUP`), and leaves the messages
+    /// before it to whoever waits on the channel.
+    fn watch_predecessor(self: &Arc<Self>) {
+        let Ok(Some(ch)) = self.channel_copy() else {
+            return;
+        };
+        let g = Arc::downgrade(self);
+        let started = std::thread::Builder::new()
+            .name("handover-predecessor".into())
+            .spawn(move || watch(g, ch));
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start the thread that watches the predecessor; its channel closes when the application waits for its exit");
+        }
     }
 
     /// A copy of the channel to the predecessor, so that waiting on it holds

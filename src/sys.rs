@@ -183,50 +183,142 @@ pub(crate) struct Notification {
     pub(crate) fds: Vec<OwnedFd>,
 }
 
+/// What one [`recvmsg`] brought.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes in the buffer.
+    pub(crate) bytes: usize,
+    /// The message's flags (`MSG_TRUNC`, `MSG_CTRUNC`, ...).
+    pub(crate) flags: libc::c_int,
+    /// The fds that came with it (`SCM_RIGHTS`), owned and close-on-exec.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The sender's credentials (`SCM_CREDENTIALS`, with `SO_PASSCRED`).
+    pub(crate) creds: Option<libc::ucred>,
+}
+
+/// `CMSG_ALIGN`: control messages are aligned to the size of a `long`.
+const fn cmsg_align(len: usize) -> usize {
+    let a = std::mem::size_of::<libc::c_long>();
+    (len + a - 1) & !(a - 1)
+}
+
+/// `recvmsg(2)` into `buf`, with `control` for control messages, `flags`
+/// plus `MSG_CMSG_CLOEXEC`, retrying on `EINTR`. Every fd the kernel
+/// installed is owned at once, so none leaks on any path — also when
+/// `control` was too small (`MSG_CTRUNC`): the kernel then installs the fds
+/// that fit (and closes the others), and those are ours to close. (nix
+/// refuses to walk the control messages of a truncated message.)
+pub(crate) fn recvmsg(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    control: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<Received> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is a valid value (no name, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    let bytes = loop {
+        // SAFETY: `msg` points at `iov` (into `buf`) and at `control`, both
+        // valid for their lengths for the whole call.
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // Walk what the kernel wrote (msg_controllen is now its length), read
+    // unaligned: `control` is a byte buffer. A truncated message's last
+    // header still gives the length of what it holds.
+    let used = (msg.msg_controllen as usize).min(control.len());
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    let data_at = cmsg_align(header);
+    let (mut fds, mut creds) = (Vec::new(), None);
+    let mut at = 0;
+    while at + header <= used {
+        // SAFETY: `at + header <= used <= control.len()`: a whole header
+        // lies in the buffer.
+        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control[at..].as_ptr().cast()) };
+        let len = h.cmsg_len as usize;
+        if len < data_at || at + len > used {
+            break;
+        }
+        let data = &control[at + data_at..at + len];
+        match (h.cmsg_level, h.cmsg_type) {
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                for raw in data.chunks_exact(std::mem::size_of::<RawFd>()) {
+                    let fd = RawFd::from_ne_bytes(raw.try_into().expect("an int"));
+                    // SAFETY: SCM_RIGHTS installed this fd in our table for
+                    // this call alone (close-on-exec): we own it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+                if data.len() >= std::mem::size_of::<libc::ucred>() =>
+            {
+                // SAFETY: `data` holds a whole ucred.
+                creds = Some(unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) });
+            }
+            _ => {}
+        }
+        at += cmsg_align(len);
+    }
+    Ok(Received {
+        bytes,
+        flags: msg.msg_flags,
+        fds,
+        creds,
+    })
+}
+
 /// Receives one `sd_notify` datagram; `Ok(None)` when `flags` has
 /// `MSG_DONTWAIT` and nothing is pending.
 pub(crate) fn recv_notification(
     sock: BorrowedFd<'_>,
     flags: libc::c_int,
 ) -> io::Result<Option<Notification>> {
-    use nix::sys::socket::{ControlMessageOwned, UnixCredentials, recvmsg};
+    use nix::sys::socket::UnixCredentials;
     let mut buf = vec![0u8; 4096];
     // Room for 253 fds and the credentials.
     let mut control = nix::cmsg_space!([RawFd; 253], UnixCredentials);
-    let flags = MsgFlags::from_bits_truncate(flags) | MsgFlags::MSG_CMSG_CLOEXEC;
-    let (n, cmsgs) = loop {
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut control), flags) {
-            Ok(msg) => {
-                let cmsgs: Vec<ControlMessageOwned> = msg.cmsgs()?.collect();
-                break (msg.bytes, cmsgs);
-            }
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+    let got = match recvmsg(sock, &mut buf, &mut control, flags) {
+        Ok(got) => got,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
     };
-    let mut sender = None;
-    let mut fds = Vec::new();
-    for c in cmsgs {
-        match c {
-            ControlMessageOwned::ScmRights(raw) => {
-                for fd in raw {
-                    // SAFETY: SCM_RIGHTS installed this fd in our table for
-                    // this message alone (close-on-exec): we own it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-            ControlMessageOwned::ScmCredentials(cred) => sender = Some(cred.pid()),
-            _ => {}
-        }
+    if got.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        tracing::warn!(
+            fds = got.fds.len(),
+            "a notification was cut short (text past 4 KiB, or control data past the room for 253 fds and credentials); taking what came"
+        );
     }
-    buf.truncate(n);
+    buf.truncate(got.bytes);
     Ok(Some(Notification {
         text: String::from_utf8_lossy(&buf).into_owned(),
-        sender,
-        fds,
+        sender: got.creds.map(|c| c.pid),
+        fds: got.fds,
     }))
+}
+
+/// Whether the kernel reaps this process's children as they exit
+/// (`SIGCHLD` ignored, or `SA_NOCLDWAIT`): their wait status is then lost.
+pub(crate) fn children_reaped_by_kernel() -> bool {
+    // SAFETY: a zeroed sigaction is a valid value to be written into.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: with a null new action, sigaction only writes the current one
+    // into a valid local; nothing changes.
+    let r = unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut old) };
+    r == 0 && (old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0)
 }
 
 #[cfg(test)]
@@ -251,6 +343,38 @@ mod tests {
         assert!(!is_cloexec(r.as_fd()).unwrap());
         set_cloexec(r.as_fd()).unwrap();
         assert!(is_cloexec(r.as_fd()).unwrap());
+    }
+
+    /// `n` fds sent over a socket pair, received with control room for
+    /// `room` (`MSG_CTRUNC` when fewer): what the kernel installed is ours.
+    fn send_fds_receive_room(n: usize, room: usize) -> Received {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let (a, b) = socketpair_cloexec().unwrap();
+        let (r, _w) = pipe_cloexec().unwrap();
+        let raw = vec![r.as_raw_fd(); n];
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let iov = [io::IoSlice::new(b"x")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None).unwrap();
+        let mut buf = [0u8; 8];
+        let mut control = vec![0u8; cmsg_align(std::mem::size_of::<libc::cmsghdr>()) + 4 * room];
+        recvmsg(b.as_fd(), &mut buf, &mut control, 0).unwrap()
+    }
+
+    #[test]
+    fn a_truncated_control_message_leaks_no_fd() {
+        let whole = send_fds_receive_room(3, 3);
+        assert_eq!(whole.fds.len(), 3);
+        assert_eq!(whole.flags & libc::MSG_CTRUNC, 0);
+        // Room for one of three: the kernel installs one and says so; that
+        // one is owned (closed on drop), not lost.
+        let cut = send_fds_receive_room(3, 1);
+        assert_ne!(cut.flags & libc::MSG_CTRUNC, 0);
+        assert_eq!(cut.bytes, 1);
+        assert_eq!(cut.fds.len(), 1, "the fd the kernel installed");
+        for fd in &cut.fds {
+            assert!(is_cloexec(fd.as_fd()).unwrap());
+            assert!(file_mode(fd.as_fd()).unwrap() & libc::S_IFMT == libc::S_IFIFO);
+        }
     }
 
     #[test]

@@ -508,15 +508,14 @@ impl Generation {
             with_state,
             counters,
         } = next;
-        let pipes = lock(&self.reserve)
-            .spawn_fds()
-            .map_err(|e| UpgradeError::io("pipe2", e))?;
-        let child = {
+        // The registry is locked only to prepare the start, not across it:
+        // an exec hung on a dead file system must not block every task that
+        // touches the registry.
+        let prepared = {
             let registry = lock(&self.registry);
             let handed = registry.handed();
             let names: Vec<&str> = handed.iter().map(|(n, _)| *n).collect();
-            let mut fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
-            fds.push(theirs.as_fd());
+            let fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
             let vars =
                 std::env::vars_os().filter(|(k, _)| !env::NOT_INHERITED.iter().any(|n| k == n));
             // The successor upgrades to the deploy path, whatever it runs.
@@ -529,14 +528,16 @@ impl Generation {
                 counters,
             );
             tracing::debug!(program = %program.display(), fds = names.len(), "spawning successor");
-            // Under a service manager the successor must be the manager's
-            // child before it is named main: through an intermediate.
-            let direct = !self.notifier.is_enabled() && spawn::can_start_directly();
-            spawn::spawn(
-                program, args, vars, &succ_vars, &fds, pipes, deadline, direct,
-            )
+            spawn::prepare(program, args, vars, &succ_vars, &fds, theirs)
         };
-        drop(theirs);
+        // Under a service manager the successor must be the manager's child
+        // before it is named main: through an intermediate.
+        let direct = !self.notifier.is_enabled();
+        // SAFETY: a registered fd is closed only by `Registry::clear`, at the
+        // commit of an upgrade, and one upgrade runs at a time (this one):
+        // the fds prepared above stay open, under their numbers, through the
+        // start.
+        let child = prepared.and_then(|p| unsafe { p.start(&self.reserve, deadline, direct) });
         match child {
             Ok(c) => Ok(c),
             Err(SpawnError::Child { step, err }) => {

@@ -192,6 +192,9 @@ impl ControlOptions {
 pub struct ControlSocket {
     pub(crate) listener: std::os::unix::net::UnixListener,
     pub(crate) options: Arc<ControlOptions>,
+    /// An fd slot kept from the start (before the service accepts and may
+    /// take every slot), for accepting a control connection at the fd limit.
+    pub(crate) spare: Option<OwnedFd>,
 }
 
 /// Creates (or inherits) the control socket at `path` with the default
@@ -230,6 +233,7 @@ pub fn bind_with(
         }
     }
     Ok(ControlSocket {
+        spare: fd.try_clone().ok(),
         listener: fd.into(),
         options: Arc::new(options),
     })

@@ -105,7 +105,11 @@ pub async fn serve(handover: Handover, socket: ControlSocket) -> Upgraded {
     if let Err(e) = handover.committed().await {
         tracing::warn!(error = %e, "cannot learn whether the handover is final; serving control requests");
     }
-    let ControlSocket { listener, options } = socket;
+    let ControlSocket {
+        listener,
+        options,
+        spare,
+    } = socket;
     let listener = match listener
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixListener::from_std(listener))
@@ -124,7 +128,7 @@ pub async fn serve(handover: Handover, socket: ControlSocket) -> Upgraded {
         latest: std::sync::Mutex::new(None),
         done,
         active: AtomicUsize::new(0),
-        spare: std::sync::Mutex::new(listener.as_fd().try_clone_to_owned().ok()),
+        spare: std::sync::Mutex::new(spare),
     });
     let mut listener = Some(listener);
     let mut backoff = AcceptBackoff::new();

@@ -2,12 +2,10 @@
 //! migration socket and the channel, and the checks of what arrives. Every
 //! call is non-blocking (`MSG_DONTWAIT`); the callers wait with tokio.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-};
+use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
 use nix::sys::stat::{SFlag, fstat};
 
 use super::wire::{MAX_FDS, MAX_RECORD};
@@ -94,43 +92,20 @@ pub(crate) fn cmsg_buffer() -> Vec<u8> {
 }
 
 /// One `recvmsg(MSG_DONTWAIT | MSG_CMSG_CLOEXEC)` into `buf`. Every fd that
-/// arrives is owned at once, so none leaks on any path.
+/// arrives is owned at once, so none leaks on any path — also those the
+/// kernel installed in a message whose control data it truncated
+/// (`MSG_CTRUNC`, see `sys::recvmsg`).
 pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     cmsg: &mut [u8],
 ) -> io::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    let msg = loop {
-        match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut *cmsg), flags) {
-            Ok(m) => break m,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut fds = Vec::new();
-    let fds_truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    // With MSG_CTRUNC nix refuses to walk the control messages; the buffer
-    // is sized so that the kernel never truncates SCM_RIGHTS (see
-    // `cmsg_buffer`), so only a foreign control message could cause it.
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel installed this fd in our table for
-                    // this recvmsg call (SCM_RIGHTS); nothing else refers to
-                    // it, so it is ours to own and close.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-    }
+    let got = crate::sys::recvmsg(sock, buf, cmsg, libc::MSG_DONTWAIT)?;
     Ok(Received {
-        len: msg.bytes,
-        fds,
-        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
-        fds_truncated,
+        len: got.bytes,
+        fds: got.fds,
+        truncated: got.flags & libc::MSG_TRUNC != 0,
+        fds_truncated: got.flags & libc::MSG_CTRUNC != 0,
     })
 }
 
@@ -192,4 +167,32 @@ pub(crate) fn register(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Owned
     // returns the same fd from `as_raw_fd`; the `AsyncFd` owns it, so it
     // stays open and the same for the registration's whole life.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A control buffer too small for what came (`MSG_CTRUNC`): the fds the
+    /// kernel did install arrive owned, flagged as truncated.
+    #[test]
+    fn fds_of_a_truncated_message_are_owned() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (r, _w) = crate::sys::pipe_cloexec().unwrap();
+        send_record(a.as_fd(), b"rec", &[r.as_fd(), r.as_fd(), r.as_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: CMSG_LEN is arithmetic on its argument.
+        let one = unsafe { libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) } as usize;
+        let mut small = vec![0u8; one];
+        let got = recv_with_fds(b.as_fd(), &mut buf, &mut small).unwrap();
+        assert!(got.fds_truncated && !got.truncated);
+        assert_eq!((got.len, got.fds.len()), (3, 1));
+        // A message that fits is whole.
+        send_record(a.as_fd(), b"rec", &[r.as_fd(), r.as_fd()]).unwrap();
+        let mut room = cmsg_buffer();
+        let got = recv_with_fds(b.as_fd(), &mut buf, &mut room).unwrap();
+        assert!(!got.fds_truncated);
+        assert_eq!(got.fds.len(), 2);
+    }
 }

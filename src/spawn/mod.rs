@@ -1,66 +1,123 @@
 //! Building and starting the successor: the one fork/exec seam.
 //!
-//! Everything the child needs (argv, envp, the fd layout, a map of which fd sits where) is
-//! allocated before `fork(2)`. The fds an upgrade needs (channel, pipes, lock file, the pid
-//! file's temporary file) are opened in advance and kept in a [`Reserve`], so that an upgrade
-//! works when the process is at its fd limit — which is when a fix for an fd leak must be
+//! An upgrade starts its successor in two steps. [`prepare`] allocates
+//! everything the new process needs (argv, envp, the fd layout, a map of
+//! which fd sits where) while the caller holds the fd registry's lock;
+//! [`Prepared::start`] then starts it without that lock, so that an exec
+//! hung on a dead file system blocks no task that touches the registry.
+//! What `start` opens (a pidfd, the intermediate's pipes) takes the spare
+//! fds of the [`Reserve`], freed just before: an upgrade works when the
+//! process is at its fd limit — which is when a fix for an fd leak must be
 //! deployed.
 //!
-//! Without a service manager the old generation's upgrade thread starts the successor the way
-//! `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, sharing its
-//! parent's memory until it execs, while the parent thread waits — no page table is copied and
-//! nothing needs tearing down — and watches it through a pidfd: it stays the old generation's
-//! child until that exits. Every signal is blocked around the start (restored by a guard on
-//! every path).
+//! # Directly
 //!
-//! Under a service manager (which must see the successor as its own child before it is named
-//! main), and on kernels without pidfds, the old generation forks an *intermediate* process,
-//! which:
+//! Without a service manager the old generation's upgrade thread starts the
+//! successor the way `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)` on
+//! a stack of its own, sharing its parent's memory until it execs, while
+//! the parent thread waits — no page table is copied and nothing needs
+//! tearing down. The kernel makes a pidfd for it in the same call
+//! (`CLONE_PIDFD`): it is watched, waited for (`waitid(P_PIDFD)`) and
+//! signalled through it, never by a pid that may have been reaped and
+//! reused. It stays the old generation's child until that exits. A failure
+//! before its exec is written into memory the two share (the parent reads
+//! it once `clone` returns, which `CLONE_VFORK` makes after the exec or the
+//! exit): nothing depends on the end of file of an fd that a child the
+//! application forks (without exec) might hold a copy of.
 //!
-//! 1. closes every fd it does not need: it is a copy of the old generation, which may hold
-//!    thousands of connections and have no fd slot left;
-//! 2. forks the successor, puts it into a process group of its own (`setpgid` from both sides,
-//!    so that the group exists before its pid is reported), reports its pid — before the exec,
-//!    so that a successor hung before it is killed at the deadline;
-//! 3. then waits: released (EOF on the release socket), it exits and leaves the successor to
-//!    the nearest subreaper; asked to kill (a byte on it), or seeing the successor exit, it
-//!    kills the successor's whole process group — while the successor is still its unreaped
-//!    child, so the group id cannot have been reused — reaps it and reports its wait status.
+//! Every signal is blocked in the calling thread around the start, with the
+//! system call itself as `posix_spawn` does, so that glibc's two internal
+//! signals (which its `pthread_sigmask` leaves unblocked) are blocked too;
+//! a guard restores the mask on every path. (Around the intermediate's
+//! `fork` those two stay unblocked, as glibc's `fork` wants: they are only
+//! ever sent to threads of this process, never to the new one.)
 //!
-//! Between its start and exec the successor only makes async-signal-safe system calls on
-//! memory prepared before:
+//! The direct start needs `CLONE_PIDFD` and `waitid(P_PIDFD)` (Linux 5.4),
+//! and, on glibc, version 2.25 or later (older ones kept a pid cache that a
+//! `CLONE_VM` child would write into its parent's thread): both are checked
+//! once ([`can_start_directly`]). It is also refused, at each start, while
+//! this process's `SIGCHLD` disposition is `SIG_IGN` or has `SA_NOCLDWAIT`:
+//! the kernel would then reap the successor the moment it exits, its wait
+//! status lost (a crash could not be told from a clean exit) and its pid
+//! free for reuse before its process group is killed. A wait status can
+//! only be had from a process that is not reaped at exit, so such an
+//! application's successors start through the intermediate, which sets
+//! `SIGCHLD` back to the default first thing. (An application that turns
+//! `SIGCHLD` off while a directly started successor is not yet committed,
+//! or reaps children it did not start with `waitpid(-1)`, loses that
+//! successor's status: the upgrade then fails with the status unknown.)
 //!
-//! 1. `setpgid(0, 0)`: a process group of its own, so that a signal sent to the service's
-//!    group (`kill -HUP -- -PGID`, a terminal's hangup) does not reach it before it can
-//!    handle it, and so that killing the group ends everything it started; started directly,
-//!    it then closes every fd it does not need, as an intermediate would have;
-//! 2. moves the error pipe above the target range, then `dup2`s each handed
-//!    fd to `3, 4, ...` in order (`dup2` of two distinct fds clears
-//!    `FD_CLOEXEC` on the target), first moving aside a later fd that sits on
-//!    the target, and closing each old copy above the layout at once (one inside it is
-//!    replaced in place by a later `dup2`); an fd already at its target only has
-//!    `FD_CLOEXEC` cleared, since `dup2(fd, fd)` would keep it;
+//! # Through an intermediate process
+//!
+//! Under a service manager (which must see the successor as its own child
+//! before it is named main), on kernels or libcs the direct start cannot
+//! use, and while `SIGCHLD` is ignored, the old generation forks an
+//! *intermediate* process, which:
+//!
+//! 1. sets `SIGCHLD` to its default (so that it, not the kernel, reaps the
+//!    successor), and closes every fd it does not need: it is a copy of the
+//!    old generation, which may hold thousands of connections and have no fd
+//!    slot left;
+//! 2. makes the successor's error pipe — itself, single-threaded, so that
+//!    only the successor holds the write end and its end of file means the
+//!    exec — forks the successor, puts it into a process group of its own
+//!    (`setpgid` from both sides, so that the group exists before its pid is
+//!    reported), and reports its pid — before the exec, so that a successor
+//!    hung before it is killed at the deadline — then whether it exec'd;
+//! 3. then waits: released (a byte, or end of file on the release socket),
+//!    it exits and leaves the successor to the nearest subreaper; asked to
+//!    kill (a byte), or seeing the successor exit, it kills the successor's
+//!    whole process group — while the successor is still its unreaped child,
+//!    so the group id cannot have been reused — reaps it and reports its wait
+//!    status; it does not reap before the old generation says it has the
+//!    pid (and a pidfd for it), and it never exits before it is released, so
+//!    that the old generation can hold a pidfd for it too.
+//!
+//! Its pipes are made for each start, just before the fork (not reserved at
+//! `ready()`, where a child the application forks later would hold them),
+//! and nothing the old generation learns depends on their end of file:
+//! every report is a record ([`RECORD_LEN`] bytes), every request a byte.
+//!
+//! # The successor, between its start and exec
+//!
+//! It only makes async-signal-safe system calls on memory prepared before:
+//!
+//! 1. `setpgid(0, 0)`: a process group of its own, so that a signal sent to
+//!    the service's group (`kill -HUP -- -PGID`, a terminal's hangup) does
+//!    not reach it before it can handle it, and so that killing the group
+//!    ends everything it started; started directly, it then closes every fd
+//!    it does not need, as an intermediate would have;
+//! 2. moves the error pipe (if it has one) above the target range, then
+//!    `dup2`s each handed fd to `3, 4, ...` in order (`dup2` of two distinct
+//!    fds clears `FD_CLOEXEC` on the target), first moving aside a later fd
+//!    that sits on the target, and closing each old copy above the layout at
+//!    once (one inside it is replaced in place by a later `dup2`); an fd
+//!    already at its target only has `FD_CLOEXEC` cleared, since
+//!    `dup2(fd, fd)` would keep it;
 //! 3. marks every fd above the layout close-on-exec (`close_range` with
 //!    `CLOSE_RANGE_CLOEXEC`, or a loop of `fcntl` on older kernels);
-//! 4. discards the signals that reached it before it had its own group, resets every
-//!    disposition to the default except SIGHUP, which starts ignored (see the crate docs,
-//!    "Signals and process groups"), and unblocks all signals;
+//! 4. discards the signals that reached it before it had its own group,
+//!    resets every disposition to the default except SIGHUP, which starts
+//!    ignored (see the crate docs, "Signals and process groups"), and
+//!    unblocks all signals;
 //! 5. writes its own pid into the pre-allocated `LISTEN_PID=` entry;
-//! 6. `execve`s. If anything fails, it writes `(step, errno)` to the
-//!    close-on-exec error pipe and `_exit(127)`s. EOF on that pipe in the
-//!    parent means the exec succeeded.
+//! 6. `execve`s. If anything fails, it reports `(step, errno)` (into the
+//!    shared memory, or to the intermediate's pipe) and `_exit(127)`s.
+//!
+//! [`RECORD_LEN`]: exec::RECORD_LEN
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use std::sync::Mutex;
-
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, pthread_sigmask};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, getpgrp, getpid, setpgid};
 
 use crate::env;
@@ -69,17 +126,55 @@ use crate::sys;
 mod exec;
 mod reserve;
 
-use exec::{KILL, PID_DIGITS, Plan, STEP_FDS, STEP_FORK, Stack, clone_vfork, intermediate};
-pub(crate) use reserve::{ChannelFds, Reserve, SpawnFds};
+use exec::{
+    ACK, KILL, PID_DIGITS, Plan, REC_EXECD, REC_FAILED, REC_STARTED, REC_STATUS, RECORD_LEN,
+    RELEASE, STEP_FDS, STEP_FORK, STEP_PIPE, Stack, clone_vfork, intermediate,
+};
+use reserve::SpawnFds;
+pub(crate) use reserve::{ChannelFds, Reserve};
 
-/// Restores the calling thread's signal mask when dropped.
+/// The size of the kernel's signal set (`_NSIG / 8`), for `rt_sigprocmask`.
+const KERNEL_SIGSET: usize = if cfg!(any(target_arch = "mips", target_arch = "mips64")) {
+    16
+} else {
+    8
+};
+
+/// How long the old generation waits for an intermediate or a successor to
+/// answer a kill, or for a released intermediate to exit.
+const ANSWER: Duration = Duration::from_secs(5);
+
+/// Blocks signals in the calling thread until dropped, restoring the mask
+/// it had then.
 struct SigmaskGuard {
-    old: SigSet,
+    old: libc::sigset_t,
 }
 
 impl SigmaskGuard {
-    /// Blocks every signal in the calling thread until the guard is dropped.
+    /// Every signal, with the system call itself, as glibc's `posix_spawn`
+    /// does around its `CLONE_VM` start: glibc's `pthread_sigmask` silently
+    /// leaves its two internal signals (SIGCANCEL, SIGSETXID) unblocked, and
+    /// no handler may run in a child that shares this memory. A thread of
+    /// this process that calls `setuid` meanwhile (glibc signals every
+    /// thread with SIGSETXID and waits for each) waits until the mask is
+    /// restored: after the exec.
     fn block_all() -> SigmaskGuard {
+        // SAFETY: a zeroed sigset_t is a valid value.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: writes bytes into a local of that type: a full set (the
+        // kernel ignores SIGKILL and SIGSTOP in it).
+        unsafe { std::ptr::write_bytes(&mut all, 0xff, 1) };
+        SigmaskGuard::set(&all)
+    }
+
+    /// Every signal but glibc's two internal ones, which its
+    /// `pthread_sigmask` refuses to block, for the intermediate's `fork`:
+    /// glibc runs the application's `pthread_atfork` handlers in it, which
+    /// may wait for a lock that a thread in `setuid` holds while it waits
+    /// for every thread to take SIGSETXID. (glibc blocks them itself around
+    /// the system call of the fork.)
+    fn block_all_but_libc() -> SigmaskGuard {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
         let mut old = SigSet::empty();
         // Cannot fail with a valid `how`.
         let _ = pthread_sigmask(
@@ -87,34 +182,77 @@ impl SigmaskGuard {
             Some(&SigSet::all()),
             Some(&mut old),
         );
+        SigmaskGuard { old: *old.as_ref() }
+    }
+
+    fn set(mask: &libc::sigset_t) -> SigmaskGuard {
+        // SAFETY: a zeroed sigset_t is a valid value.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: rt_sigprocmask reads KERNEL_SIGSET bytes of `mask` and
+        // writes as many into `old`, both of a type larger than that. It
+        // cannot fail with these arguments.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                mask as *const libc::sigset_t,
+                &mut old as *mut libc::sigset_t,
+                KERNEL_SIGSET,
+            )
+        };
         SigmaskGuard { old }
     }
 }
 
 impl Drop for SigmaskGuard {
     fn drop(&mut self) {
-        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
+        // SAFETY: as in `set`: the mask read when the guard was made, given
+        // back with the system call (so that whatever glibc's
+        // `pthread_sigmask` would filter is restored exactly).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &self.old as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::sigset_t>(),
+                KERNEL_SIGSET,
+            )
+        };
+    }
+}
+
+/// Spare fds of the [`Reserve`] freed for what a start opens, taken again
+/// when dropped (best effort: an accept loop at the limit may take a slot
+/// first).
+struct SparesFreed<'a>(&'a Mutex<Reserve>);
+
+impl<'a> SparesFreed<'a> {
+    fn new(reserve: &'a Mutex<Reserve>, n: usize) -> SparesFreed<'a> {
+        crate::lifecycle::lock(reserve).free_spare_fds(n);
+        SparesFreed(reserve)
+    }
+}
+
+impl Drop for SparesFreed<'_> {
+    fn drop(&mut self) {
+        let _ = crate::lifecycle::lock(self.0).refill_spares();
     }
 }
 
 /// A started successor.
 ///
-/// It is started one of two ways:
+/// It is started one of two ways (see the module docs):
 ///
-/// - **Directly**, when no service manager is told a main pid: the old
-///   generation's upgrade thread starts it with `clone(CLONE_VM |
-///   CLONE_VFORK)`, as `posix_spawn` does — nothing of the old generation's
-///   memory is copied, and there is no second process to start and reap. The
-///   successor stays the old generation's child until that exits, and is
-///   then reparented to the nearest subreaper (or init), like any orphan. Its
-///   exit is watched through a pidfd.
-/// - **Through an intermediate process**, under a service manager (one that
-///   must see the successor as its own child before it is named main): the
-///   old generation forks an intermediate, which starts the successor the
-///   same way, reports its pid, and then either forwards the successor's wait
-///   status (if it exits first, or when asked to kill it) or exits when
-///   released, leaving the successor to the nearest subreaper — the service
-///   manager.
+/// - **Directly**: the old generation's upgrade thread starts it with
+///   `clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)`, as `posix_spawn` does.
+///   The successor stays the old generation's child until that exits, and
+///   is then reparented to the nearest subreaper (or init), like any orphan.
+///   Its exit is watched, and its status collected, through its pidfd.
+/// - **Through an intermediate process**: the old generation forks an
+///   intermediate, which starts the successor, reports its pid and its exec,
+///   and then either reports the successor's wait status (if it exits
+///   first, or when asked to kill it) or exits when released, leaving the
+///   successor to the nearest subreaper — the service manager.
 ///
 /// The successor leads a process group of its own (its pgid is its pid)
 /// until it reports ready. Whenever it fails, it and that whole group are
@@ -132,20 +270,91 @@ pub(crate) struct Child {
 enum Via {
     /// Our own child.
     Direct {
-        /// Readable once the successor has exited.
+        /// From the clone: readable once the successor has exited.
         pidfd: OwnedFd,
         /// Reaped, or let go: nothing left to do.
         done: bool,
     },
-    Intermediate {
-        /// 0 once reaped.
-        pid: libc::pid_t,
-        /// The successor's wait status, 4 bytes, written by the intermediate.
-        status: OwnedFd,
-        /// Closing it lets the intermediate exit; a [`KILL`] byte asks it to
-        /// kill the successor's group.
-        release: Option<OwnedFd>,
-    },
+    Intermediate(Intermediate),
+}
+
+/// The old generation's side of an intermediate process.
+#[derive(Debug)]
+struct Intermediate {
+    /// Our child until reaped: its pid, and a pidfd for it where the kernel
+    /// has pidfds.
+    proc: Option<(libc::pid_t, Option<OwnedFd>)>,
+    /// A pidfd for the successor (not our child), where the kernel has
+    /// pidfds and a slot was free.
+    successor: Option<OwnedFd>,
+    /// Its records.
+    status: OwnedFd,
+    /// Ours: a byte asks ([`KILL`], [`ACK`], [`RELEASE`]); closing it
+    /// releases the intermediate.
+    release: Option<OwnedFd>,
+    /// The successor's status came (or is lost), or it was let go: nothing
+    /// left to kill.
+    done: bool,
+}
+
+/// What the intermediate said next.
+enum Heard {
+    Record(u32, i32, i32),
+    /// Nothing by the deadline.
+    Nothing,
+    /// It is gone without a word (end of file, or a short record).
+    Gone,
+}
+
+impl Intermediate {
+    fn send(&self, byte: u8) {
+        if let Some(r) = &self.release {
+            // Gone already: its report (or end of file) is on the pipe.
+            let _ = sys::send_all(r.as_fd(), &[byte]);
+        }
+    }
+
+    /// The next record, waiting until `until`.
+    fn next(&self, until: Instant) -> Heard {
+        match sys::poll_until(&[(self.status.as_fd(), libc::POLLIN)], until) {
+            Ok(rev) if rev[0] != 0 => {}
+            _ => return Heard::Nothing,
+        }
+        let mut buf = [0u8; RECORD_LEN];
+        match read_full(self.status.as_fd(), &mut buf) {
+            Ok(true) => {
+                let word = |i: usize| {
+                    let bytes: [u8; 4] = buf[i..i + 4].try_into().expect("4 bytes");
+                    i32::from_ne_bytes(bytes)
+                };
+                Heard::Record(word(0) as u32, word(4), word(8))
+            }
+            _ => Heard::Gone,
+        }
+    }
+
+    /// Releases the intermediate and reaps it (bounded).
+    fn let_go(&mut self) {
+        self.done = true;
+        self.send(RELEASE);
+        self.release.take();
+        if let Some((pid, pidfd)) = self.proc.take() {
+            reap_child(pid, pidfd.as_ref(), Instant::now() + ANSWER);
+        }
+    }
+
+    /// SIGKILL to the intermediate itself, which does not answer: through
+    /// its pidfd, or while it is our unreaped child (it never exits before
+    /// it is released).
+    fn kill_proc(&self) {
+        match &self.proc {
+            Some((_, Some(pidfd))) => pidfd_send_sigkill(pidfd.as_fd()),
+            Some((pid, None)) if child_unreaped(*pid) => {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Child {
@@ -169,40 +378,28 @@ impl Child {
                 // Exited: what it started dies with it.
                 kill_direct(pid, pidfd.as_fd());
                 *done = true;
-                Some(wait_status(pid))
+                Some(wait_pidfd(pidfd.as_fd()))
             }
-            Via::Intermediate {
-                pid: intermediate,
-                status,
-                ..
-            } => {
-                let rev = sys::poll_until(&[(status.as_fd(), libc::POLLIN)], until).ok()?;
-                if rev[0] == 0 {
-                    return None;
+            Via::Intermediate(it) if it.done => Some(None),
+            Via::Intermediate(it) => loop {
+                match it.next(until) {
+                    Heard::Nothing => return None,
+                    Heard::Record(REC_STATUS, status, known) => {
+                        it.let_go();
+                        return Some((known == 1).then(|| ExitStatus::from_raw(status)));
+                    }
+                    // An exec report after a kill: not what is asked.
+                    Heard::Record(..) => continue,
+                    Heard::Gone => {
+                        // The intermediate died without reporting (killed by
+                        // someone else): the successor may live on, orphaned.
+                        tracing::warn!(pid, "the intermediate process died; killing the successor");
+                        kill_orphan(pid, it.successor.as_ref());
+                        it.let_go();
+                        return Some(None);
+                    }
                 }
-                use std::os::unix::process::ExitStatusExt;
-                let mut buf = [0u8; 4];
-                let status = match read_full(status.as_fd(), &mut buf) {
-                    Ok(true) => Some(ExitStatus::from_raw(i32::from_ne_bytes(buf))),
-                    _ => None,
-                };
-                if status.is_none() {
-                    // The intermediate died without reporting (killed by
-                    // someone else): the successor may live on, orphaned.
-                    // Best effort: its group, whose id stays taken while any
-                    // member lives.
-                    tracing::warn!(
-                        pid,
-                        "the intermediate process died; killing the successor's process group"
-                    );
-                    kill_group(pid);
-                }
-                if *intermediate != 0 {
-                    reap_blocking(*intermediate);
-                    *intermediate = 0;
-                }
-                Some(status)
-            }
+            },
         }
     }
 
@@ -210,7 +407,7 @@ impl Child {
     pub(crate) fn exit_fd(&self) -> BorrowedFd<'_> {
         match &self.via {
             Via::Direct { pidfd, .. } => pidfd.as_fd(),
-            Via::Intermediate { status, .. } => status.as_fd(),
+            Via::Intermediate(it) => it.status.as_fd(),
         }
     }
 
@@ -219,13 +416,11 @@ impl Child {
     pub(crate) fn kill_and_reap(&mut self) {
         let pid = self.pid;
         match &mut self.via {
-            Via::Direct { done: true, .. } | Via::Intermediate { pid: 0, .. } => {}
+            Via::Direct { done: true, .. } => {}
+            Via::Intermediate(it) if it.done => {}
             Via::Direct { pidfd, .. } => {
                 kill_direct(pid, pidfd.as_fd());
-                if self
-                    .wait_exit(Instant::now() + Duration::from_secs(5))
-                    .is_none()
-                {
+                if self.wait_exit(Instant::now() + ANSWER).is_none() {
                     // Left unreaped: a zombie of this process once it dies.
                     tracing::error!(pid, "successor did not die within 5 s of SIGKILL");
                     if let Via::Direct { done, .. } = &mut self.via {
@@ -233,43 +428,22 @@ impl Child {
                     }
                 }
             }
-            Via::Intermediate { release, .. } => {
+            Via::Intermediate(it) => {
                 // The intermediate kills the group: it is the successor's
                 // parent, and kills before it reaps, so the group id is still
-                // the successor's. If it is gone, its report (or EOF) is on
-                // the pipe.
-                if let Some(r) = release {
-                    let _ = sys::send_all(r.as_fd(), &[KILL]);
-                }
-                if self
-                    .wait_exit(Instant::now() + Duration::from_secs(5))
-                    .is_none()
-                {
-                    tracing::error!(pid, "successor did not die within 5 s of SIGKILL");
-                    // The intermediate has not reaped the successor (it would
-                    // have reported), so the group id is still the successor's.
-                    kill_group(pid);
-                    if let Via::Intermediate {
-                        pid: intermediate, ..
-                    } = &mut self.via
-                    {
-                        // Our own, unreaped intermediate: the pid is still its.
-                        let _ = kill(Pid::from_raw(*intermediate), Signal::SIGKILL);
-                        reap_blocking(*intermediate);
-                        *intermediate = 0;
+                // the successor's.
+                it.send(KILL);
+                if self.wait_exit(Instant::now() + ANSWER).is_none() {
+                    tracing::error!(
+                        pid,
+                        "the intermediate process did not report the successor's end within 5 s"
+                    );
+                    if let Via::Intermediate(it) = &mut self.via {
+                        kill_orphan(pid, it.successor.as_ref());
+                        it.kill_proc();
+                        it.let_go();
                     }
                 }
-            }
-        }
-    }
-
-    /// Nothing is left to do: reaped already, or dealt with by the caller.
-    fn forget(&mut self) {
-        match &mut self.via {
-            Via::Direct { done, .. } => *done = true,
-            Via::Intermediate { pid, release, .. } => {
-                *pid = 0;
-                release.take();
             }
         }
     }
@@ -279,13 +453,10 @@ impl Child {
     /// is reparented to the nearest subreaper (or init); a successor started
     /// directly stays this process's child until this process exits.
     pub(crate) fn release(mut self) {
-        if let Via::Intermediate { pid, release, .. } = &mut self.via {
-            release.take();
-            if *pid != 0 {
-                reap_blocking(*pid);
-            }
+        match &mut self.via {
+            Via::Direct { done, .. } => *done = true,
+            Via::Intermediate(it) => it.let_go(),
         }
-        self.forget();
     }
 }
 
@@ -293,75 +464,86 @@ impl Drop for Child {
     fn drop(&mut self) {
         // A successor that was not let go is killed (and an intermediate is
         // never left behind).
-        let live = match &self.via {
-            Via::Direct { done, .. } => !done,
-            Via::Intermediate { release, .. } => release.is_some(),
-        };
-        if live {
-            self.kill_and_reap();
-        }
+        self.kill_and_reap();
     }
 }
 
-/// Waits for our child `pid` (which has exited, or was just killed) and
-/// returns its wait status, `None` if it could not be collected.
-fn wait_status(pid: libc::pid_t) -> Option<ExitStatus> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut status = 0;
+/// The wait status in a `waitid` answer.
+fn status_of(info: &libc::siginfo_t) -> Option<ExitStatus> {
+    // SAFETY: for a CLD_* code the kernel filled in the child fields.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => Some(ExitStatus::from_raw((status & 0xff) << 8)),
+        libc::CLD_KILLED => Some(ExitStatus::from_raw(status & 0x7f)),
+        libc::CLD_DUMPED => Some(ExitStatus::from_raw((status & 0x7f) | 0x80)),
+        _ => None,
+    }
+}
+
+/// `waitid(P_PIDFD, pidfd, flags)`.
+fn waitid_pidfd(pidfd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<libc::siginfo_t> {
     loop {
-        // SAFETY: waitpid writes an int through a valid pointer to a local.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return Some(ExitStatus::from_raw(status));
+        // SAFETY: a zeroed siginfo_t is a valid value to be written into.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes a siginfo_t through a valid pointer to a
+        // local; the pidfd is open for the call.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                flags,
+            )
+        };
+        if r == 0 {
+            return Ok(info);
         }
-        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
-        return None;
     }
 }
 
-/// A pidfd for our child `pid`: readable once it has exited.
-fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes two integers; the fd it returns (close-on-exec
-    // by definition) is owned by no one else.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd, owned by us alone.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as RawFd) })
+/// Reaps our child behind `pidfd` (which has exited, or was just killed)
+/// and returns its wait status, `None` if it could not be collected (reaped
+/// elsewhere). Through the pidfd, never the pid: that may be another
+/// process's by now.
+fn wait_pidfd(pidfd: BorrowedFd<'_>) -> Option<ExitStatus> {
+    status_of(&waitid_pidfd(pidfd, libc::WEXITED).ok()?)
 }
 
-/// Whether this kernel has `pidfd_open` (Linux 5.3), which starting a
-/// successor directly needs.
-pub(crate) fn can_start_directly() -> bool {
-    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if let Some(can) = CAN.get() {
-        return *can;
-    }
-    match pidfd_open(std::process::id() as libc::pid_t) {
-        Ok(_) => *CAN.get_or_init(|| true),
-        // No fd slot free just now (EMFILE, ENFILE) says nothing about the
-        // kernel: through an intermediate this time, and ask again next.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => false,
-        Err(_) => *CAN.get_or_init(|| false),
+/// Whether our child behind `pidfd` is unreaped (running, or a zombie): its
+/// pid, and so a group id equal to it, cannot have been taken by another
+/// process.
+fn unreaped_pidfd(pidfd: BorrowedFd<'_>) -> bool {
+    waitid_pidfd(pidfd, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT).is_ok()
+}
+
+/// Whether our child `pid` is unreaped, for kernels without pidfds.
+fn child_unreaped(pid: libc::pid_t) -> bool {
+    // SAFETY: a zeroed siginfo_t is a valid value to be written into.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes a siginfo_t through a valid pointer to a local;
+    // WNOWAIT leaves the child as it is.
+    unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0
     }
 }
 
-/// SIGKILL to a successor and its start process group (whose id is its
-/// pid): it may have joined its predecessor's group already.
-fn kill_group(pid: libc::pid_t) {
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+/// Whether the process behind `pidfd` has exited.
+fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    sys::poll_until(&[(pidfd, libc::POLLIN)], Instant::now()).is_ok_and(|r| r[0] != 0)
 }
 
-/// SIGKILL to a successor started directly, through its pidfd, and to its
-/// start process group — the group only while the successor is still our
-/// unreaped child, so that its pid, and so the group id, cannot have been
-/// reused: an application that reaps children it did not start (SIGCHLD
-/// ignored, `waitpid(-1)`) may have reaped it behind our back.
-fn kill_direct(pid: libc::pid_t, pidfd: BorrowedFd<'_>) {
+/// SIGKILL through a pidfd: never to another process than the one it was
+/// opened for (`ESRCH` once that is gone).
+fn pidfd_send_sigkill(pidfd: BorrowedFd<'_>) {
     // SAFETY: pidfd_send_signal takes an fd, a signal number and a null
     // siginfo pointer (the kernel then fills one in itself).
     unsafe {
@@ -373,21 +555,142 @@ fn kill_direct(pid: libc::pid_t, pidfd: BorrowedFd<'_>) {
             0,
         )
     };
-    // SAFETY: a zeroed siginfo_t is a valid value to be written into.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid writes a siginfo_t through a valid pointer to a local;
-    // WNOWAIT leaves the child as it is.
-    let unreaped = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    } == 0;
-    if unreaped {
+}
+
+/// Reaps our child `pid`, which was told to exit, waiting until `until` at
+/// most (then it is killed): through its pidfd if there is one; else by
+/// its pid, which is still its own, as it never exits unasked and nothing
+/// else of ours reaps it (with `SIGCHLD` ignored the kernel does, and
+/// `waitpid` then says `ECHILD`).
+fn reap_child(pid: libc::pid_t, pidfd: Option<&OwnedFd>, until: Instant) {
+    if let Some(pidfd) = pidfd {
+        let exited =
+            sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], until).is_ok_and(|r| r[0] != 0);
+        if !exited {
+            tracing::error!(pid, "the intermediate process did not exit; killing it");
+            pidfd_send_sigkill(pidfd.as_fd());
+            let _ = sys::poll_until(&[(pidfd.as_fd(), libc::POLLIN)], Instant::now() + ANSWER);
+        }
+        let _ = waitid_pidfd(pidfd.as_fd(), libc::WEXITED | libc::WNOHANG);
+        return;
+    }
+    let mut killed = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes an int through a valid pointer to a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r != 0 {
+            if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return; // reaped, or not ours any more (ECHILD)
+        }
+        if Instant::now() >= until && !killed {
+            tracing::error!(pid, "the intermediate process did not exit; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A pidfd for `pid` (close-on-exec by definition).
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; the fd it returns is owned by
+    // no one else.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd, owned by us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether this kernel has what watching a process through a pidfd needs:
+/// `pidfd_open` (Linux 5.3), and `waitid(P_PIDFD)` (5.4; also the version
+/// that has `CLONE_PIDFD`, which older kernels silently ignore). Asked once,
+/// unless no fd slot was free to ask.
+fn pidfds() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if let Some(can) = CAN.get() {
+        return *can;
+    }
+    let me = match pidfd_open(std::process::id() as libc::pid_t) {
+        Ok(fd) => fd,
+        // No fd slot free just now (EMFILE, ENFILE) says nothing about the
+        // kernel: not this time, and ask again next.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => return false,
+        Err(_) => return *CAN.get_or_init(|| false),
+    };
+    // We are not our own child: ECHILD where P_PIDFD is known, EINVAL where
+    // it is not.
+    let known = match waitid_pidfd(me.as_fd(), libc::WEXITED | libc::WNOHANG) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() == Some(libc::ECHILD),
+    };
+    *CAN.get_or_init(|| known)
+}
+
+/// Whether the C library lets a `CLONE_VM` child run without harm: glibc
+/// 2.25 or later (no pid cache); other libcs keep none.
+fn libc_allows_clone_vm() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+        let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        glibc_at_least(version.to_bytes(), (2, 25))
+    }
+    #[cfg(not(target_env = "gnu"))]
+    true
+}
+
+/// Whether a glibc version string ("2.36", "2.25.90") is at least `min`.
+#[cfg_attr(not(target_env = "gnu"), allow(dead_code))]
+fn glibc_at_least(version: &[u8], min: (u32, u32)) -> bool {
+    let text = String::from_utf8_lossy(version);
+    let mut parts = text.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= min,
+        _ => false,
+    }
+}
+
+/// Whether this kernel and C library can start a successor directly (see
+/// the module docs): checked once, and by `Reserve::refill`, while fd slots
+/// are plentiful.
+pub(crate) fn can_start_directly() -> bool {
+    libc_allows_clone_vm() && pidfds()
+}
+
+/// SIGKILL to a successor started directly and to its start process group —
+/// the group only while the successor is still our unreaped child, so that
+/// its pid, and so the group id, cannot have been reused: an application
+/// that reaps children it did not start (`waitpid(-1)`) may have reaped it
+/// behind our back. The successor itself only through its pidfd.
+fn kill_direct(pid: libc::pid_t, pidfd: BorrowedFd<'_>) {
+    if unreaped_pidfd(pidfd) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
+    pidfd_send_sigkill(pidfd);
+}
+
+/// SIGKILL to a successor whose intermediate is gone or does not answer
+/// (it may be orphaned): only through its pidfd, and its start group only
+/// while it is alive (while it lives, no other process can lead a group
+/// with its pid). Without a pidfd it is left alone: its pid may be
+/// another process's by now.
+fn kill_orphan(pid: libc::pid_t, successor: Option<&OwnedFd>) {
+    let Some(pidfd) = successor else {
+        tracing::error!(
+            pid,
+            "no pidfd for the successor: it is not signalled (its pid may have been reused); it may live on"
+        );
+        return;
+    };
+    if !pidfd_exited(pidfd.as_fd()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    pidfd_send_sigkill(pidfd.as_fd());
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on an early EOF.
@@ -418,7 +721,15 @@ impl SpawnError {
         match step {
             STEP_FDS => "arranging the handed fds",
             STEP_FORK => "fork",
+            STEP_PIPE => "pipe2 in the intermediate process",
             _ => "execve",
+        }
+    }
+
+    fn child(step: u32, errno: i32) -> SpawnError {
+        SpawnError::Child {
+            step,
+            err: io::Error::from_raw_os_error(errno),
         }
     }
 }
@@ -432,23 +743,26 @@ fn cstring(bytes: &[u8], what: &'static str) -> Result<CString, SpawnError> {
     })
 }
 
-/// Starts `program` with `args`, the environment `vars` (the caller has
-/// removed what must not be inherited) plus the successor variables, and
-/// the fds `fds` at `3, 4, ...`; the last entry of `fds` is the channel.
-/// `pipes` come from the [`Reserve`]. `direct`: as this process's own child,
-/// else through an intermediate process (see [`Child`]); direct needs
-/// [`can_start_directly`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn spawn(
+/// A successor ready to start: everything its start needs, allocated.
+pub(crate) struct Prepared {
+    plan: Plan,
+    /// The successor's end of the channel (the last source of `plan`).
+    _channel: OwnedFd,
+}
+
+/// Prepares the start of `program` with `args`, the environment `vars` (the
+/// caller has removed what must not be inherited) plus the successor
+/// variables, and the fds `fds` at `3, 4, ...`, followed by `channel`.
+///
+/// Only the numbers of `fds` are kept: see [`Prepared::start`].
+pub(crate) fn prepare(
     program: &Path,
     args: &[OsString],
     vars: impl Iterator<Item = (OsString, OsString)>,
     successor_vars: &[(&'static str, String)],
     fds: &[BorrowedFd<'_>],
-    pipes: SpawnFds,
-    deadline: Instant,
-    direct: bool,
-) -> Result<Child, SpawnError> {
+    channel: OwnedFd,
+) -> Result<Prepared, SpawnError> {
     let program_c = cstring(program.as_os_str().as_bytes(), "program path")?;
     let mut argv = Vec::with_capacity(args.len() + 1);
     argv.push(cstring(program.as_os_str().as_bytes(), "program path")?);
@@ -495,211 +809,230 @@ pub(crate) fn spawn(
         .chain(std::iter::once(std::ptr::null()))
         .collect();
 
-    let SpawnFds {
-        err: (err_r, err_w),
-        status: (status_r, status_w),
-        release: (release_ours, release_theirs),
-    } = pipes;
     let max_fd = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
         Ok((soft, _)) if soft != libc::RLIM_INFINITY => soft.min(i32::MAX as u64) as RawFd,
         _ => 65536,
     };
-    let (status_fd, release_fd) = (status_w.as_raw_fd(), release_theirs.as_raw_fd());
-    let sources: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut keep: Vec<RawFd> = vec![0, 1, 2, err_w.as_raw_fd(), status_fd, release_fd];
-    keep.extend_from_slice(&sources);
-    keep.sort_unstable();
-    keep.dedup();
-    let mut plan = Plan {
-        program: program_c,
-        _argv: argv,
-        argv_ptrs,
-        _envp: envp,
-        envp_ptrs,
-        pid_slot,
-        owner: {
-            let end = env::FDS_START as usize + fds.len();
-            let mut owner = vec![-1i32; end];
-            for (i, f) in sources.iter().enumerate() {
-                if (*f as usize) < end {
-                    owner[*f as usize] = i as i32;
-                }
-            }
-            owner
-        },
-        sources,
-        err_fd: err_w.as_raw_fd(),
-        keep,
-        max_fd,
-        max_signal: libc::SIGRTMAX(),
-        close_first: direct,
-    };
-
-    if direct {
-        let stack = Stack::new().map_err(|e| SpawnError::Parent("mmap", e))?;
-        return spawn_direct(plan, stack, err_r, err_w, deadline);
+    let sources: Vec<RawFd> = fds
+        .iter()
+        .map(|f| f.as_raw_fd())
+        .chain(std::iter::once(channel.as_raw_fd()))
+        .collect();
+    let end = env::FDS_START as usize + sources.len();
+    let mut owner = vec![-1i32; end];
+    for (i, f) in sources.iter().enumerate() {
+        if (*f as usize) < end {
+            owner[*f as usize] = i as i32;
+        }
     }
-    // Block every signal around fork, so that no handler of this process
-    // runs in the intermediate or the child before its dispositions are
-    // reset; the guard restores the mask on every path.
+    // The fds the first new process keeps: 0-2, the sources, and (room
+    // made here) the intermediate's two.
+    let mut keep: Vec<RawFd> = Vec::with_capacity(sources.len() + 5);
+    keep.extend_from_slice(&[0, 1, 2]);
+    keep.extend_from_slice(&sources);
+    Ok(Prepared {
+        plan: Plan {
+            program: program_c,
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            envp_ptrs,
+            pid_slot,
+            owner,
+            sources,
+            err_fd: -1,
+            report: AtomicU64::new(0),
+            keep,
+            max_fd,
+            max_signal: libc::SIGRTMAX(),
+            close_first: false,
+        },
+        _channel: channel,
+    })
+}
+
+impl Prepared {
+    /// Starts the successor: directly if `direct_allowed` (no service
+    /// manager must adopt it) and this process can (see the module docs),
+    /// else through an intermediate process. The spare fds of `reserve` are
+    /// freed for what the start opens. A successor that has not exec'd by
+    /// `deadline` is killed (through an intermediate; started directly, the
+    /// calling thread waits for the exec).
+    ///
+    /// # Safety
+    /// Every fd given to [`prepare`] must still be open, under the same
+    /// number, until this returns: the new process takes them by number.
+    pub(crate) unsafe fn start(
+        self,
+        reserve: &Mutex<Reserve>,
+        deadline: Instant,
+        direct_allowed: bool,
+    ) -> Result<Child, SpawnError> {
+        let Prepared { mut plan, _channel } = self;
+        if direct_allowed && can_start_directly() && !sys::children_reaped_by_kernel() {
+            plan.keep.sort_unstable();
+            plan.keep.dedup();
+            plan.close_first = true;
+            start_direct(plan, reserve)
+        } else {
+            start_intermediate(plan, reserve, deadline)
+        }
+    }
+}
+
+/// The direct start: the successor is this process's child.
+fn start_direct(mut plan: Plan, reserve: &Mutex<Reserve>) -> Result<Child, SpawnError> {
+    let mut stack = Stack::new().map_err(|e| SpawnError::Parent("mmap", e))?;
+    // One slot, for the pidfd.
+    let spares = SparesFreed::new(reserve, 1);
     let mask = SigmaskGuard::block_all();
+    // SAFETY: every signal is blocked in this thread with the system call;
+    // `plan` was built by `prepare`, its fds are open (`start`'s contract);
+    // `can_start_directly` said the kernel knows CLONE_PIDFD. The call
+    // returns once the child has exec'd or exited.
+    let (pid, pidfd) = unsafe { clone_vfork(&mut plan, &mut stack) };
+    // (The child shares this thread's errno: this is clone's only if it failed.)
+    let clone_err = io::Error::last_os_error();
+    drop(mask);
+    drop(spares);
+    if pid < 0 {
+        return Err(SpawnError::Parent("clone", clone_err));
+    }
+    if pidfd < 0 {
+        // The kernel ignored CLONE_PIDFD after all. Our unreaped child: its
+        // pid is its own.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let mut status = 0;
+        // SAFETY: waitpid writes an int through a valid pointer to a local.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(SpawnError::Parent(
+            "clone",
+            io::Error::other("the kernel made no pidfd (CLONE_PIDFD)"),
+        ));
+    }
+    // SAFETY: the kernel made this pidfd for us in the clone (close-on-exec);
+    // nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut child = Child {
+        pid,
+        via: Via::Direct { pidfd, done: false },
+    };
+    // Written by the child before its `_exit`, if it failed; CLONE_VFORK
+    // resumed this thread only after that.
+    let report = plan.report.load(Ordering::SeqCst);
+    if report == 0 {
+        return Ok(child);
+    }
+    child.kill_and_reap();
+    Err(SpawnError::child(
+        (report >> 32) as u32,
+        report as u32 as i32,
+    ))
+}
+
+/// The start through an intermediate process.
+fn start_intermediate(
+    mut plan: Plan,
+    reserve: &Mutex<Reserve>,
+    deadline: Instant,
+) -> Result<Child, SpawnError> {
+    // Its pipes (4), a pidfd for it, one for the successor later (its own
+    // two pipe ends are closed by then).
+    let spares = SparesFreed::new(reserve, 5);
+    let SpawnFds {
+        status: (status_r, status_w),
+        release: (release_ours, release_theirs),
+    } = SpawnFds::open().map_err(|e| SpawnError::Parent("pipe2", e))?;
+    let (status_fd, release_fd) = (status_w.as_raw_fd(), release_theirs.as_raw_fd());
+    plan.keep.extend_from_slice(&[status_fd, release_fd]);
+    plan.keep.sort_unstable();
+    plan.keep.dedup();
+    // Every signal blocked around fork (but glibc's internal two, which
+    // glibc sends only to threads of this process), so that no handler of
+    // this process runs in the intermediate or the child before its
+    // dispositions are reset; the guard restores the mask on every path.
+    let mask = SigmaskGuard::block_all_but_libc();
     // SAFETY: the child branch only runs `intermediate`, which makes
     // async-signal-safe calls on memory allocated before fork and never
-    // returns; the parent branch continues normally.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
+    // returns; the parent branch continues normally. The fds of `plan` are
+    // open (`start`'s contract).
+    let ipid = unsafe { libc::fork() };
+    if ipid == 0 {
         // SAFETY: we are the child of fork; see `intermediate`.
         unsafe { intermediate(&mut plan, status_fd, release_fd) }
     }
     let fork_err = io::Error::last_os_error();
     drop(mask);
-    if pid < 0 {
+    if ipid < 0 {
         return Err(SpawnError::Parent("fork", fork_err));
     }
-    drop((err_w, status_w, release_theirs));
-
-    // The intermediate reports the successor's pid, or fails to fork it.
-    let mut pid_buf = [0u8; 4];
-    let got_pid = sys::poll_until(&[(status_r.as_fd(), libc::POLLIN)], deadline)
-        .map_err(|e| SpawnError::Parent("poll", e))?[0]
-        != 0
-        && read_full(status_r.as_fd(), &mut pid_buf).unwrap_or(false);
-    let mut child = Child {
-        pid: i32::from_ne_bytes(pid_buf),
-        via: Via::Intermediate {
-            pid,
-            status: status_r,
-            release: Some(release_ours),
-        },
+    // It never exits before it is released (see `exec::linger`): its pid is
+    // still its own.
+    let ipidfd = if pidfds() {
+        pidfd_open(ipid).ok()
+    } else {
+        None
     };
-    if !got_pid {
-        // It failed to fork (and wrote why to the error pipe), or hung. Our
-        // own, unreaped intermediate: the pid is still its.
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        reap_blocking(pid);
-        child.forget();
-        let mut report = [0u8; 8];
-        let readable = sys::poll_until(&[(err_r.as_fd(), libc::POLLIN)], Instant::now())
-            .is_ok_and(|r| r[0] != 0);
-        if readable && read_full(err_r.as_fd(), &mut report).unwrap_or(false) {
-            return Err(child_error(&report, report.len()));
+    drop((status_w, release_theirs));
+    let mut it = Intermediate {
+        proc: Some((ipid, ipidfd)),
+        successor: None,
+        status: status_r,
+        release: Some(release_ours),
+        done: false,
+    };
+    let pid = match it.next(deadline) {
+        Heard::Record(REC_STARTED, pid, _) if pid > 0 => pid,
+        Heard::Record(REC_FAILED, step, errno) => {
+            it.let_go();
+            return Err(SpawnError::child(step as u32, errno));
         }
-        return Err(SpawnError::Parent(
-            "fork",
-            io::Error::other("the intermediate process failed"),
-        ));
-    }
-
-    // Wait for exec: EOF on the error pipe, or an 8-byte report.
-    let mut report = [0u8; 8];
-    let Some(got) = read_report(err_r.as_fd(), &mut report, deadline)? else {
-        // The deadline passed while the child was still before exec (e.g. a
-        // hung filesystem). Kill it; the caller reports a timeout.
-        child.kill_and_reap();
-        child.forget();
-        return Err(SpawnError::ExecTimeout { pid: child.pid });
-    };
-    if got == 0 {
-        return Ok(child);
-    }
-    // The successor reported and _exit()ed: collect its status.
-    child.wait_exit(Instant::now() + Duration::from_secs(5));
-    child.kill_and_reap();
-    child.forget();
-    Err(child_error(&report, got))
-}
-
-/// [`spawn`], directly: the successor is this process's child.
-fn spawn_direct(
-    mut plan: Plan,
-    mut stack: Stack,
-    err_r: OwnedFd,
-    err_w: OwnedFd,
-    deadline: Instant,
-) -> Result<Child, SpawnError> {
-    let mask = SigmaskGuard::block_all();
-    // SAFETY: every signal is blocked in this thread; `plan` was built by
-    // `spawn`. The call returns once the child has exec'd or exited.
-    let pid = unsafe { clone_vfork(&mut plan, &mut stack) };
-    let clone_err = io::Error::last_os_error();
-    drop(mask);
-    if pid < 0 {
-        return Err(SpawnError::Parent("clone", clone_err));
-    }
-    drop(err_w);
-    let pidfd = match pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => {
-            kill_group(pid);
-            wait_status(pid);
-            return Err(SpawnError::Parent("pidfd_open", e));
+        _ => {
+            // Silent past the deadline (stopped?), or dead.
+            it.kill_proc();
+            it.let_go();
+            return Err(SpawnError::Parent(
+                "fork",
+                io::Error::other("the intermediate process failed"),
+            ));
         }
     };
+    // It does not reap the successor before the ACK: the pid is the
+    // successor's.
+    it.successor = if pidfds() { pidfd_open(pid).ok() } else { None };
+    it.send(ACK);
+    drop(spares);
     let mut child = Child {
         pid,
-        via: Via::Direct { pidfd, done: false },
+        via: Via::Intermediate(it),
     };
-    // Exec'd already (EOF on the error pipe: it was close-on-exec), or an
-    // 8-byte report and an exit.
-    let mut report = [0u8; 8];
-    let got = read_report(err_r.as_fd(), &mut report, deadline)?;
-    if got == Some(0) {
-        return Ok(child);
-    }
-    child.kill_and_reap();
-    let Some(got) = got else {
-        return Err(SpawnError::ExecTimeout { pid: child.pid });
+    let Via::Intermediate(it) = &child.via else {
+        unreachable!("made just above")
     };
-    Err(child_error(&report, got))
-}
-
-/// Reads the child's `(step, errno)` report until EOF or 8 bytes:
-/// `Some(0)` is EOF at once (the exec succeeded), `None` the deadline.
-fn read_report(
-    err_r: BorrowedFd<'_>,
-    report: &mut [u8; 8],
-    deadline: Instant,
-) -> Result<Option<usize>, SpawnError> {
-    let mut got = 0;
-    loop {
-        let revents = sys::poll_until(&[(err_r, libc::POLLIN)], deadline)
-            .map_err(|e| SpawnError::Parent("poll", e))?;
-        if revents[0] == 0 {
-            return Ok(None);
+    match it.next(deadline) {
+        Heard::Record(REC_EXECD, ..) => Ok(child),
+        Heard::Record(REC_FAILED, step, errno) => {
+            // The successor reported and _exit()ed: collect its status.
+            child.wait_exit(Instant::now() + ANSWER);
+            child.kill_and_reap();
+            Err(SpawnError::child(step as u32, errno))
         }
-        match sys::read(err_r, &mut report[got..]) {
-            Ok(0) => return Ok(Some(got)),
-            Ok(n) => {
-                got += n;
-                if got == report.len() {
-                    return Ok(Some(got));
-                }
-            }
-            Err(e) => return Err(SpawnError::Parent("reading the exec error pipe", e)),
+        Heard::Nothing => {
+            // The deadline passed while the child was still before exec
+            // (e.g. a hung filesystem). Kill it; the caller reports a
+            // timeout.
+            child.kill_and_reap();
+            Err(SpawnError::ExecTimeout { pid })
+        }
+        Heard::Record(..) | Heard::Gone => {
+            child.kill_and_reap();
+            Err(SpawnError::Parent(
+                "exec",
+                io::Error::other("the intermediate process died before the successor's exec"),
+            ))
         }
     }
-}
-
-/// The error a child reported: `got` bytes of its `(step, errno)`.
-fn child_error(report: &[u8; 8], got: usize) -> SpawnError {
-    if got < report.len() {
-        return SpawnError::Parent(
-            "reading the exec error pipe",
-            io::Error::new(io::ErrorKind::UnexpectedEof, "short report from the child"),
-        );
-    }
-    let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
-    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
-    SpawnError::Child {
-        step,
-        err: io::Error::from_raw_os_error(errno),
-    }
-}
-
-/// Reaps our child `pid`: only called for one that has exited or been sent
-/// SIGKILL.
-fn reap_blocking(pid: libc::pid_t) {
-    let _ = wait_status(pid);
 }
 
 /// Checks that `path` is an executable regular file, for a clear error
@@ -845,26 +1178,91 @@ fn run_check(
 mod tests {
     use super::*;
 
-    fn mask() -> SigSet {
-        SigSet::thread_get_mask().expect("the thread's signal mask")
+    /// The calling thread's mask as the kernel has it (bit `n - 1` for
+    /// signal `n`): glibc's `pthread_sigmask` hides its internal signals.
+    fn kernel_mask() -> u64 {
+        let mut old: libc::sigset_t = unsafe_zeroed();
+        // SAFETY: rt_sigprocmask with a null new set only writes the
+        // current mask, KERNEL_SIGSET bytes, into a local larger than that.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                std::ptr::null::<libc::sigset_t>(),
+                &mut old as *mut libc::sigset_t,
+                KERNEL_SIGSET,
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: the first 8 bytes of the set, as the kernel wrote them.
+        unsafe { std::ptr::read_unaligned((&old as *const libc::sigset_t).cast::<u64>()) }
     }
 
-    fn blocked(set: &SigSet, sig: libc::c_int) -> bool {
-        Signal::try_from(sig).is_ok_and(|s| set.contains(s))
+    fn unsafe_zeroed() -> libc::sigset_t {
+        // SAFETY: a zeroed sigset_t is a valid value.
+        unsafe { std::mem::zeroed() }
+    }
+
+    fn bit(sig: libc::c_int) -> u64 {
+        1 << (sig - 1)
     }
 
     #[test]
-    fn the_signal_mask_is_restored_when_the_guard_drops() {
-        let before = mask();
-        assert!(!blocked(&before, libc::SIGUSR2));
+    fn every_signal_is_blocked_while_the_guard_lives_and_the_mask_is_restored() {
+        let before = kernel_mask();
+        assert_eq!(before & bit(libc::SIGUSR2), 0);
         {
             let _guard = SigmaskGuard::block_all();
-            let during = mask();
-            assert!(blocked(&during, libc::SIGUSR2) && blocked(&during, libc::SIGHUP));
+            let during = kernel_mask();
+            // glibc's internal signals (32 and 33) too; the kernel never
+            // blocks SIGKILL and SIGSTOP.
+            let unblockable = bit(libc::SIGKILL) | bit(libc::SIGSTOP);
+            assert_eq!(during | unblockable, u64::MAX, "{during:#x}");
         }
-        let after = mask();
-        for sig in 1..32 {
-            assert_eq!(blocked(&before, sig), blocked(&after, sig), "signal {sig}");
+        assert_eq!(kernel_mask(), before);
+    }
+
+    #[test]
+    fn the_fork_guard_blocks_all_but_the_libc_signals_and_restores_the_mask() {
+        let before = kernel_mask();
+        {
+            let _guard = SigmaskGuard::block_all_but_libc();
+            let during = kernel_mask();
+            for sig in (1..32).filter(|s| ![libc::SIGKILL, libc::SIGSTOP].contains(s)) {
+                assert_ne!(during & bit(sig), 0, "signal {sig}");
+            }
+            assert_ne!(during & bit(libc::SIGRTMAX()), 0);
+        }
+        assert_eq!(kernel_mask(), before);
+    }
+
+    #[test]
+    fn glibc_versions_compare_by_number() {
+        assert!(glibc_at_least(b"2.36", (2, 25)));
+        assert!(glibc_at_least(b"2.25", (2, 25)));
+        assert!(glibc_at_least(b"3.0", (2, 25)));
+        assert!(!glibc_at_least(b"2.24", (2, 25)));
+        assert!(!glibc_at_least(b"2.9", (2, 25)));
+        assert!(!glibc_at_least(b"garbage", (2, 25)));
+    }
+
+    /// A probe that always said no would send every start through the
+    /// intermediate, and every test would still pass.
+    #[test]
+    fn a_kernel_from_5_4_on_starts_directly() {
+        // SAFETY: a zeroed utsname is a valid value; uname fills it in.
+        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: uname writes into a valid pointer to a local.
+        assert_eq!(unsafe { libc::uname(&mut uts) }, 0);
+        // SAFETY: uname NUL-terminates `release`.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        let release = release.to_string_lossy().into_owned();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if (major, minor) >= (5, 4) {
+            assert!(can_start_directly(), "Linux {release}");
         }
     }
 }

@@ -8,22 +8,25 @@ use crate::pidfile::{self, LockFile, TempFile, UpgradeLock};
 use crate::sys;
 
 /// Spare fds in the [`Reserve`], freed for what cannot be opened in advance:
-/// the preflight check's pipes and `/dev/null` (6), or the commit's
-/// `BARRIER=1` pipe (2).
+/// the preflight check's pipes and `/dev/null` (6), what a start opens (a
+/// pidfd started directly; the intermediate's pipes and two pidfds, at most
+/// 5 at once), or the commit's `BARRIER=1` pipe (2).
 const SPARE_FDS: usize = 6;
 
 /// Copies of a successor's channel to its predecessor made at build, for
 /// what uses one while the successor may already be at its fd limit: the
-/// state reader, the discarding of an unread state, the ready message, and
-/// the task waiting on the channel (`predecessor_exited`, `committed`).
-const CHANNEL_COPIES: usize = 4;
+/// state reader, the discarding of an unread state, the ready message, the
+/// thread that watches for the predecessor's exit, and the task waiting on
+/// the channel (`predecessor_exited`, `committed`). All are closed once the
+/// predecessor is gone.
+const CHANNEL_COPIES: usize = 5;
 
-/// The pipes of one spawn.
+/// The old generation's pipes to an intermediate process, made for each
+/// start just before its fork (not in advance: a child that the
+/// application forks in between would hold a copy).
 #[derive(Debug)]
-pub(crate) struct SpawnFds {
-    /// The child's `(step, errno)` report, `(read, write)`.
-    pub(super) err: (OwnedFd, OwnedFd),
-    /// The intermediate's report (successor pid, then wait status), `(read, write)`.
+pub(super) struct SpawnFds {
+    /// The intermediate's records, `(read, write)`.
     pub(super) status: (OwnedFd, OwnedFd),
     /// `(ours, the intermediate's)`: a socket pair, so that a byte for an
     /// intermediate that is gone is `EPIPE`, never `SIGPIPE`.
@@ -31,9 +34,8 @@ pub(crate) struct SpawnFds {
 }
 
 impl SpawnFds {
-    fn open() -> io::Result<SpawnFds> {
+    pub(super) fn open() -> io::Result<SpawnFds> {
         Ok(SpawnFds {
-            err: sys::pipe_cloexec()?,
             status: sys::pipe_cloexec()?,
             release: sys::socketpair_cloexec()?,
         })
@@ -66,13 +68,14 @@ impl ChannelFds {
 
 /// What an upgrade needs, opened while fds are plentiful (in `ready()`, and
 /// again after each failed upgrade), so that an upgrade works at the fd limit: the
-/// lock file, the channel, the spawn's pipes, the pid file's temporary file
-/// and a few spare fds. Each part that is missing (it could not be opened
-/// in advance) is opened when needed instead. Every fd is close-on-exec.
+/// lock file, the channel, the pid file's temporary file and a few spare
+/// fds. Each part that is missing (it could not be opened in advance) is
+/// opened when needed instead. Every fd is close-on-exec.
 ///
-/// The spare fds are a last resort for what cannot be opened in advance:
-/// freed just before it is opened, a slot may be taken by another thread of
-/// the application meanwhile (an accept loop at the limit).
+/// The spare fds are a last resort for what cannot be opened in advance
+/// (or must not be: the start's pipes, see [`SpawnFds`]): freed just before
+/// it is opened, a slot may be taken by another thread of the application
+/// meanwhile (an accept loop at the limit).
 #[derive(Debug, Default)]
 pub(crate) struct Reserve {
     lock: Option<LockFile>,
@@ -80,7 +83,6 @@ pub(crate) struct Reserve {
     pid_file: Option<PathBuf>,
     pid_tmp: Option<TempFile>,
     channel: Option<ChannelFds>,
-    spawn: Option<SpawnFds>,
     spare: Vec<OwnedFd>,
     channel_copies: Vec<OwnedFd>,
 }
@@ -124,12 +126,8 @@ impl Reserve {
                 Err(e) => failed = Some(e),
             }
         }
-        if self.spawn.is_none() {
-            match SpawnFds::open() {
-                Ok(p) => self.spawn = Some(p),
-                Err(e) => failed = Some(e),
-            }
-        }
+        // Asked once, while a slot is free for the question.
+        super::can_start_directly();
         if let Err(e) = self.refill_spares() {
             failed = Some(e);
         }
@@ -139,15 +137,21 @@ impl Reserve {
     }
 
     pub(super) fn refill_spares(&mut self) -> io::Result<()> {
+        if self.spare.is_empty() {
+            let (r, w) = sys::pipe_cloexec()?;
+            self.spare.extend([r, w]);
+        }
         while self.spare.len() < SPARE_FDS {
-            let spare = match (self.spare.first(), &self.spawn) {
-                (Some(fd), _) => fd.try_clone()?,
-                (None, Some(p)) => p.err.0.try_clone()?,
-                (None, None) => return Ok(()),
-            };
+            let spare = self.spare[0].try_clone()?;
             self.spare.push(spare);
         }
         Ok(())
+    }
+
+    /// Frees `n` spare fds (or all there are), for what a start opens.
+    pub(super) fn free_spare_fds(&mut self, n: usize) {
+        let keep = self.spare.len().saturating_sub(n);
+        self.spare.truncate(keep);
     }
 
     /// Takes the upgrade lock at `path` (`<pid file>.lock`) without waiting,
@@ -165,14 +169,6 @@ impl Reserve {
         match self.channel.take() {
             Some(c) => Ok(c),
             None => ChannelFds::open(),
-        }
-    }
-
-    /// The pipes for a spawn.
-    pub(crate) fn spawn_fds(&mut self) -> io::Result<SpawnFds> {
-        match self.spawn.take() {
-            Some(p) => Ok(p),
-            None => SpawnFds::open(),
         }
     }
 
@@ -224,17 +220,18 @@ mod tests {
         let mut r = Reserve::for_generation(Some(&pid_file), None);
         assert!(r.lock.is_none() && r.channel.is_none(), "opened by refill");
         r.refill();
-        assert!(r.lock.is_some() && r.channel.is_some() && r.spawn.is_some());
+        assert!(r.lock.is_some() && r.channel.is_some());
         assert_eq!(r.spare.len(), SPARE_FDS);
         let c = r.channel().unwrap();
-        let p = r.spawn_fds().unwrap();
+        let p = SpawnFds::open().unwrap();
         for fd in [
             &c.ours,
             &c.ours_copy,
             &c.theirs,
-            &p.err.0,
+            &p.status.0,
             &p.status.1,
             &p.release.0,
+            &p.release.1,
         ]
         .into_iter()
         .chain(&r.spare)
@@ -243,9 +240,16 @@ mod tests {
         }
         // Taken: the next ones are opened on demand; refill reserves again.
         assert!(r.channel.is_none());
-        assert!(r.channel().is_ok() && r.spawn_fds().is_ok());
+        assert!(r.channel().is_ok());
         r.refill();
-        assert!(r.channel.is_some() && r.spawn.is_some());
+        assert!(r.channel.is_some());
+        // Spares freed a few at a time, or all, come back, from nothing too.
+        r.free_spare_fds(2);
+        assert_eq!(r.spare.len(), SPARE_FDS - 2);
+        r.free_spare_fds(SPARE_FDS + 1);
+        assert!(r.spare.is_empty());
+        r.refill_spares().unwrap();
+        assert_eq!(r.spare.len(), SPARE_FDS);
         let lock_path = pidfile::lock_path(&pid_file);
         let held = r.lock_upgrades(&lock_path).unwrap().expect("free");
         let other = LockFile::open(&lock_path).unwrap();
