@@ -40,6 +40,12 @@ use tokio::sync::watch;
 /// # fn main() { let _ = example; }
 /// ```
 ///
+/// At a stop ([`is_stop`](Self::is_stop), from
+/// [`Handover::stop`](crate::Handover::stop)) there is no successor: accept
+/// what is queued (without waiting, until `WouldBlock`) before dropping the
+/// listener, or the kernel resets it with the socket; and an idle
+/// keep-alive connection need not be kept for its next request.
+///
 /// [`Handover::drain`](crate::Handover::drain) gives the generation's own
 /// drain, which also feeds [`Handover::stats`](crate::Handover::stats).
 ///

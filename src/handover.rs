@@ -236,7 +236,11 @@ impl Handover {
     ///   over at once and a restart can bind the port while this process
     ///   still drains. A socket the service manager holds as well (socket
     ///   activation, [`Builder::fd_store`](crate::Builder::fd_store)) stays
-    ///   open, and connections queue in it for the next start;
+    ///   open, and connections queue in it for the next start. A connection
+    ///   whose handshake completes in the microseconds between the last
+    ///   accept and the close is reset by the kernel, as with any server
+    ///   that closes a listening socket (its request was never read: a
+    ///   client may safely send it again);
     /// - removes the pid file if it still names this process, its `.lock`
     ///   unless an upgrade holds it, and the control socket's path if the
     ///   socket file there is still this generation's (not in fd-store
