@@ -140,6 +140,10 @@ impl Builder {
     /// The `LISTEN_*` variables count only when `LISTEN_PID` names this
     /// process. Each inherited fd is checked to be open and made
     /// close-on-exec at once. Errors name the variable or fd that is wrong.
+    ///
+    /// A `NOTIFY_SOCKET` or `WATCHDOG_USEC` that cannot be used is no
+    /// error: it is logged as a warning and ignored (see
+    /// [`systemd`](crate::systemd)).
     pub fn build(self) -> Result<Handover, Error> {
         let d = self.defaults;
         if d.state.is_some() {
@@ -161,7 +165,8 @@ impl Builder {
                 .map_err(|reason| Error::InvalidConfig { setting, reason })?;
         }
         let own_pid = std::process::id();
-        let notifier = Notifier::from_env()?;
+        // A stale NOTIFY_SOCKET is warned about, never fatal.
+        let notifier = Notifier::from_env_or_warn();
         let inherited = env::decode(|k| std::env::var_os(k), own_pid)?;
         let offer = match (&inherited, &self.take_over) {
             (None, Some(path)) => {

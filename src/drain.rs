@@ -40,6 +40,12 @@ use tokio::sync::watch;
 /// # fn main() { let _ = example; }
 /// ```
 ///
+/// At a stop ([`is_stop`](Self::is_stop), from
+/// [`Handover::stop`](crate::Handover::stop)) there is no successor: accept
+/// what is queued (without waiting, until `WouldBlock`) before dropping the
+/// listener, or the kernel resets it with the socket; and an idle
+/// keep-alive connection need not be kept for its next request.
+///
 /// [`Handover::drain`](crate::Handover::drain) gives the generation's own
 /// drain, which also feeds [`Handover::stats`](crate::Handover::stats).
 ///
@@ -52,11 +58,11 @@ pub struct Drain {
     /// Connections in flight: changes with every guard, watched only by
     /// [`wait`](Self::wait).
     inner: Arc<watch::Sender<usize>>,
-    /// Whether the drain started: changes once, watched by every
-    /// connection. Apart from the count, so that a guard taken or dropped
-    /// does not wake every connection waiting for the drain (10,000 idle
-    /// connections made that quadratic).
-    started: Arc<watch::Sender<bool>>,
+    /// Whether the drain started, and as what: changes at most twice,
+    /// watched by every connection. Apart from the count, so that a guard
+    /// taken or dropped does not wake every connection waiting for the drain
+    /// (10,000 idle connections made that quadratic).
+    started: Arc<watch::Sender<Started>>,
     observer: Option<Weak<dyn DrainObserver>>,
 }
 
@@ -67,6 +73,16 @@ impl std::fmt::Debug for Drain {
             .field("in_flight", &self.in_flight())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether a drain started, and as what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Started {
+    No,
+    /// After a handover, or for a reason of the application's.
+    Drain,
+    /// A real stop: no successor takes over.
+    Stop,
 }
 
 /// Told when a drain's wait ends (the generation records it as the drain
@@ -109,7 +125,7 @@ impl Drain {
     pub fn new() -> Self {
         Drain {
             inner: Arc::new(watch::Sender::new(0)),
-            started: Arc::new(watch::Sender::new(false)),
+            started: Arc::new(watch::Sender::new(Started::No)),
             observer: None,
         }
     }
@@ -124,20 +140,54 @@ impl Drain {
 
     /// Starts draining: [`draining`](Self::draining) resolves everywhere.
     pub fn start(&self) {
-        self.started.send_replace(true);
+        self.started.send_if_modified(|s| {
+            let was = *s;
+            *s = was.max(Started::Drain);
+            *s != was
+        });
+    }
+
+    /// Starts draining as a stop: no successor takes over. Beside what
+    /// [`start`](Self::start) does, [`is_stop`](Self::is_stop) tells
+    /// connections and accept loops so, and
+    /// [`serve::Server`](crate::serve::Server) (feature `http`) takes the
+    /// connections already queued on its listeners before it closes them,
+    /// and closes idle HTTP/1.1 keep-alive connections instead of waiting
+    /// for their next request. [`Handover::stop`](crate::Handover::stop)
+    /// calls it; call it yourself for a drain of your own.
+    pub fn start_stop(&self) {
+        self.started.send_if_modified(|s| {
+            let was = *s;
+            *s = Started::Stop;
+            *s != was
+        });
     }
 
     /// Whether the drain has started. Connections use it to answer with
     /// `Connection: close` (lame duck) instead of closing idle keep-alive
     /// connections, which would fail a request already on the wire.
     pub fn is_draining(&self) -> bool {
-        *self.started.borrow()
+        *self.started.borrow() != Started::No
+    }
+
+    /// Whether the drain is a stop ([`start_stop`](Self::start_stop)): no
+    /// successor takes over, so there is nobody to leave queued or idle
+    /// connections to.
+    pub fn is_stop(&self) -> bool {
+        *self.started.borrow() == Started::Stop
     }
 
     /// Resolves when the drain starts.
     pub async fn draining(&self) {
         let mut rx = self.started.subscribe();
-        let _ = rx.wait_for(|started| *started).await;
+        let _ = rx.wait_for(|started| *started != Started::No).await;
+    }
+
+    /// Resolves when the drain starts as a stop; never for another drain
+    /// (unless it becomes a stop).
+    pub(crate) async fn stopping(&self) {
+        let mut rx = self.started.subscribe();
+        let _ = rx.wait_for(|started| *started == Started::Stop).await;
     }
 
     /// Counts one connection as in flight until the guard is dropped.
@@ -182,6 +232,7 @@ mod tests {
         assert!(!d.is_draining());
         d.start();
         assert!(d.is_draining());
+        assert!(!d.is_stop());
         d.draining().await;
         let t = tokio::spawn({
             let d = d.clone();
@@ -191,6 +242,32 @@ mod tests {
         drop(g2);
         let r = t.await.unwrap();
         assert_eq!(r.remaining, 0);
+    }
+
+    #[test]
+    fn a_stop_is_a_drain_that_says_so() {
+        // No I/O driver: it opens no fd (unit tests in src/migrate count
+        // this process's fds).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let d = Drain::new();
+            d.start_stop();
+            assert!(d.is_draining() && d.is_stop());
+            d.draining().await;
+            d.stopping().await;
+            d.start(); // a later plain start leaves it a stop
+            assert!(d.is_stop());
+            let plain = Drain::new();
+            plain.start();
+            assert!(!plain.is_stop());
+            tokio::select! {
+                biased;
+                _ = plain.stopping() => panic!("a plain drain is no stop"),
+                _ = std::future::ready(()) => {}
+            }
+        });
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,7 +151,7 @@ impl From<Error> for io::Error {
 
 /// Why an upgrade did not happen. In every case the calling generation keeps
 /// serving, untouched, and may try again (except after
-/// [`UpgradeError::HandedOver`]).
+/// [`UpgradeError::HandedOver`] and [`UpgradeError::Stopping`]).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum UpgradeError {
@@ -162,6 +162,8 @@ pub enum UpgradeError {
     InProgress,
     /// This generation already handed over to a successor.
     HandedOver,
+    /// This generation is stopping ([`Handover::stop`](crate::Handover::stop)).
+    Stopping,
     /// This generation's own handover is not final yet: its predecessor has
     /// not committed it — it still watches a probation window (see
     /// [`UpgradeOptions::probation`](crate::UpgradeOptions::probation)) and
@@ -326,6 +328,9 @@ impl fmt::Display for UpgradeError {
                     f,
                     "upgrade refused: this generation already handed over to a successor"
                 )
+            }
+            UpgradeError::Stopping => {
+                write!(f, "upgrade refused: this generation is stopping")
             }
             UpgradeError::OnProbation => {
                 write!(

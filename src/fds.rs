@@ -223,7 +223,18 @@ impl Registry {
         self.registered.iter().map(|e| e.name.clone()).collect()
     }
 
-    /// Drops this generation's copies of every fd (after a handover).
+    /// The registered fds named `name`, with what each stands for.
+    pub(crate) fn find(&self, name: &str) -> Vec<(&Want, BorrowedFd<'_>)> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&i| (&self.registered[i].want, self.registered[i].fd.as_fd()))
+            .collect()
+    }
+
+    /// Drops this generation's copies of every fd (after a handover, and at
+    /// a stop).
     pub(crate) fn clear(&mut self) {
         self.inherited.clear();
         self.registered.clear();

@@ -209,10 +209,66 @@ impl Handover {
     }
 
     /// Tells the service manager that the whole service is stopping
-    /// (`STOPPING=1`). Call it on a real stop (SIGTERM), never while draining
-    /// after a handover: systemd would stop the unit the successor serves.
+    /// (`STOPPING=1`), and nothing more. Call it on a real stop (SIGTERM),
+    /// never while draining after a handover: systemd would stop the unit
+    /// the successor serves.
+    #[deprecated(
+        note = "use Handover::stop, which also closes the listeners, removes the \
+                pid file and control socket, refuses upgrades and starts the drain"
+    )]
     pub fn stopping(&self) -> std::io::Result<()> {
         self.g.notifier.stopping()
+    }
+
+    /// A real stop: this generation is the last one, no successor takes
+    /// over. Call it on SIGTERM ([`serve::Triggers`](crate::serve::Triggers)
+    /// does) instead of only starting the drain.
+    ///
+    /// From a generation that serves (or is still starting), it moves to
+    /// [`State::Stopping`], where no upgrade starts, and at once:
+    ///
+    /// - tells the service manager `STOPPING=1`, if this generation is the
+    ///   main process (not a successor on probation);
+    /// - closes this generation's own copies of its fds. A listening socket
+    ///   closes when the application's listener does too (the serving layer
+    ///   drops it once it has taken the connections already queued): new
+    ///   connections are then refused, so a proxy or load balancer fails
+    ///   over at once and a restart can bind the port while this process
+    ///   still drains. A socket the service manager holds as well (socket
+    ///   activation, [`Builder::fd_store`](crate::Builder::fd_store)) stays
+    ///   open, and connections queue in it for the next start. A connection
+    ///   whose handshake completes in the microseconds between the last
+    ///   accept and the close is reset by the kernel, as with any server
+    ///   that closes a listening socket (its request was never read: a
+    ///   client may safely send it again);
+    /// - removes the pid file if it still names this process, its `.lock`
+    ///   unless an upgrade holds it, and the control socket's path if the
+    ///   socket file there is still this generation's (not in fd-store
+    ///   mode, where the next start inherits the socket). From here on no
+    ///   generation serves, as after a handover the pid file names the
+    ///   successor: so a process that ends before its drain leaves nothing
+    ///   behind either. Unix socket paths of the application's are left:
+    ///   `unix_listener` replaces a stale one at the next start;
+    /// - (feature `tokio`) starts this generation's [`drain`](Self::drain)
+    ///   as a stop ([`Drain::start_stop`](crate::Drain::start_stop)):
+    ///   [`serve::Server`](crate::serve::Server) takes what is queued, then
+    ///   closes its listeners, finishes the requests in flight (their
+    ///   responses say `Connection: close`), and closes idle keep-alive
+    ///   connections — there is no successor to hand them to; the drain
+    ///   timeout bounds the rest.
+    ///
+    /// While an upgrade runs it does nothing and says
+    /// [`StopOutcome::Upgrading`](crate::StopOutcome::Upgrading): call it again when the upgrade has ended
+    /// (or the successor serves, and this generation drains as after any
+    /// handover: [`StopOutcome::NotServing`](crate::StopOutcome::NotServing)). Calling it again once
+    /// stopping does nothing more.
+    pub fn stop(&self) -> crate::StopOutcome {
+        let outcome = self.g.stop();
+        #[cfg(feature = "tokio")]
+        if outcome == crate::StopOutcome::Stopping {
+            self.drain().start_stop();
+        }
+        outcome
     }
 
     /// The names of the fds this generation will hand to a successor.

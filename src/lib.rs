@@ -30,8 +30,10 @@
 //! examples/axum.rs). The rules it follows: `build()` first, before the
 //! runtime opens any fd; signal handlers before `ready()`; the upgrade in a
 //! task of its own ([`serve::Triggers`]), so accepting goes on while a
-//! successor starts (up to the ready timeout); SIGTERM drains like a
-//! handover, and says `STOPPING=1`.
+//! successor starts (up to the ready timeout); SIGTERM stops
+//! ([`Handover::stop`]): the port closes at once, the requests in flight
+//! finish, idle keep-alive connections close, the pid file and control
+//! socket go, and the service manager hears `STOPPING=1`.
 //!
 //! ```no_run
 //! use axum::{Router, routing::get};
@@ -242,6 +244,7 @@ mod ready;
 mod spawn;
 mod state;
 mod stats;
+mod stop;
 mod successor;
 pub mod supervisor;
 mod sys;
@@ -276,4 +279,5 @@ pub use migrate::{ConnectionSender, IncomingConnections, Migrated, MigratedConne
 pub use pidfile::read as read_pid_file;
 pub use state::StateReader;
 pub use stats::Phases;
+pub use stop::StopOutcome;
 pub use upgrade::{UpgradeOptions, Upgraded};

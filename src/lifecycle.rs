@@ -6,6 +6,7 @@
 //!                          ▲                      │
 //!                          └──── failed ──────────┘
 //!  Serving (a successor on probation) ──report_unhealthy, taken back──► RolledBack
+//!  Starting, Serving ──stop()──► Stopping
 //! ```
 //!
 //! Everything that changes as the generation lives — its [`State`], the
@@ -53,6 +54,9 @@ pub enum State {
     /// and its predecessor took the service back: stop accepting, drain and
     /// exit.
     RolledBack,
+    /// A real stop ([`Handover::stop`](crate::Handover::stop)): no successor;
+    /// the listeners are closed, no upgrade starts, drain and exit.
+    Stopping,
 }
 
 /// This generation's own last upgrade attempt.
@@ -150,6 +154,7 @@ impl Life {
             State::Starting => Err(UpgradeError::NotReady),
             State::Upgrading => Err(UpgradeError::InProgress),
             State::HandedOver | State::RolledBack => Err(UpgradeError::HandedOver),
+            State::Stopping => Err(UpgradeError::Stopping),
             State::Serving => {
                 self.state = State::Upgrading;
                 self.upgrading = Some(InProgress {
@@ -493,6 +498,8 @@ mod tests {
         assert!(matches!(l.begin_upgrade(), Err(UpgradeError::NotReady)));
         l.state = State::RolledBack;
         assert!(matches!(l.begin_upgrade(), Err(UpgradeError::HandedOver)));
+        l.state = State::Stopping;
+        assert!(matches!(l.begin_upgrade(), Err(UpgradeError::Stopping)));
     }
 
     #[test]

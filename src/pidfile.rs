@@ -158,6 +158,86 @@ pub fn read(path: &Path) -> io::Result<u32> {
     })
 }
 
+/// Removes the pid file at `path` if it names `pid` (a stopping generation
+/// removes its own, never another process's). `Ok(true)` if it did.
+pub(crate) fn remove_if_names(path: &Path, pid: u32) -> io::Result<bool> {
+    if read(path).ok() != Some(pid) {
+        return Ok(false);
+    }
+    remove_if(path, |p| Ok(read(p).ok() == Some(pid)))
+}
+
+/// Removes the file at `path` if `ours` says, of the file itself, that it is
+/// ours; `Ok(true)` if it did. A check of the path followed by an unlink
+/// could remove a file another process put there in between; so the file is
+/// first moved aside (one atomic rename: exactly one version of it is
+/// taken), checked there, and removed — or, not ours after all, put back
+/// unless a newer one took the path meanwhile (then it is dropped: it was
+/// replaced anyway).
+pub(crate) fn remove_if(path: &Path, ours: impl Fn(&Path) -> io::Result<bool>) -> io::Result<bool> {
+    let mut aside = std::ffi::OsString::from(".");
+    aside.push(
+        path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name")
+        })?,
+    );
+    aside.push(format!(".{}.removing", std::process::id()));
+    let aside = path.with_file_name(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    if ours(&aside).unwrap_or(false) {
+        std::fs::remove_file(&aside)?;
+        return Ok(true);
+    }
+    // link(2) fails rather than replace a file that took the path meanwhile.
+    let back = std::fs::hard_link(&aside, path);
+    std::fs::remove_file(&aside)?;
+    match back {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the upgrade lock file at `path` unless an upgrade holds it: the
+/// lock is taken (without waiting) first, and the file removed while it is
+/// held. A process that has the file open already and locks it later sees
+/// that it was removed, and locks the file at the path instead (see
+/// [`LockFile::try_lock`]). `Ok(true)` if it was removed.
+pub(crate) fn remove_lock(path: &Path) -> io::Result<bool> {
+    // std opens files with O_CLOEXEC; no O_CREAT: a missing file stays so.
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, Errno::EWOULDBLOCK)) => return Ok(false), // an upgrade runs
+        Err((_, e)) => return Err(e.into()),
+    };
+    if !is_at(&held, path)? {
+        return Ok(false);
+    }
+    std::fs::remove_file(path)?;
+    drop(held);
+    Ok(true)
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced).
+fn is_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(at) => Ok(open.nlink() > 0 && open.dev() == at.dev() && open.ino() == at.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The lock file for `pid_file`: `<pid_file>.lock`.
 pub(crate) fn lock_path(pid_file: &Path) -> PathBuf {
     let mut p = pid_file.as_os_str().to_owned();
@@ -207,26 +287,44 @@ impl LockFile {
     /// (another generation) opened its own and conflicts. While this process
     /// holds the lock the file is lent to it, and a second attempt opens a
     /// description of its own, which conflicts too.
+    ///
+    /// A lock taken on a file that is no longer at the path (a stopped
+    /// generation removed it, see [`remove_lock`]) excludes nobody: it is
+    /// let go, and the file at the path (created if need be) is locked
+    /// instead.
     pub(crate) fn try_lock(&self) -> io::Result<Option<UpgradeLock>> {
-        let lent = self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let file = match lent {
-            Some(f) => f,
-            None => open_lock_file(&self.path)?,
-        };
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => Ok(Some(UpgradeLock {
-                held: Some(held),
-                home: self.file.clone(),
-            })),
-            Err((file, errno)) => {
-                give_back(&self.file, file);
-                if errno == Errno::EWOULDBLOCK {
-                    Ok(None)
-                } else {
-                    Err(errno.into())
+        for _ in 0..3 {
+            let lent = self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let file = match lent {
+                Some(f) => f,
+                None => open_lock_file(&self.path)?,
+            };
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => {
+                    if !is_at(&held, &self.path)? {
+                        // Dropping it unlocks and closes it; the next round
+                        // opens the file now at the path.
+                        continue;
+                    }
+                    return Ok(Some(UpgradeLock {
+                        held: Some(held),
+                        home: self.file.clone(),
+                    }));
+                }
+                Err((file, errno)) => {
+                    give_back(&self.file, file);
+                    return if errno == Errno::EWOULDBLOCK {
+                        Ok(None)
+                    } else {
+                        Err(errno.into())
+                    };
                 }
             }
         }
+        Err(io::Error::other(format!(
+            "{} keeps being removed while it is locked",
+            self.path.display()
+        )))
     }
 }
 
@@ -302,6 +400,60 @@ mod tests {
         assert!(a.try_lock().unwrap().is_none());
         drop(again);
         assert!(a.try_lock().unwrap().is_some(), "the file stays usable");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_our_own_pid_file_is_removed() {
+        let dir = temp_dir("remove");
+        let path = dir.join("x.pid");
+        assert!(!remove_if_names(&path, 7).unwrap(), "nothing there");
+        write(&path, 8).unwrap();
+        assert!(!remove_if_names(&path, 7).unwrap());
+        assert_eq!(read(&path).unwrap(), 8, "another process's pid file stays");
+        write(&path, 7).unwrap();
+        assert!(remove_if_names(&path, 7).unwrap());
+        assert!(!path.exists());
+        // Replaced between the check and the removal: the newer file stays.
+        write(&path, 9).unwrap();
+        let removed = remove_if(&path, |_| {
+            write(&path, 10)?; // another process writes meanwhile
+            Ok(false)
+        })
+        .unwrap();
+        assert!(!removed);
+        assert_eq!(read(&path).unwrap(), 10);
+        // Not ours, nobody wrote: put back as it was.
+        assert!(!remove_if(&path, |_| Ok(false)).unwrap());
+        assert_eq!(read(&path).unwrap(), 10);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.pid")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_held_lock_file_stays_and_a_removed_one_is_not_locked() {
+        let dir = temp_dir("remove-lock");
+        let path = dir.join("x.pid.lock");
+        let a = LockFile::open(&path).unwrap();
+        let b = LockFile::open(&path).unwrap();
+        let held = a.try_lock().unwrap().expect("free");
+        assert!(!remove_lock(&path).unwrap(), "held by an upgrade");
+        assert!(path.exists());
+        drop(held);
+        assert!(remove_lock(&path).unwrap());
+        assert!(!path.exists());
+        // Both had the removed file open: each locks the file at the path
+        // now, so they still exclude each other.
+        let held = a.try_lock().unwrap().expect("free");
+        assert!(path.exists(), "created again");
+        assert!(b.try_lock().unwrap().is_none());
+        drop(held);
+        assert!(b.try_lock().unwrap().is_some());
+        assert!(!remove_lock(&dir.join("missing")).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

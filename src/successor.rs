@@ -126,10 +126,8 @@ impl Generation {
             if g.took_over.is_some() {
                 // Started by someone else, maybe as a unit of its own: its
                 // manager waits for this, not for the old generation's word.
-                let msg = format!("READY=1\nSTATUS=took over (generation {})", g.generation);
-                if let Err(e) = g.notifier.notify(&msg) {
-                    tracing::warn!(error = %e, "cannot notify the service manager");
-                }
+                g.notifier
+                    .send(&format!("READY=1\nSTATUS=took over (generation {})", g.generation));
             }
         } else {
             if let Some(path) = &g.config.pid_file {
@@ -138,19 +136,20 @@ impl Generation {
                 })?;
             }
             // A successor is not the main process yet: its old generation
-            // tells systemd on its behalf (MAINPID=, READY=1).
+            // tells systemd on its behalf (MAINPID=, READY=1). Best effort:
+            // a stale NOTIFY_SOCKET is a warning, not an outage.
             let n = &g.notifier;
-            if g.config.fd_store {
+            if g.config.fd_store && n.is_enabled() {
                 let registry = lock(&g.registry);
                 for (name, fd) in registry.handed() {
-                    n.fd_store(name, &[fd]).map_err(|e| {
-                        Error::io(format!("cannot store fd {name:?} in the fd store"), e)
-                    })?;
+                    let msg = format!("FDSTORE=1\nFDNAME={name}");
+                    if !n.send_with_fds(&msg, &[fd]) {
+                        break; // logged; the rest would fail alike
+                    }
                 }
             }
             let msg = format!("READY=1\nSTATUS=serving (generation {})", g.generation);
-            n.notify(&msg)
-                .map_err(|e| Error::io("cannot notify the service manager", e))?;
+            n.send(&msg);
         }
         {
             let mut life = g.life();

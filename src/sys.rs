@@ -321,6 +321,93 @@ pub(crate) fn children_reaped_by_kernel() -> bool {
     r == 0 && (old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0)
 }
 
+/// A file as `stat(2)` tells files apart: `(st_dev, st_ino)`.
+pub(crate) type FileId = (u64, u64);
+
+/// `SOCK_DIAG_BY_FAMILY`, the request of [sock_diag(7)].
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `UDIAG_SHOW_VFS`: answer with the file a Unix socket is bound to.
+const UDIAG_SHOW_VFS: u32 = 0x2;
+/// `UNIX_DIAG_VFS`, the attribute that carries it.
+const UNIX_DIAG_VFS: u16 = 1;
+/// `struct nlmsghdr`, `struct unix_diag_req`, `struct unix_diag_msg`.
+const NLMSG_HEADER: usize = 16;
+const UNIX_DIAG_REQ: usize = 24;
+const UNIX_DIAG_MSG: usize = 16;
+
+/// The file a Unix socket is bound to, wherever it was renamed since;
+/// `None` for a socket not bound to a file (abstract, unnamed).
+///
+/// `getsockname` only gives the path the socket was bound at, which may have
+/// been renamed or replaced since; the kernel's socket diagnostics
+/// ([sock_diag(7)], `UDIAG_SHOW_VFS`) give the inode itself. Fails where
+/// the kernel has no `unix_diag`: callers leave the file alone then.
+///
+/// [sock_diag(7)]: https://man7.org/linux/man-pages/man7/sock_diag.7.html
+pub(crate) fn unix_socket_file(fd: BorrowedFd<'_>) -> io::Result<Option<FileId>> {
+    // The sockfs inode of this socket names it to the kernel.
+    let ino = nix::sys::stat::fstat(fd)?.st_ino;
+    let ino = u32::try_from(ino)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "socket inode above 32 bits"))?;
+    let mut req = Vec::with_capacity(NLMSG_HEADER + UNIX_DIAG_REQ);
+    req.extend_from_slice(&((NLMSG_HEADER + UNIX_DIAG_REQ) as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // to the kernel
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req.extend_from_slice(&ino.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_VFS.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]); // no cookie
+    // socket2 creates it close-on-exec.
+    let sock = socket2::Socket::new(
+        socket2::Domain::from(libc::AF_NETLINK),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )?;
+    let nl = std::os::fd::AsFd::as_fd(&sock);
+    send(nl, &req, true)?;
+    // The kernel answers before send() returns: nothing to wait for.
+    let mut buf = [0u8; 1024];
+    let n = recv(nl, &mut buf, libc::MSG_DONTWAIT)?;
+    parse_unix_diag_vfs(&buf[..n])
+}
+
+/// Reads the answer to a `UDIAG_SHOW_VFS` request, every length checked.
+fn parse_unix_diag_vfs(msg: &[u8]) -> io::Result<Option<FileId>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag answer");
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let len = u32_at(msg, 0).ok_or_else(bad)? as usize;
+    let kind = u16_at(msg, 4).ok_or_else(bad)?;
+    let msg = msg.get(..len).ok_or_else(bad)?;
+    if kind == libc::NLMSG_ERROR as u16 {
+        let errno = u32_at(msg, NLMSG_HEADER).ok_or_else(bad)? as i32;
+        return Err(io::Error::from_raw_os_error(errno.saturating_neg()));
+    }
+    let mut at = NLMSG_HEADER + UNIX_DIAG_MSG;
+    while at + 4 <= msg.len() {
+        let attr_len = u16_at(msg, at).ok_or_else(bad)? as usize;
+        let attr_kind = u16_at(msg, at + 2).ok_or_else(bad)?;
+        if attr_len < 4 {
+            return Err(bad());
+        }
+        if attr_kind == UNIX_DIAG_VFS {
+            let ino = u32_at(msg, at + 4).ok_or_else(bad)?;
+            let dev = u32_at(msg, at + 8).ok_or_else(bad)?;
+            // The kernel's dev_t: major in the top 12 bits, minor below.
+            let dev = libc::makedev(dev >> 20, dev & 0xf_ffff);
+            return Ok(Some((dev, u64::from(ino))));
+        }
+        at += attr_len.div_ceil(4) * 4;
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +485,60 @@ mod tests {
             Some(libc::EPIPE),
             "a closed peer is EPIPE, not SIGPIPE"
         );
+    }
+
+    #[test]
+    fn a_sock_diag_answer_is_read_with_every_length_checked() {
+        // Every prefix of a good answer, and garbage: errors, no panic.
+        let mut good = Vec::new();
+        good.extend_from_slice(&44u32.to_ne_bytes());
+        good.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        good.extend_from_slice(&[0; 10]);
+        good.extend_from_slice(&[0; UNIX_DIAG_MSG]);
+        good.extend_from_slice(&12u16.to_ne_bytes());
+        good.extend_from_slice(&UNIX_DIAG_VFS.to_ne_bytes());
+        good.extend_from_slice(&7u32.to_ne_bytes());
+        good.extend_from_slice(&((8u32 << 20) | 3).to_ne_bytes());
+        assert_eq!(
+            parse_unix_diag_vfs(&good).unwrap(),
+            Some((libc::makedev(8, 3), 7))
+        );
+        for n in 0..good.len() {
+            assert!(parse_unix_diag_vfs(&good[..n]).is_err(), "{n} bytes");
+        }
+        let mut zero_attr = good.clone();
+        zero_attr[32..34].copy_from_slice(&0u16.to_ne_bytes());
+        assert!(parse_unix_diag_vfs(&zero_attr).is_err());
+        let mut error = good.clone();
+        error[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        error[16..20].copy_from_slice(&(-libc::ENOENT).to_ne_bytes());
+        let e = parse_unix_diag_vfs(&error).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn a_unix_socket_knows_its_file_wherever_it_was_renamed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("handover-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bound = dir.join("bound");
+        let l = std::os::unix::net::UnixListener::bind(&bound).unwrap();
+        let moved = dir.join("moved");
+        std::fs::rename(&bound, &moved).unwrap();
+        let meta = std::fs::metadata(&moved).unwrap();
+        match unix_socket_file(l.as_fd()) {
+            Ok(found) => assert_eq!(found, Some((meta.dev(), meta.ino()))),
+            // A kernel without unix_diag: callers leave the file alone.
+            Err(e) => eprintln!("sock_diag unavailable here: {e}"),
+        }
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("handover-sys-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        let abs = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        if let Ok(found) = unix_socket_file(abs.as_fd()) {
+            assert_eq!(found, None, "an abstract socket has no file");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,12 +5,25 @@
 //! is disabled and every call is a silent no-op, so the same code runs under
 //! systemd and outside it.
 //!
+//! A notification is never worth an outage. A `NOTIFY_SOCKET` left over in
+//! the environment (a shell started inside a unit, a container image) may
+//! name a path nobody listens on, a regular file, an unbound abstract name,
+//! or something that is no address at all: the messages `handover` sends
+//! itself (`READY=1`, `RELOADING=1`, `MAINPID=`, `STOPPING=1`, the fd store,
+//! `BARRIER=1`) are sent best effort. The first failure is logged as a
+//! warning, later ones at debug level; a value that cannot be parsed is
+//! warned about once at [`Builder::build`](crate::Builder::build) and
+//! disables the notifier. A manager that accepts messages but never answers
+//! `BARRIER=1` costs each upgrade the barrier's timeout (5 s), warned about
+//! once.
+//!
 //! [sd_notify(3)]: https://www.freedesktop.org/software/systemd/man/latest/sd_notify.html
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr};
@@ -34,22 +47,60 @@ pub const MAX_FDS_PER_MESSAGE: usize = 253;
 pub struct Notifier {
     target: Option<(UnixAddr, Socket)>,
     watchdog: Option<Duration>,
+    /// A message of the crate's own failed to go out, and was warned about:
+    /// later failures are logged at debug level.
+    send_warned: AtomicBool,
+    /// A barrier timed out, and was warned about.
+    barrier_warned: AtomicBool,
 }
 
 impl Notifier {
     /// A notifier that sends nothing.
     pub fn disabled() -> Notifier {
+        Notifier::new(None, None)
+    }
+
+    fn new(target: Option<(UnixAddr, Socket)>, watchdog: Option<Duration>) -> Notifier {
         Notifier {
-            target: None,
-            watchdog: None,
+            target,
+            watchdog,
+            send_warned: AtomicBool::new(false),
+            barrier_warned: AtomicBool::new(false),
         }
     }
 
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` of this
     /// process. An unset `NOTIFY_SOCKET` gives a disabled notifier; a value
-    /// that is neither an absolute path nor `@name` is an error.
+    /// that is neither an absolute path nor `@name` is an error (the
+    /// [`Handover`](crate::Handover) warns about it and goes on without a
+    /// notifier instead: see the [module documentation](self)).
     pub fn from_env() -> Result<Notifier, Error> {
         Notifier::from_getter(|k| std::env::var_os(k), std::process::id())
+    }
+
+    /// [`from_env`](Self::from_env) for a generation: what cannot be used
+    /// is warned about, not fatal. An unusable `NOTIFY_SOCKET` disables the
+    /// notifier; an unusable `WATCHDOG_USEC` disables the watchdog.
+    pub(crate) fn from_env_or_warn() -> Notifier {
+        Notifier::from_getter_or_warn(|k| std::env::var_os(k), std::process::id())
+    }
+
+    pub(crate) fn from_getter_or_warn(
+        get: impl Fn(&str) -> Option<OsString>,
+        own_pid: u32,
+    ) -> Notifier {
+        let watchdog = watchdog_interval(&get, own_pid).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring WATCHDOG_USEC: no watchdog pings");
+            None
+        });
+        let target = target(&get).unwrap_or_else(|e| {
+            tracing::warn!(
+                error = %crate::error::chain(&e),
+                "ignoring NOTIFY_SOCKET: the service manager will not be notified"
+            );
+            None
+        });
+        Notifier::new(target, watchdog)
     }
 
     pub(crate) fn from_getter(
@@ -57,31 +108,7 @@ impl Notifier {
         own_pid: u32,
     ) -> Result<Notifier, Error> {
         let watchdog = watchdog_interval(&get, own_pid)?;
-        let Some(value) = get(NOTIFY_SOCKET) else {
-            return Ok(Notifier {
-                target: None,
-                watchdog,
-            });
-        };
-        let bytes = value.as_bytes();
-        let bad = |reason: &str| Error::Env {
-            var: "NOTIFY_SOCKET",
-            value: value.to_string_lossy().into_owned(),
-            reason: reason.to_owned(),
-        };
-        let addr = match bytes.first() {
-            Some(b'/') => UnixAddr::new(std::path::Path::new(&value)),
-            Some(b'@') if bytes.len() > 1 => UnixAddr::new_abstract(&bytes[1..]),
-            _ => return Err(bad("neither an absolute path nor @abstract-name")),
-        }
-        .map_err(|e| bad(&e.to_string()))?;
-        // socket2 creates it close-on-exec.
-        let sock = Socket::new(Domain::UNIX, Type::DGRAM, None)
-            .map_err(|e| Error::io("cannot create the notification socket", e))?;
-        Ok(Notifier {
-            target: Some((addr, sock)),
-            watchdog,
-        })
+        Ok(Notifier::new(target(&get)?, watchdog))
     }
 
     /// Whether a service manager listens (`NOTIFY_SOCKET` was set).
@@ -117,6 +144,79 @@ impl Notifier {
             ));
         }
         send_with_fds(sock.as_fd(), addr, state.as_bytes(), fds)
+    }
+
+    /// Sends `state` best effort, for the crate's own messages: `true` if
+    /// it went out. A failure is logged — the first as a warning, later ones
+    /// at debug level — and is never an error: a stale `NOTIFY_SOCKET` must
+    /// not keep a service from starting, upgrading or stopping.
+    pub(crate) fn send(&self, state: &str) -> bool {
+        self.sent(self.notify(state), state)
+    }
+
+    /// [`send`](Self::send) with `fds` attached.
+    pub(crate) fn send_with_fds(&self, state: &str, fds: &[BorrowedFd<'_>]) -> bool {
+        self.sent(self.notify_with_fds(state, fds), state)
+    }
+
+    /// Logs a failed send of the crate's own (once as a warning).
+    fn sent(&self, result: io::Result<()>, state: &str) -> bool {
+        let e = match result {
+            Ok(()) => return self.is_enabled(),
+            Err(e) => e,
+        };
+        let what = state.lines().next().unwrap_or_default();
+        let socket = self.describe_target();
+        if !self.send_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %socket,
+                sent = what,
+                error = %e,
+                "cannot notify the service manager (NOTIFY_SOCKET); serving on without it \
+                 (further failures are logged at debug level)"
+            );
+        } else {
+            tracing::debug!(%socket, sent = what, error = %e, "cannot notify the service manager");
+        }
+        false
+    }
+
+    /// `BARRIER=1`, best effort, for the crate's own use: `true` if the
+    /// manager answered within `timeout`. A failure is logged, the first
+    /// timeout as a warning (each upgrade waits that long on such a
+    /// manager), later ones and send failures as [`send`](Self::send) does.
+    pub(crate) fn send_barrier(&self, timeout: Duration) -> bool {
+        match self.barrier(timeout) {
+            Ok(()) => self.is_enabled(),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                let socket = self.describe_target();
+                let ms = timeout.as_millis() as u64;
+                if !self.barrier_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        %socket,
+                        timeout_ms = ms,
+                        "the service manager did not answer BARRIER=1; every upgrade waits \
+                         this long for it (further timeouts are logged at debug level)"
+                    );
+                } else {
+                    tracing::debug!(%socket, timeout_ms = ms, "the service manager did not answer BARRIER=1");
+                }
+                false
+            }
+            Err(e) => self.sent(Err(e), "BARRIER=1"),
+        }
+    }
+
+    /// The socket's address, for log lines.
+    fn describe_target(&self) -> String {
+        match &self.target {
+            None => "none".to_owned(),
+            Some((addr, _)) => match (addr.path(), addr.as_abstract()) {
+                (Some(p), _) => p.display().to_string(),
+                (None, Some(name)) => format!("@{}", String::from_utf8_lossy(name)),
+                (None, None) => "unnamed".to_owned(),
+            },
+        }
     }
 
     /// `STOPPING=1`: the whole service is stopping. Never send it from a
@@ -175,6 +275,30 @@ impl Notifier {
         }
         Ok(())
     }
+}
+
+/// The address `NOTIFY_SOCKET` names, and a socket to send to it; `None`
+/// when it is unset.
+fn target(get: &impl Fn(&str) -> Option<OsString>) -> Result<Option<(UnixAddr, Socket)>, Error> {
+    let Some(value) = get(NOTIFY_SOCKET) else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    let bad = |reason: &str| Error::Env {
+        var: NOTIFY_SOCKET,
+        value: value.to_string_lossy().into_owned(),
+        reason: reason.to_owned(),
+    };
+    let addr = match bytes.first() {
+        Some(b'/') => UnixAddr::new(std::path::Path::new(&value)),
+        Some(b'@') if bytes.len() > 1 => UnixAddr::new_abstract(&bytes[1..]),
+        _ => return Err(bad("neither an absolute path nor @abstract-name")),
+    }
+    .map_err(|e| bad(&e.to_string()))?;
+    // socket2 creates it close-on-exec.
+    let sock = Socket::new(Domain::UNIX, Type::DGRAM, None)
+        .map_err(|e| Error::io("cannot create the notification socket", e))?;
+    Ok(Some((addr, sock)))
 }
 
 fn watchdog_interval(
@@ -262,6 +386,57 @@ mod tests {
         let e = Notifier::from_getter(getter(&[("NOTIFY_SOCKET", "relative")]), 1).unwrap_err();
         assert!(e.to_string().contains("NOTIFY_SOCKET"), "{e}");
         assert!(Notifier::from_getter(getter(&[("NOTIFY_SOCKET", "@")]), 1).is_err());
+    }
+
+    #[test]
+    fn a_stale_or_bogus_socket_is_never_an_error() {
+        for bogus in ["relative", "@", ""] {
+            let n = Notifier::from_getter_or_warn(getter(&[("NOTIFY_SOCKET", bogus)]), 1);
+            assert!(!n.is_enabled(), "{bogus:?} disables the notifier");
+            assert!(!n.send("READY=1"));
+        }
+        let dir = std::env::temp_dir().join(format!("handover-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("regular");
+        std::fs::write(&file, b"").unwrap();
+        let abstract_name = format!("@handover-unbound-{}", std::process::id());
+        let stale = [
+            dir.join("nobody").to_str().unwrap().to_owned(),
+            file.to_str().unwrap().to_owned(),
+            abstract_name,
+        ];
+        for value in &stale {
+            let n = Notifier::from_getter_or_warn(
+                getter(&[("NOTIFY_SOCKET", value), ("WATCHDOG_USEC", "soon")]),
+                1,
+            );
+            assert!(n.is_enabled(), "{value}: a parsable address is kept");
+            assert_eq!(
+                n.watchdog_interval(),
+                None,
+                "a bogus WATCHDOG_USEC is ignored"
+            );
+            assert!(!n.send_warned.load(Ordering::Relaxed));
+            assert!(!n.send("READY=1"), "{value}");
+            assert!(n.send_warned.load(Ordering::Relaxed), "warned once");
+            assert!(!n.send("STOPPING=1"));
+            assert!(!n.send_barrier(Duration::from_secs(5)), "fails at once");
+            assert!(!n.barrier_warned.load(Ordering::Relaxed), "no timeout");
+            let (r, _w) = sys::pipe_cloexec().unwrap();
+            assert!(!n.send_with_fds("FDSTORE=1\nFDNAME=x", &[r.as_fd()]));
+        }
+        // A manager that takes messages but never answers BARRIER=1.
+        let mute = dir.join("mute");
+        let _mute = std::os::unix::net::UnixDatagram::bind(&mute).unwrap();
+        let n =
+            Notifier::from_getter_or_warn(getter(&[("NOTIFY_SOCKET", mute.to_str().unwrap())]), 1);
+        assert!(n.send("READY=1"));
+        let t = std::time::Instant::now();
+        assert!(!n.send_barrier(Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50) && t.elapsed() < Duration::from_secs(5));
+        assert!(n.barrier_warned.load(Ordering::Relaxed));
+        assert!(!n.send_warned.load(Ordering::Relaxed));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -175,9 +175,7 @@ impl Drop for Attempt<'_> {
                 "READY=1\nSTATUS=upgrade failed; serving (generation {})",
                 g.generation
             );
-            if let Err(e) = g.notifier.notify(&msg) {
-                tracing::warn!(error = %e, "cannot notify the service manager");
-            }
+            g.notifier.send(&msg); // best effort, logged once
         }
     }
 }
@@ -453,13 +451,7 @@ impl Generation {
             crate::systemd::monotonic_usec(),
             extend.as_micros()
         );
-        match n.notify(&msg) {
-            Ok(()) => n.is_enabled(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot notify the service manager");
-                false
-            }
-        }
+        n.send(&msg) // best effort, logged once
     }
 
     /// The binary this upgrade runs: the deploy path (or the one-off program
@@ -624,20 +616,16 @@ impl Generation {
         if took_over {
             // The process that took over is not this unit's: it tells its
             // own manager. This unit stops once the drain is done.
-            let msg = format!("STOPPING=1\nSTATUS=taken over by pid {pid}; draining");
-            if let Err(e) = n.notify(&msg) {
-                tracing::warn!(error = %e, "cannot notify the service manager");
-            }
+            n.send(&format!("STOPPING=1\nSTATUS=taken over by pid {pid}; draining"));
         } else {
             // The old main process names its successor main and ready, and
             // waits until the manager has taken that in before it drains, so
             // the manager never sees the main process exit.
             let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (generation {generation})");
-            if let Err(e) = n
-                .notify(&msg)
-                .and_then(|()| n.barrier(Duration::from_secs(5)))
-            {
-                tracing::warn!(error = %e, "cannot notify the service manager of the new main pid");
+            // Best effort, logged once: a stale NOTIFY_SOCKET is no reason to
+            // fail an upgrade, and the barrier is bounded.
+            if n.send(&msg) {
+                n.send_barrier(Duration::from_secs(5));
             }
         }
         lock(&self.registry).clear();

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Server, TempDir, install, procs};
+use common::{Server, TempDir, install, load, procs, wait_until};
 
 /// A received notification and its sender's pid.
 #[derive(Debug, Clone)]
@@ -277,4 +277,83 @@ fn probation_names_the_successor_main_only_after_the_window() {
     assert_eq!(check_main_only(&up, gen1), gen2, "{ok}");
     srv.finish_upgrade(gen1, gen2);
     srv.stop();
+}
+
+/// A `NOTIFY_SOCKET` left over in the environment (`value`) is no outage:
+/// the server starts, serves, upgrades under load with 0 failed requests,
+/// and stops with status 0. Returns every stderr line of the chain, once
+/// all of it has exited.
+fn stale_notify_socket(value: &str) -> Vec<String> {
+    let mut srv = Server::start_env(
+        &common::server_bin(),
+        &["--listen", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", value)],
+    );
+    let gen1 = srv.pid();
+    let first = load::get(srv.addr(), "/").expect("the first generation serves");
+    assert_eq!(first.pid, gen1);
+    let load = load::Load::start_warm(srv.addr(), 2, 2, 21);
+    let (_, gen2) = srv.upgrade();
+    wait_until(
+        "the successor to answer under load",
+        Duration::from_secs(30),
+        || load.stats.by_pid.lock().unwrap().contains_key(&gen2),
+    );
+    let stats = load.stop();
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    assert!(srv.stop().success());
+    srv.stderr_lines_with("")
+}
+
+/// What a generation says when a message of its own cannot go out.
+const SEND_FAILED: &str = "cannot notify the service manager (NOTIFY_SOCKET)";
+
+/// Each process that sent something warns once: the first generation at
+/// `READY=1` (not again for its `RELOADING=1` and `MAINPID=`, nor a barrier
+/// wait), the second at `STOPPING=1`.
+fn warned_once_per_process(all: &[String]) {
+    let lines: Vec<&String> = all.iter().filter(|l| l.contains(SEND_FAILED)).collect();
+    assert_eq!(lines.len(), 2, "{all:#?}");
+    assert!(lines.iter().all(|l| l.contains("WARN")), "{lines:#?}");
+    if std::env::var_os("HANDOVER_TEST_VERBOSE").is_some() {
+        eprintln!("{lines:#?}");
+    }
+}
+
+#[test]
+fn a_notify_socket_path_nobody_listens_on_is_a_warning() {
+    let dir = TempDir::new("stale-notify");
+    let path = dir.path().join("gone");
+    let lines = stale_notify_socket(path.to_str().unwrap());
+    warned_once_per_process(&lines);
+}
+
+#[test]
+fn a_notify_socket_naming_a_regular_file_is_a_warning() {
+    let dir = TempDir::new("stale-notify-file");
+    let path = dir.path().join("notify");
+    std::fs::write(&path, b"not a socket").unwrap();
+    let lines = stale_notify_socket(path.to_str().unwrap());
+    warned_once_per_process(&lines);
+}
+
+#[test]
+fn an_unbound_abstract_notify_socket_is_a_warning() {
+    let name = format!("@handover-test-{}-unbound-notify", std::process::id());
+    let lines = stale_notify_socket(&name);
+    warned_once_per_process(&lines);
+}
+
+#[test]
+fn a_notify_socket_that_is_no_address_is_a_warning() {
+    let all = stale_notify_socket("not/absolute");
+    // Each generation reads its environment once: one warning each, and no
+    // send is tried.
+    let lines: Vec<&String> = all
+        .iter()
+        .filter(|l| l.contains("ignoring NOTIFY_SOCKET"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{all:#?}");
+    assert!(lines.iter().all(|l| l.contains("WARN")), "{lines:#?}");
+    assert!(!all.iter().any(|l| l.contains(SEND_FAILED)), "{all:#?}");
 }

@@ -29,14 +29,31 @@
 //! to the successor ([`Handover::send_connection`]), which serves them
 //! first. A connection the successor does not take comes back and is
 //! served as a lame duck.
+//!
+//! # A stop
+//!
+//! With no successor there is nobody to leave an idle connection to, and
+//! one idle keep-alive client (a proxy's pool) would hold the process until
+//! the drain deadline. So when the drain is a stop
+//! ([`Drain::start_stop`]), an HTTP/1.1 connection that is idle — no request
+//! between its first byte and the end of its response body, nothing read
+//! ahead — is closed (hyper's `graceful_shutdown`, which also finishes a
+//! request that came in just then, with `Connection: close`). Idle means
+//! quiet for [`STOP_IDLE_GRACE`] too: a client in the middle of a run of
+//! requests sends its next one within that, gets its answer with
+//! `Connection: close`, and leaves, instead of having its request — sent as
+//! the connection closed — fail. A connection accepted before the stop
+//! that sent nothing within the grace is closed alike. HTTP/2 keeps its
+//! GOAWAY.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::Body;
@@ -87,7 +104,13 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a new connection may take to send its first bytes (hyper's
 /// default `header_read_timeout` for HTTP/1).
-const FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an idle HTTP/1.1 connection must have been quiet (nothing read,
+/// no response ending) before a stop closes it: long enough for a client
+/// in a run of requests to send its next one (it is answered, with
+/// `Connection: close`), short beside any drain timeout.
+pub(crate) const STOP_IDLE_GRACE: Duration = Duration::from_millis(100);
 
 /// The first read: large enough for a whole typical request, so that HTTP/1
 /// needs no second read for it.
@@ -108,18 +131,107 @@ pub(crate) struct Shared {
     pub(crate) handover: Option<Handover>,
 }
 
+/// What one connection is doing, as far as a stop needs to know whether
+/// it is idle. Touched by its reads ([`Rewind`]) and its requests
+/// ([`Activity::open`]), all in the connection's own task.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    born: Instant,
+    /// Requests called whose response body has not ended (or been dropped).
+    open: AtomicUsize,
+    /// Bytes were read while no request was open: a request is arriving
+    /// (its head not complete yet, or not parsed yet).
+    arriving: AtomicBool,
+    /// When a byte was last read or a response last ended, in µs since
+    /// `born`.
+    last_us: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            born: Instant::now(),
+            open: AtomicUsize::new(0),
+            arriving: AtomicBool::new(false),
+            last_us: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let us = self.born.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.last_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Bytes came in.
+    fn read(&self) {
+        self.touch();
+        if self.open.load(Ordering::Relaxed) == 0 {
+            self.arriving.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A request was called: open until the guard (moved into its
+    /// response body) is dropped.
+    fn open(self: &Arc<Self>) -> OpenGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.arriving.store(false, Ordering::Relaxed);
+        OpenGuard(self.clone())
+    }
+
+    /// `None` if the connection is idle and has been quiet for `grace`;
+    /// else how long to wait before looking again.
+    fn idle_after(&self, grace: Duration) -> Option<Duration> {
+        if self.open.load(Ordering::Relaxed) > 0 || self.arriving.load(Ordering::Relaxed) {
+            return Some(grace);
+        }
+        let last = Duration::from_micros(self.last_us.load(Ordering::Relaxed));
+        let quiet = self.born.elapsed().saturating_sub(last);
+        grace.checked_sub(quiet).filter(|left| !left.is_zero())
+    }
+
+    /// Resolves once `drain` is a stop and the connection is idle and quiet
+    /// (see the module documentation); never otherwise.
+    async fn idle_at_stop(&self, drain: &Drain) {
+        drain.stopping().await;
+        while let Some(wait) = self.idle_after(STOP_IDLE_GRACE) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// A request in flight, from its call until its response body is done.
+#[derive(Debug)]
+pub(crate) struct OpenGuard(Arc<Activity>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A stream with bytes put back in front of it: the bytes read to tell the
-/// protocol, read again by hyper.
+/// protocol, read again by hyper. Reads from the stream are reported to
+/// its [`Activity`].
 #[derive(Debug)]
 pub(crate) struct Rewind<T> {
     pre: Bytes,
     inner: T,
+    activity: Option<Arc<Activity>>,
 }
 
 impl<T> Rewind<T> {
-    /// `inner`, with `pre` to be read first.
-    pub(crate) fn new(pre: Bytes, inner: T) -> Self {
-        Rewind { pre, inner }
+    /// `inner`, with `pre` to be read first; its reads reported to
+    /// `activity` (bytes in `pre` count as read now).
+    pub(crate) fn new(pre: Bytes, inner: T, activity: Option<Arc<Activity>>) -> Self {
+        if let (false, Some(a)) = (pre.is_empty(), &activity) {
+            a.read();
+        }
+        Rewind {
+            pre,
+            inner,
+            activity,
+        }
     }
 
     /// The stream, and the bytes put back that were not read again yet.
@@ -140,7 +252,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             self.pre.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(a)) = (&polled, &self.activity) {
+            if buf.filled().len() > before {
+                a.read();
+            }
+        }
+        polled
     }
 }
 
@@ -181,13 +300,19 @@ pub(crate) enum Protocol {
 }
 
 /// Reads until the first bytes tell the protocol: the whole HTTP/2 preface,
-/// or a byte that differs from it. `None`: the peer closed first.
+/// or a byte that differs from it. `None`: the peer closed first. Reads are
+/// reported to `activity`, which the returned stream keeps.
 pub(crate) async fn detect<T: AsyncRead + Unpin>(
     mut io: T,
+    activity: Option<Arc<Activity>>,
 ) -> io::Result<Option<(Protocol, Rewind<T>)>> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     let protocol = loop {
-        if io.read_buf(&mut buf).await? == 0 {
+        let n = io.read_buf(&mut buf).await?;
+        if let (true, Some(a)) = (n > 0, &activity) {
+            a.read();
+        }
+        if n == 0 {
             if buf.is_empty() {
                 return Ok(None);
             }
@@ -203,7 +328,14 @@ pub(crate) async fn detect<T: AsyncRead + Unpin>(
         }
     };
     let pre = buf.freeze();
-    Ok(Some((protocol, Rewind { pre, inner: io })))
+    Ok(Some((
+        protocol,
+        Rewind {
+            pre,
+            inner: io,
+            activity,
+        },
+    )))
 }
 
 /// Serves one accepted connection, counted in the drain by `guard`, until
@@ -219,10 +351,20 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut deadline = shared.deadline.clone();
+    let activity = Activity::new();
     let connection = async {
         // A connection accepted before the drain started is served even if
         // nothing has been read from it yet: its request may be on the way.
-        let (protocol, io) = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, detect(io)).await {
+        // At a stop, one that stays quiet is closed.
+        let first = tokio::time::timeout(FIRST_BYTES_TIMEOUT, detect(io, Some(activity.clone())));
+        let detected = tokio::select! {
+            detected = first => detected,
+            _ = activity.idle_at_stop(&shared.drain) => {
+                tracing::debug!("connection sent nothing; closed at the stop");
+                return;
+            }
+        };
+        let (protocol, io) = match detected {
             Ok(Ok(Some(found))) => found,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -235,7 +377,7 @@ where
             }
         };
         match protocol {
-            Protocol::Http1 => http1(io, service, &shared).await,
+            Protocol::Http1 => http1(io, service, &shared, &activity).await,
             Protocol::Http2 => http2(io, service, &shared).await,
         }
     };
@@ -264,8 +406,10 @@ pub(crate) async fn serve_migrated<T, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut deadline = shared.deadline.clone();
+    let activity = Activity::new();
+    let io = Rewind::new(pre, io, Some(activity.clone()));
     tokio::select! {
-        _ = http1(Rewind::new(pre, io), service, &shared) => {}
+        _ = http1(io, service, &shared, &activity) => {}
         _ = deadline.wait_for(|passed| *passed) => {}
     }
     drop(guard);
@@ -276,8 +420,10 @@ pub(crate) async fn serve_migrated<T, S, B>(
 /// after writing it; the request in flight finishes, and the next request
 /// on a keep-alive connection is answered (and told to go elsewhere). An
 /// idle connection stays open until its next request or the drain
-/// deadline: closing it could race a request already on the wire.
-async fn http1<T, S, B>(io: Rewind<T>, service: S, shared: &Shared)
+/// deadline: closing it could race a request already on the wire — except
+/// at a stop, where there is nobody else to answer that request: an idle,
+/// quiet connection is closed then (see the module documentation).
+async fn http1<T, S, B>(io: Rewind<T>, service: S, shared: &Shared, activity: &Arc<Activity>)
 where
     T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -288,18 +434,29 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if let (true, Some(handover)) = (T::MIGRATES, &shared.migrate) {
-        return http1_migrating(io, service, shared, handover).await;
+        return http1_migrating(io, service, shared, handover, activity).await;
     }
     let service = LameDuck {
         inner: service,
         drain: shared.drain.clone(),
+        activity: activity.clone(),
     };
     // `with_upgrades()` keeps WebSocket and other upgrades working.
     let connection = shared
         .http1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    if let Err(e) = connection.await {
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = activity.idle_at_stop(&shared.drain) => {
+            // Idle: hyper closes it now; a request that came in just now is
+            // finished first, with `Connection: close`.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP/1 connection failed");
     }
 }
@@ -308,13 +465,20 @@ where
 /// starts after a committed upgrade, then finished after the response in
 /// flight and handed to the successor with the bytes read ahead. Given
 /// back (not taken), it is served on as a lame duck. A drain that is a stop
-/// is the lame-duck drain.
+/// is the lame-duck drain, and an idle connection is closed then (see the
+/// module documentation): finished as for a handover, it is dropped if
+/// nothing was read ahead, and served on as a lame duck if something was.
 ///
 /// HTTP/1 upgrades (WebSocket) are not served on such a connection: the
 /// socket must stay hyper's to hand back, so hyper answers the upgrade but
 /// the service's `on_upgrade` fails.
-async fn http1_migrating<T, S, B>(io: Rewind<T>, service: S, shared: &Shared, handover: &Handover)
-where
+async fn http1_migrating<T, S, B>(
+    io: Rewind<T>,
+    service: S,
+    shared: &Shared,
+    handover: &Handover,
+    activity: &Arc<Activity>,
+) where
     T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -329,30 +493,37 @@ where
         drain: shared.drain.clone(),
         handover: Some(handover.clone()),
         busy: busy.clone(),
+        activity: activity.clone(),
     };
     let mut connection = shared.http1.serve_connection(TokioIo::new(io), service);
     let draining = shared.drain.draining();
     tokio::pin!(draining);
-    let (mut drained, mut finishing) = (false, false);
+    let idle_at_stop = activity.idle_at_stop(&shared.drain);
+    tokio::pin!(idle_at_stop);
+    let (mut drained, mut stopped, mut finishing) = (false, false, false);
     // The moment to finish: draining after a commit, and no request
     // between its service call and its response head (the head of a
-    // response is written in the same poll that resolves its future).
-    let ready_to_finish = |drained: bool| {
-        drained && !busy.load(Ordering::Acquire) && handover.state() == State::HandedOver
+    // response is written in the same poll that resolves its future); or
+    // idle at a stop.
+    let ready_to_finish = |drained: bool, stopped: bool| {
+        stopped || drained && !busy.load(Ordering::Acquire) && handover.state() == State::HandedOver
     };
     let result = std::future::poll_fn(|cx| {
         if !drained && draining.as_mut().poll(cx).is_ready() {
             drained = true;
         }
+        if !stopped && idle_at_stop.as_mut().poll(cx).is_ready() {
+            stopped = true;
+        }
         for _ in 0..2 {
-            if !finishing && ready_to_finish(drained) {
+            if !finishing && ready_to_finish(drained, stopped) {
                 // Idle: hyper stops now (a partial head stays in its read
                 // buffer). A body still being written: after it.
                 Pin::new(&mut connection).graceful_shutdown();
                 finishing = true;
             }
             let polled = connection.poll_without_shutdown(cx);
-            if polled.is_ready() || finishing || !ready_to_finish(drained) {
+            if polled.is_ready() || finishing || !ready_to_finish(drained, stopped) {
                 return polled;
             }
         }
@@ -370,6 +541,14 @@ where
     let (socket, pre) = parts.io.into_inner().into_inner();
     let mut unread = BytesMut::from(parts.read_buf);
     unread.extend_from_slice(&pre);
+    if stopped {
+        if unread.is_empty() {
+            return; // idle at a stop: closed
+        }
+        // Read ahead just then: answered, with `Connection: close`.
+        let io = Rewind::new(unread.freeze(), socket, Some(activity.clone()));
+        return lame_duck(io, parts.service, shared).await;
+    }
     let fd = match socket.into_fd() {
         Ok(fd) => fd,
         Err(e) => return tracing::debug!(error = %e, "taking a connection off the reactor"),
@@ -385,10 +564,23 @@ where
         }
     };
     let io = match T::from_fd(fd) {
-        Ok(io) => Rewind::new(Bytes::from(unread), io),
+        Ok(io) => Rewind::new(Bytes::from(unread), io, Some(activity.clone())),
         Err(e) => return tracing::debug!(error = %e, "a connection given back"),
     };
-    let mut service = parts.service;
+    lame_duck(io, parts.service, shared).await;
+}
+
+/// Serves on, as a lame duck, a connection that was not handed over.
+async fn lame_duck<T, S, B>(io: Rewind<T>, mut service: Handing<S>, shared: &Shared)
+where
+    T: Socket,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     service.handover = None; // lame duck from now on
     let connection = shared
         .http1
@@ -416,6 +608,7 @@ struct Handing<S> {
     drain: Drain,
     handover: Option<Handover>,
     busy: Arc<AtomicBool>,
+    activity: Arc<Activity>,
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<PauseOnce<B>>, E>> + Send>>;
@@ -433,6 +626,7 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.busy.store(true, Ordering::Release);
+        let open = self.activity.open();
         let inner = self.inner.call(req);
         let (drain, busy) = (self.drain.clone(), self.busy.clone());
         let handover = self.handover.clone();
@@ -446,7 +640,11 @@ where
             let draining = drain.is_draining();
             let pause = draining && hand_over();
             let result = result.map(|response| {
-                let mut response = response.map(|body| PauseOnce { body, pause });
+                let mut response = response.map(|body| PauseOnce {
+                    body,
+                    pause,
+                    _open: Some(open),
+                });
                 if draining && !pause {
                     response
                         .headers_mut()
@@ -462,11 +660,13 @@ where
 
 pin_project_lite::pin_project! {
     /// A response body that, when `pause` is set, answers its first poll
-    /// with `Pending` (waking its task at once).
+    /// with `Pending` (waking its task at once); and that holds its
+    /// request open (see [`Activity`]) until hyper is done with it.
     pub(crate) struct PauseOnce<B> {
         #[pin]
         body: B,
         pause: bool,
+        _open: Option<OpenGuard>,
     }
 }
 
@@ -525,25 +725,30 @@ where
     }
 }
 
-/// Adds `Connection: close` to HTTP/1 responses made while draining.
+/// Adds `Connection: close` to HTTP/1 responses made while draining, and
+/// counts each request as open in the connection's [`Activity`] until its
+/// response body is done.
 #[derive(Debug, Clone)]
 struct LameDuck<S> {
     inner: S,
     drain: Drain,
+    activity: Arc<Activity>,
 }
 
 impl<S, B> Service<Request<Incoming>> for LameDuck<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<PauseOnce<B>>;
     type Error = S::Error;
     type Future = LameDuckFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let open = self.activity.open();
         LameDuckFuture {
             inner: self.inner.call(req),
             drain: self.drain.clone(),
+            open: Some(open),
         }
     }
 }
@@ -553,6 +758,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         drain: Drain,
+        open: Option<OpenGuard>,
     }
 }
 
@@ -560,19 +766,25 @@ impl<F, B, E> Future for LameDuckFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = F::Output;
+    type Output = Result<Response<PauseOnce<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut result = ready!(this.inner.poll(cx));
-        if let Ok(response) = &mut result {
+        let result = ready!(this.inner.poll(cx));
+        let open = this.open.take();
+        Poll::Ready(result.map(|response| {
+            let mut response = response.map(|body| PauseOnce {
+                body,
+                pause: false,
+                _open: open,
+            });
             if this.drain.is_draining() {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-        }
-        Poll::Ready(result)
+            response
+        }))
     }
 }
 
@@ -585,7 +797,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(64);
         client.write_all(input).await.unwrap();
         drop(client);
-        let (p, mut io) = detect(server).await.unwrap()?;
+        let (p, mut io) = detect(server, None).await.unwrap()?;
         let mut all = Vec::new();
         io.read_to_end(&mut all).await.unwrap();
         Some((p, all))

@@ -84,9 +84,13 @@ impl Listener {
 /// stop was asked for, typically by [`Triggers`](super::Triggers) — the
 /// server:
 ///
-/// - stops accepting at once (drops its listeners; the socket lives on in
-///   the successor, which accepts every new connection, queued ones
-///   included);
+/// - stops accepting at once and drops its listeners. After an upgrade the
+///   socket lives on in the successor, which accepts every new connection,
+///   queued ones included. At a stop ([`Handover::stop`],
+///   [`Drain::start_stop`]) there is no successor: the server first takes
+///   the connections already queued (accepting without waiting until none
+///   is left) and serves them; the socket then closes (unless the service
+///   manager holds it too), and new connections are refused;
 /// - **HTTP/1.1**: finishes the requests in flight and answers the next
 ///   request on each keep-alive connection with `Connection: close` (lame
 ///   duck), after which hyper closes it. An idle keep-alive connection is
@@ -104,7 +108,12 @@ impl Listener {
 ///
 /// So what keeps an old generation alive after an upgrade is its slowest
 /// request in flight and every idle keep-alive client that sends nothing
-/// more: one such client holds it until the deadline.
+/// more: one such client holds it until the deadline. At a stop there is
+/// nobody to leave such a client to: an HTTP/1.1 connection with no request
+/// in flight and nothing read ahead is closed once it has been quiet for
+/// 100 ms (a client in a run of requests gets its next one answered, with
+/// `Connection: close`), and so is a connection that sent nothing; what
+/// keeps a stopping process alive is its requests in flight.
 ///
 /// With [`migrate`](Self::migrate) on, HTTP/1.1 keep-alive connections are
 /// handed to the successor after a committed upgrade instead: the old
@@ -332,7 +341,7 @@ where
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = &mut draining => return,
+            _ = &mut draining => break,
             accepted = accept(&listener) => accepted,
         };
         match accepted {
@@ -344,10 +353,81 @@ where
                 }
             }
             Err(e) => tokio::select! {
-                _ = &mut draining => return,
+                _ = &mut draining => break,
                 _ = backoff.wait(&e) => {}
             },
         }
+    }
+    if drain.is_stop() {
+        // No successor: what is queued now would be reset when the socket
+        // closes with this listener. Take it, and serve it.
+        take_queued(&listener, &service, &shared);
+    }
+}
+
+/// The most connections a stop takes from one listener's queue
+/// (`net.core.somaxconn` is at most 65535).
+const MAX_TAKEN: usize = 65_536;
+
+/// Accepts, without waiting, every connection queued on `listener` (until
+/// `EAGAIN`), and serves each.
+///
+/// The accepts are made directly on the socket, not through tokio, whose
+/// readiness may not have seen the latest arrivals yet. Bounded: at most
+/// [`MAX_TAKEN`] (the largest backlog Linux allows), and an error
+/// (`EMFILE`) ends it.
+fn take_queued<S, B>(listener: &Accepting, service: &S, shared: &Arc<Shared>)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use std::os::fd::AsFd;
+    let fd = match listener {
+        Accepting::Tcp(l) => l.as_fd(),
+        Accepting::Unix(l) => l.as_fd(),
+    };
+    let mut taken = 0usize;
+    for _ in 0..MAX_TAKEN {
+        // socket2 accepts with SOCK_CLOEXEC; the connection is made
+        // non-blocking for tokio (accept4 does not pass O_NONBLOCK on).
+        let accepted = socket2::SockRef::from(&fd).accept().and_then(|(s, _)| {
+            s.set_nonblocking(true)?;
+            Ok(s)
+        });
+        let socket = match accepted {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, taken, "cannot take the queued connections; the rest are reset");
+                break;
+            }
+        };
+        let served =
+            match listener {
+                Accepting::Tcp(_) => tokio::net::TcpStream::from_std(socket.into())
+                    .map(|s| spawn(s, service, shared)),
+                Accepting::Unix(_) => tokio::net::UnixStream::from_std(socket.into())
+                    .map(|s| spawn(s, service, shared)),
+            };
+        match served {
+            Ok(()) => taken += 1,
+            Err(e) => tracing::warn!(error = %e, "a queued connection could not be served"),
+        }
+    }
+    if taken > 0 {
+        tracing::debug!(taken, "took the connections queued at the stop");
     }
 }
 

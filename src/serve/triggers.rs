@@ -27,15 +27,19 @@ use crate::upgrade::Upgraded;
 ///   drain runs;
 /// - upgrade failed: logs it (`tracing` warn), keeps serving and waits for
 ///   the next trigger;
-/// - stop signal: tells the service manager
-///   ([`Handover::stopping`]) and starts the same drain.
+/// - stop signal: stops this generation ([`Handover::stop`]: `STOPPING=1`,
+///   the listeners closed once the serving layer has taken what is queued,
+///   the pid file and control socket removed) and starts the drain as a
+///   stop.
 ///
 /// The drain started any other way (`drain.start()`, say after
 /// [`Handover::report_unhealthy`]) ends the task too. The control socket is
 /// served until the task ends: then the successor answers it. A stop signal
-/// that arrives while an upgrade runs is acted on when the upgrade has
-/// failed (within the ready timeout); if it succeeds, the drain starts
-/// anyway.
+/// that arrives while an upgrade runs (signalled, or requested through the
+/// control socket) is acted on when the upgrade has ended (within the ready
+/// timeout and any probation window): if it failed, this generation stops;
+/// if it succeeded, the successor serves and this generation drains as
+/// after any upgrade (the task ends with [`Ending::Stop`] all the same).
 ///
 /// Signals: `handover` installs no handler of its own accord. `spawn`
 /// installs tokio's handlers for exactly the signals named here, and they
@@ -210,9 +214,7 @@ async fn run(
             }
             done = &mut control => break Ending::Upgraded(done),
             kind = any(&mut stop) => {
-                if let Err(e) = handover.stopping() {
-                    tracing::warn!(error = %e, "cannot tell the service manager about the stop");
-                }
+                stop_after_upgrades(&handover).await;
                 break Ending::Stop(kind);
             }
             _ = drain.draining() => return Ending::Drain,
@@ -220,6 +222,23 @@ async fn run(
     };
     drain.start();
     ending
+}
+
+/// Stops this generation ([`Handover::stop`]) once no upgrade runs: an
+/// upgrade started through the control socket may run beside this task.
+async fn stop_after_upgrades(handover: &Handover) {
+    loop {
+        let ended = handover.generation_data().upgrade_ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        match handover.stop() {
+            crate::StopOutcome::Upgrading => {
+                tracing::info!("stop asked for while upgrading: waiting for the upgrade to end");
+                ended.await;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Aborts the task when dropped.

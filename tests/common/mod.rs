@@ -94,6 +94,8 @@ pub struct Server {
     /// Every stdout line seen.
     pub history: Vec<String>,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Set once stderr reached its end: every process of the chain closed it.
+    pub stderr_done: Arc<std::sync::atomic::AtomicBool>,
     /// Every generation's pid, in order, and whether it has been reaped.
     pub generations: Vec<(u32, bool)>,
     pub ready_line: String,
@@ -128,6 +130,8 @@ impl Server {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let err_pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
+        let stderr_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stderr_done.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(err_pipe)
                 .lines()
@@ -138,6 +142,7 @@ impl Server {
                 }
                 sink.lock().unwrap().push(line);
             }
+            done.store(true, Ordering::SeqCst);
         });
         let mut s = Server {
             child,
@@ -145,6 +150,7 @@ impl Server {
             pending: Vec::new(),
             history: Vec::new(),
             stderr,
+            stderr_done,
             generations: Vec::new(),
             ready_line: String::new(),
         };
@@ -250,6 +256,16 @@ impl Server {
         pid
     }
 
+    /// Every stderr line of the chain containing `needle`, once every
+    /// process of it has closed stderr (waited for, bounded).
+    pub fn stderr_lines_with(&self, needle: &str) -> Vec<String> {
+        wait_until("stderr to reach its end", EVENT_TIMEOUT, || {
+            self.stderr_done.load(Ordering::SeqCst)
+        });
+        let e = self.stderr.lock().unwrap();
+        e.iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     pub fn stderr_tail(&self) -> Vec<String> {
         let e = self.stderr.lock().unwrap();
         e.iter().rev().take(30).rev().cloned().collect()
@@ -313,6 +329,13 @@ impl Server {
     pub fn stop(&mut self) -> ExitStatus {
         let pid = self.pid();
         procs::signal(pid, libc::SIGTERM).expect("SIGTERM");
+        self.wait_stopped()
+    }
+
+    /// After a SIGTERM sent by the test: waits for the serving generation's
+    /// `exit` line and reaps it.
+    pub fn wait_stopped(&mut self) -> ExitStatus {
+        let pid = self.pid();
         self.wait_line("exit", Some(pid));
         let status = procs::reap(pid, EVENT_TIMEOUT).expect("reap last generation");
         self.mark_reaped(pid);
