@@ -184,6 +184,11 @@ impl Builder {
             }),
             _ => None,
         };
+        let protocol = match (&inherited, &offer) {
+            (Some(inh), _) => inh.protocol,
+            (None, Some(o)) => o.header.protocol,
+            (None, None) => crate::channel::VERSION,
+        };
         let (fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
             match inherited {
                 None => match offer {
@@ -264,6 +269,7 @@ impl Builder {
             state_expected,
             started_usec,
             took_over,
+            predecessor_protocol: protocol,
             counters: counters
                 .map(|(succeeded, failed)| crate::stats::Counters {
                     succeeded,

@@ -43,9 +43,15 @@
 //!
 //! Two versions of the program meet here, so the protocol only grows: a
 //! successor skips a line of a kind it does not know and fields of `C` and
-//! `D` it does not know, so a newer old generation may add both. Before `R`
-//! the old generation accepts only `R`, `F` and `E`: anything else from a
-//! successor that is not ready is a broken protocol, and fails the upgrade.
+//! `D` it does not know, so a newer old generation may add both. The old
+//! generation announces its protocol version to its successor
+//! (`HANDOVER_PROTOCOL=2`, or `protocol=2` in a takeover offer; absent means
+//! 1). Version 1 accepts from a successor only `R`, `F` and `E` before `R`
+//! and `U` after it: anything else fails the upgrade. From version 2 on, the
+//! old generation skips a line of a kind it does not know, at any time, and
+//! still refuses a known kind out of its place and bytes that are no kind at
+//! all. So a successor sends a kind version 1 does not know only to a
+//! predecessor of version 2 or later.
 
 use std::fmt::{self, Write as _};
 use std::time::Duration;
@@ -74,6 +80,27 @@ pub(crate) const CALLED_OFF: u8 = b'X';
 /// Successor to old generation, after the commit: the migration socket
 /// (attached) and the highest record version the successor reads.
 pub(crate) const MIGRATION_OFFER: u8 = b'M';
+
+/// Every kind this version knows, in either direction.
+pub(crate) const KNOWN: &[u8] = &[
+    READY,
+    FAILED,
+    STATE_REJECTED,
+    UNHEALTHY,
+    TAKEN_BACK,
+    COMMIT,
+    DRAINED,
+    MIGRATION_OFFER,
+    CALLED_OFF,
+];
+
+/// The protocol version this build speaks, announced to a successor
+/// (`HANDOVER_PROTOCOL`, or the takeover offer's `protocol=`): from version
+/// 2 on, the old generation skips a line of a kind it does not know from
+/// its successor, at any time, as the successor always did. A successor
+/// sends a kind that version 1 does not know only to a predecessor that
+/// announced version 2 or later.
+pub(crate) const VERSION: u32 = 2;
 
 /// The longest reason a message carries; longer ones are cut.
 pub(crate) const MAX_REASON: usize = 4000;

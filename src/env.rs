@@ -47,6 +47,9 @@ pub(crate) const STARTED_US: &str = "HANDOVER_STARTED_US";
 /// started this process counted as a success (ours): kept if the old
 /// generation dies before its commit, which carries the exact ones.
 pub(crate) const COUNTERS: &str = "HANDOVER_COUNTERS";
+/// The channel protocol version the old generation speaks (ours; absent:
+/// 1). See `channel`.
+pub(crate) const PROTOCOL: &str = "HANDOVER_PROTOCOL";
 
 /// Variables never passed on to a successor: they describe this process,
 /// not the next one. The successor gets fresh `LISTEN_*` and `HANDOVER_*`.
@@ -63,6 +66,7 @@ pub(crate) const NOT_INHERITED: &[&str] = &[
     PGID,
     STARTED_US,
     COUNTERS,
+    PROTOCOL,
     "WATCHDOG_PID",
 ];
 
@@ -95,6 +99,9 @@ pub(crate) struct Inherited {
     /// The service's counters `(succeeded, failed)` (`HANDOVER_COUNTERS`),
     /// if given.
     pub counters: Option<(u64, u64)>,
+    /// The old generation's channel protocol version (`HANDOVER_PROTOCOL`;
+    /// 1 if absent).
+    pub protocol: u32,
 }
 
 fn env_err(var: &'static str, value: &OsString, reason: impl Into<String>) -> Error {
@@ -230,6 +237,13 @@ pub(crate) fn decode(
             Some((num(a)?, num(b)?))
         }
     };
+    let protocol = match get(PROTOCOL) {
+        None => 1,
+        Some(v) => match parse_num::<u32>(PROTOCOL, &v)? {
+            0 => return Err(env_err(PROTOCOL, &v, "versions count from 1")),
+            n => n,
+        },
+    };
     Ok(Some(Inherited {
         fds,
         channel,
@@ -238,6 +252,7 @@ pub(crate) fn decode(
         program,
         started_us,
         counters,
+        protocol,
     }))
 }
 
@@ -258,6 +273,7 @@ pub(crate) fn successor_vars(
         (GENERATION, generation.to_string()),
         (STARTED_US, started_us.to_string()),
         (COUNTERS, format!("{}:{}", counters.0, counters.1)),
+        (PROTOCOL, crate::channel::VERSION.to_string()),
     ];
     if state {
         vars.push((STATE, "1".to_owned()));
@@ -430,6 +446,7 @@ mod tests {
         assert!(got.state);
         assert_eq!(got.started_us, Some(1234));
         assert_eq!(got.counters, Some((5, 2)));
+        assert_eq!(got.protocol, crate::channel::VERSION);
         assert_eq!(
             got.program.as_deref(),
             Some(std::path::Path::new("/srv/app/current/svc"))

@@ -226,6 +226,10 @@ pub(crate) struct Generation {
     /// How it took the service over, if it did (its predecessor did not
     /// start it).
     pub(crate) took_over: Option<TookOver>,
+    /// The predecessor's channel protocol version: a message version 1 does
+    /// not know goes only to a predecessor of version 2 or later.
+    #[allow(dead_code)] // read by the messages that need it
+    pub(crate) predecessor_protocol: u32,
     pub(crate) started: Instant,
     /// When this generation's binary and configuration were chosen, in
     /// `CLOCK_MONOTONIC` µs: the start of the upgrade that made it, else
@@ -293,6 +297,8 @@ pub(crate) struct Birth {
     /// How this process took the service over (see `takeover`), if it
     /// did: its predecessor did not start it.
     pub(crate) took_over: Option<TookOver>,
+    /// The predecessor's channel protocol version (see `channel::VERSION`).
+    pub(crate) predecessor_protocol: u32,
 }
 
 impl Generation {
@@ -307,6 +313,7 @@ impl Generation {
             generation: b.generation,
             from_predecessor,
             took_over: b.took_over,
+            predecessor_protocol: b.predecessor_protocol,
             started: Instant::now(),
             started_usec: b
                 .started_usec

@@ -94,13 +94,16 @@ enum Heard {
 }
 
 /// Reads what is pending on the channel and decodes the next message.
-/// `allowed` are the kinds the successor may send now; any other kind is a
-/// broken protocol at once (a successor writing garbage is not left to the
-/// deadline).
+/// `allowed` are the kinds the successor may send now; a known kind that is
+/// not allowed, or a byte that is no kind at all, is a broken protocol at
+/// once (a successor writing garbage is not left to the deadline). A line of
+/// a kind this version does not know — an uppercase letter, from a newer
+/// successor — is skipped (protocol version 2; see `channel`).
 fn hear(channel: BorrowedFd<'_>, inbox: &mut Inbox, allowed: &[u8]) -> io::Result<Heard> {
     loop {
         if let Some(kind) = inbox.peek_kind() {
-            if !allowed.contains(&kind) {
+            let newer = kind.is_ascii_uppercase() && !channel::KNOWN.contains(&kind);
+            if !allowed.contains(&kind) && !newer {
                 return Ok(Heard::Bad(format!(
                     "unexpected byte {kind:#04x} on the readiness channel"
                 )));
@@ -110,7 +113,8 @@ fn hear(channel: BorrowedFd<'_>, inbox: &mut Inbox, allowed: &[u8]) -> io::Resul
             Next::Message(m) => return Ok(Heard::Message(m)),
             Next::Bad(e) => return Ok(Heard::Bad(e.0)),
             Next::Unknown(k) => {
-                return Ok(Heard::Bad(format!("unknown message {:?}", k as char)));
+                tracing::debug!(kind = %(k as char), "a message of a newer version from the successor; skipped");
+                continue;
             }
             Next::Incomplete => {}
         }
@@ -300,5 +304,35 @@ pub(crate) fn watch_probation(
             child.kill_and_reap();
             return Err(UpgradeError::io("poll during probation", e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn heard(bytes: &[u8]) -> Heard {
+        let (a, b) = sys::socketpair_cloexec().unwrap();
+        sys::send_all(a.as_fd(), bytes).unwrap();
+        let mut inbox = Inbox::default();
+        let allowed = [channel::READY, channel::FAILED, channel::STATE_REJECTED];
+        hear(b.as_fd(), &mut inbox, &allowed).unwrap()
+    }
+
+    #[test]
+    fn a_newer_kind_is_skipped_a_known_one_out_of_place_and_garbage_are_not() {
+        assert!(matches!(
+            heard(b"Zfrom a newer build\nR"),
+            Heard::Message(Message::Ready)
+        ));
+        assert!(
+            matches!(heard(b"A\n"), Heard::Bad(_)),
+            "taken back, before ready"
+        );
+        assert!(matches!(heard(b"z"), Heard::Bad(_)));
+        assert!(matches!(heard(b"\x01"), Heard::Bad(_)));
+        // A newer line not complete yet: wait for the rest.
+        assert!(matches!(heard(b"Zhalf"), Heard::Nothing));
     }
 }

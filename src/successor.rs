@@ -126,8 +126,10 @@ impl Generation {
             if g.took_over.is_some() {
                 // Started by someone else, maybe as a unit of its own: its
                 // manager waits for this, not for the old generation's word.
-                g.notifier
-                    .send(&format!("READY=1\nSTATUS=took over (generation {})", g.generation));
+                g.notifier.send(&format!(
+                    "READY=1\nSTATUS=took over (generation {})",
+                    g.generation
+                ));
             }
         } else {
             if let Some(path) = &g.config.pid_file {

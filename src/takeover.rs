@@ -14,7 +14,7 @@
 //!
 //! ```text
 //! new → old   takeover\n
-//! old → new   ok takeover generation=N fds=K state=0|1 started_us=T counters=S:F pid=P names=a:b:…\n
+//! old → new   ok takeover generation=N fds=K state=0|1 started_us=T counters=S:F pid=P protocol=V names=a:b:…\n
 //! old → new   ⌈(K+1)/253⌉ × (one byte 'F' + up to 253 fds): the K named fds, then the channel
 //! ```
 //! or `error <reason>\n` (refused; nothing was sent).
@@ -60,12 +60,14 @@ pub(crate) struct Header {
     /// all, from a sibling pid namespace): the pid file's, written by the
     /// old generation at the commit unless 0.
     pub(crate) pid: u32,
+    /// The old generation's channel protocol version (1 if absent).
+    pub(crate) protocol: u32,
 }
 
 impl Header {
     fn encode(&self) -> String {
         format!(
-            "ok takeover generation={} fds={} state={} started_us={} counters={}:{} pid={} names={}\n",
+            "ok takeover generation={} fds={} state={} started_us={} counters={}:{} pid={} protocol={} names={}\n",
             self.generation,
             self.names.len(),
             u8::from(self.state),
@@ -73,6 +75,7 @@ impl Header {
             self.counters.0,
             self.counters.1,
             self.pid,
+            self.protocol,
             self.names.join(":")
         )
     }
@@ -86,6 +89,7 @@ impl Header {
         let (mut generation, mut count, mut state, mut started_us, mut counters, mut names) =
             (None, None, None, None, None, None);
         let mut pid = 0;
+        let mut protocol = 1;
         for field in rest.split(' ') {
             let (k, v) = field
                 .split_once('=')
@@ -110,6 +114,12 @@ impl Header {
                 }
                 "names" => names = Some(v),
                 "pid" => pid = u32::try_from(num(v)?).map_err(|_| "pid out of range")?,
+                "protocol" => {
+                    protocol = u32::try_from(num(v)?)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or("protocol out of range")?
+                }
                 _ => {} // a newer old generation may say more
             }
         }
@@ -147,6 +157,7 @@ impl Header {
                 u64::try_from(f).map_err(|_| "counters out of range")?,
             ),
             pid,
+            protocol,
         })
     }
 }
@@ -492,6 +503,7 @@ mod tests {
             started_us: 99,
             counters: (3, 1),
             pid: 1234,
+            protocol: 2,
         };
         let line = h.encode();
         assert_eq!(Header::decode(line.trim_end()).unwrap(), h);
@@ -528,6 +540,7 @@ mod tests {
             started_us: 1,
             counters: (0, 0),
             pid: 0,
+            protocol: 1,
         };
         let deadline = crate::clock::after(Duration::from_secs(10));
         let sender = std::thread::spawn({

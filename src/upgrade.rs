@@ -577,6 +577,7 @@ impl Generation {
                 started_us: next.started_us,
                 counters: next.counters,
                 pid: req.pid,
+                protocol: crate::channel::VERSION,
             };
             let fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
             tracing::debug!(
@@ -616,7 +617,9 @@ impl Generation {
         if took_over {
             // The process that took over is not this unit's: it tells its
             // own manager. This unit stops once the drain is done.
-            n.send(&format!("STOPPING=1\nSTATUS=taken over by pid {pid}; draining"));
+            n.send(&format!(
+                "STOPPING=1\nSTATUS=taken over by pid {pid}; draining"
+            ));
         } else {
             // The old main process names its successor main and ready, and
             // waits until the manager has taken that in before it drains, so

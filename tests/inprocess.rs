@@ -115,7 +115,7 @@ fn failures_are_typed_and_reaped() {
         .unwrap_err();
     assert!(matches!(e, UpgradeError::ClosedWithoutReady { .. }), "{e}");
     let e = h
-        .upgrade_blocking_with(sh("printf Z >&3; exec sleep 30"))
+        .upgrade_blocking_with(sh("printf z >&3; exec sleep 30"))
         .unwrap_err();
     assert!(matches!(e, UpgradeError::Protocol { .. }), "{e}");
     let e = h
