@@ -63,7 +63,7 @@
 //! ```
 //!
 //! For another protocol, write the accept loop and follow the generation's
-//! [`Drain`] (its documentation shows the loop; the README a complete one),
+//! [`Drain`] (its documentation shows the loop; docs/how-it-works.md a complete one),
 //! with [`serve::Triggers`] for the signals and [`serve::AcceptBackoff`] for
 //! accept errors.
 //!
@@ -99,7 +99,7 @@
 //! `D<drain time>`, and its end closes when it exits. Stale `LISTEN_*`,
 //! `HANDOVER_*` and `WATCHDOG_PID` are never passed on, and the process
 //! environment is never modified. Under systemd, [`systemd::Notifier`] tells
-//! the manager about each upgrade (see the README's "Running under systemd").
+//! the manager about each upgrade (see docs/systemd.md).
 //!
 //! # Signals and process groups
 //!
@@ -264,6 +264,23 @@ pub mod serve;
 #[cfg(all(doctest, feature = "http"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The guides' examples (docs/), compiled as doctests.
+#[cfg(all(doctest, feature = "http"))]
+mod guides {
+    #[doc = include_str!("../docs/systemd.md")]
+    pub struct Systemd;
+    #[doc = include_str!("../docs/deploying.md")]
+    pub struct Deploying;
+    #[doc = include_str!("../docs/migration.md")]
+    pub struct Migration;
+    #[doc = include_str!("../docs/containers.md")]
+    pub struct Containers;
+    #[doc = include_str!("../docs/how-it-works.md")]
+    pub struct HowItWorks;
+    #[doc = include_str!("../docs/guarantees.md")]
+    pub struct Guarantees;
+}
 
 pub use builder::Builder;
 #[cfg(feature = "tokio")]

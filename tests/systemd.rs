@@ -633,7 +633,7 @@ fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
     assert_eq!(m.prop(unit, "Result"), "success");
 }
 
-/// The README's unit for the axum service, as written (the binary's path and
+/// docs/systemd.md's unit for the axum service, as written (the binary's path and
 /// the port substituted): `systemctl reload` through the control socket
 /// under load, MainPID follows, the control socket lives in the
 /// RuntimeDirectory=, and a clean stop (the drain within TimeoutStopSec=).
@@ -642,10 +642,10 @@ fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
 fn readme_unit_for_the_axum_service_reloads_under_load() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/systemd.md")).unwrap();
     let start = readme
         .find("```ini\n# myservice.service")
-        .expect("the unit in the README");
+        .expect("the unit in docs/systemd.md");
     let body = &readme[start + "```ini\n".len()..];
     let unit_text = &body[..body.find("```").unwrap()];
     let m = manager_or_skip!();
