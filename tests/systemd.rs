@@ -337,7 +337,7 @@ fn reloads_under_load(m: &Manager, unit: &str, n: usize, reload: &[&str]) -> Vec
 }
 
 #[test]
-fn type_notify_reloads_under_load_follow_the_main_pid() {
+fn type_notify_reloads_under_load_follow_the_main_pid_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -367,7 +367,7 @@ fn type_notify_reloads_under_load_follow_the_main_pid() {
 }
 
 #[test]
-fn the_watchdog_follows_the_main_process() {
+fn the_watchdog_follows_the_main_process_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -397,7 +397,7 @@ fn the_watchdog_follows_the_main_process() {
 }
 
 #[test]
-fn killing_the_new_main_after_a_reload_triggers_restart() {
+fn killing_the_new_main_after_a_reload_triggers_restart_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -421,7 +421,7 @@ fn killing_the_new_main_after_a_reload_triggers_restart() {
 }
 
 #[test]
-fn socket_activation_is_carried_through_reloads() {
+fn socket_activation_is_carried_through_reloads_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -450,7 +450,7 @@ fn socket_activation_is_carried_through_reloads() {
 }
 
 #[test]
-fn fd_store_keeps_the_socket_across_restart() {
+fn fd_store_keeps_the_socket_across_restart_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -481,7 +481,7 @@ fn fd_store_keeps_the_socket_across_restart() {
 }
 
 #[test]
-fn type_notify_reload_returns_only_after_the_handoff_on_systemd_253_or_later() {
+fn type_notify_reload_returns_only_after_the_handoff_on_systemd_253_or_later_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let version = systemd_version();
     if version < 253 {
@@ -533,7 +533,7 @@ fn type_notify_reload_returns_only_after_the_handoff_on_systemd_253_or_later() {
 }
 
 #[test]
-fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
+fn exec_reload_through_the_control_socket_fails_for_a_broken_binary_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -572,7 +572,7 @@ fn exec_reload_through_the_control_socket_fails_for_a_broken_binary() {
 }
 
 #[test]
-fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
+fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");
@@ -639,7 +639,7 @@ fn a_canary_that_crashes_under_systemd_leaves_the_unit_on_the_old_main() {
 /// RuntimeDirectory=, and a clean stop (the drain within TimeoutStopSec=).
 #[cfg(feature = "http")]
 #[test]
-fn readme_unit_for_the_axum_service_reloads_under_load() {
+fn readme_unit_for_the_axum_service_reloads_under_load_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/systemd.md")).unwrap();
@@ -699,7 +699,7 @@ fn readme_unit_for_the_axum_service_reloads_under_load() {
 /// shared control socket; under load nothing fails, the old unit goes
 /// inactive with its main process exited 0, and the new one is active.
 #[test]
-fn blue_green_units_take_over_from_each_other_under_load() {
+fn blue_green_units_take_over_from_each_other_under_load_or_skip() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let m = manager_or_skip!();
     let out = m.path().join("out");

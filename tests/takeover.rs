@@ -211,7 +211,7 @@ fn of_two_takers_at_once_one_wins_and_the_other_is_refused() {
 }
 
 #[test]
-fn takers_in_their_own_pid_and_mount_namespaces_lose_nothing() {
+fn takers_in_their_own_pid_and_mount_namespaces_lose_nothing_or_skip() {
     if !common::can_unshare_pid() {
         return common::skip(
             "takeover-unshare",
