@@ -64,7 +64,7 @@ impl SpawnError {
             None => SpawnError::Parent(
                 "exec",
                 io::Error::other(format!(
-                    "a new process reported step {code} unknown ({err})"
+                    "a new process reported an unknown step {code} ({err})"
                 )),
             ),
         }
@@ -374,9 +374,40 @@ mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    use super::{Reserve, prepare};
+    use super::{Reserve, SpawnError, Step, prepare};
     use crate::spawn::child::Exit;
     use crate::sys;
+
+    #[test]
+    fn a_reported_step_decodes_to_its_step_and_an_unknown_one_to_an_error() {
+        let steps = [Step::Fds, Step::Exec, Step::Fork, Step::Pipe];
+        for step in steps {
+            assert_ne!(step.code(), 0, "0 is no failure");
+            assert_eq!(Step::from_code(step.code()), Some(step));
+            match SpawnError::child(step.code(), libc::EMFILE) {
+                SpawnError::Child { step: got, err } => {
+                    assert_eq!(got, step);
+                    assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let names: Vec<String> = steps.iter().map(Step::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "arranging the handed fds",
+                "execve",
+                "fork",
+                "pipe2 in the intermediate process"
+            ]
+        );
+        assert_eq!(Step::from_code(0), None);
+        match SpawnError::child(99, libc::ENOENT) {
+            SpawnError::Parent("exec", e) => assert!(e.to_string().contains("step 99"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     const ROLE: &str = "HANDOVER_TEST_LAYOUT_ROLE";
     const EXPECT: &str = "HANDOVER_TEST_LAYOUT_EXPECT";
