@@ -25,7 +25,6 @@
 //! The same fd may be handed twice (two targets, one source): each target
 //! gets its own copy.
 
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 
 /// Where a step takes its fd from.
@@ -67,7 +66,8 @@ pub(super) fn plan(sources: &[RawFd], base: RawFd) -> Vec<FdOp> {
     let end = base + n as RawFd;
     // The index in the layout of fd `fd`, if it is a target.
     let slot = |fd: RawFd| (base..end).contains(&fd).then(|| (fd - base) as usize);
-    let mut ops = Vec::with_capacity(n + n / 2 + 2);
+    // At most two steps a source (see the tests).
+    let mut ops = Vec::with_capacity(2 * n);
 
     // Each target's source, while its step is pending (`None` once done).
     let mut from: Vec<Option<Src>> = sources.iter().map(|&s| Some(Src::Fd(s))).collect();
@@ -89,14 +89,28 @@ pub(super) fn plan(sources: &[RawFd], base: RawFd) -> Vec<FdOp> {
     // How many pending steps read each target, each fd outside the
     // layout, and the copy moved aside.
     let mut reads_in = vec![0u32; n];
-    let mut reads_out: HashMap<RawFd, u32> = HashMap::new();
-    for f in from.iter().flatten() {
+    // The fds outside the layout, numbered by their place in a sorted
+    // list, and the number of each step's source among them.
+    let mut outside: Vec<RawFd> = sources
+        .iter()
+        .copied()
+        .filter(|&s| slot(s).is_none())
+        .collect();
+    outside.sort_unstable();
+    outside.dedup();
+    let out: Vec<usize> = sources
+        .iter()
+        .map(|s| outside.binary_search(s).unwrap_or(usize::MAX))
+        .collect();
+    let mut reads_out = vec![0u32; outside.len()];
+    for (i, f) in from.iter().enumerate() {
         match *f {
-            Src::Fd(fd) => match slot(fd) {
+            None => {}
+            Some(Src::Fd(fd)) => match slot(fd) {
                 Some(j) => reads_in[j] += 1,
-                None => *reads_out.entry(fd).or_default() += 1,
+                None => reads_out[out[i]] += 1,
             },
-            Src::Aside => unreachable!("no copy moved aside yet"),
+            Some(Src::Aside) => unreachable!("no copy moved aside yet"),
         }
     }
     let mut reads_aside = 0u32;
@@ -156,7 +170,7 @@ pub(super) fn plan(sources: &[RawFd], base: RawFd) -> Vec<FdOp> {
                     }
                 }
                 None => {
-                    let reads = reads_out.get_mut(&fd).expect("counted above");
+                    let reads = &mut reads_out[out[i]];
                     *reads -= 1;
                     // Below the layout: not ours to close (close-on-exec).
                     if *reads == 0 && fd >= end {
