@@ -67,8 +67,8 @@ pub(super) struct Intermediate {
     pub(super) successor: Option<OwnedFd>,
     /// Its records.
     pub(super) status: OwnedFd,
-    /// Ours: a byte asks ([`KILL`], [`ACK`](super::exec::ACK), [`RELEASE`]); closing it
-    /// releases the intermediate.
+    /// Ours: a byte asks ([`KILL`], [`ACK`](super::exec::ACK),
+    /// [`RELEASE`]); closing it releases the intermediate.
     pub(super) release: Option<OwnedFd>,
     /// The successor's status came (or is lost), or it was let go: nothing
     /// left to kill.

@@ -1,9 +1,9 @@
 //! Building and starting the successor: the one fork/exec seam.
 //!
 //! An upgrade starts its successor in two steps. [`prepare`] allocates
-//! everything the new process needs (argv, envp, the fd layout, a map of
-//! which fd sits where) while the caller holds the fd registry's lock;
-//! [`Prepared::start`](start::Prepared::start) then starts it without that lock, so that an exec
+//! everything the new process needs (argv, envp, the steps that put the
+//! handed fds in place) while the caller holds the fd registry's lock;
+//! [`Prepared::start`] then starts it without that lock, so that an exec
 //! hung on a dead file system blocks no task that touches the registry.
 //! What `start` opens (a pidfd, the intermediate's pipes) takes the spare
 //! fds of the [`Reserve`], freed just before: an upgrade works when the
@@ -109,8 +109,8 @@
 //!
 //! # Where what is
 //!
-//! - `start`: [`prepare`] and [`Prepared::start`](start::Prepared::start), directly or through the
-//!   intermediate, and [`SpawnError`];
+//! - `start`: [`prepare`] and [`Prepared::start`], directly or through
+//!   the intermediate, and [`SpawnError`];
 //! - `exec`: everything that runs in a new process before its exec, the
 //!   only async-signal-safe code, and the records it reports;
 //! - `layout`: the plan of the fd moves, pure and tested on a model;
@@ -121,6 +121,7 @@
 //!   around it; `reserve`: the fds an upgrade opens in advance.
 //!
 //! [`RECORD_LEN`]: exec::RECORD_LEN
+//! [`Prepared::start`]: start::Prepared::start
 
 mod child;
 mod exec;
