@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::channel::{self, Inbox, Message, Next};
 use crate::error::UpgradeError;
-use crate::spawn::Child;
+use crate::spawn::{Child, Exit};
 use crate::sys;
 use crate::takeover::Peer;
 
@@ -31,18 +31,17 @@ impl Started {
         }
     }
 
-    fn exited(&mut self) -> Option<Option<std::process::ExitStatus>> {
+    fn exited(&mut self) -> Exit {
         match self {
             Started::Child(c) => c.exited(),
-            Started::Peer(p) => p.wait_gone(Instant::now()).then_some(None),
+            Started::Peer(p) => peer_exit(p.wait_gone(Instant::now())),
         }
     }
 
-    fn wait_exit(&mut self, until: Instant) -> Option<Option<std::process::ExitStatus>> {
+    fn wait_exit(&mut self, until: Instant) -> Exit {
         match self {
             Started::Child(c) => c.wait_exit(until),
-            // Its status is not ours to collect.
-            Started::Peer(p) => p.wait_gone(until).then_some(None),
+            Started::Peer(p) => peer_exit(p.wait_gone(until)),
         }
     }
 
@@ -76,6 +75,11 @@ impl Started {
             Started::Peer(p) => p.release(),
         }
     }
+}
+
+/// Whether a peer has exited: its status is not ours to collect.
+fn peer_exit(gone: bool) -> Exit {
+    if gone { Exit::Gone } else { Exit::Running }
 }
 
 /// How long an EOF on the channel may precede the successor's exit before
@@ -155,19 +159,20 @@ pub(crate) fn wait_ready(
             Heard::Message(Message::Ready) => {
                 // Ready, unless it died right after saying so.
                 return match child.exited() {
-                    Some(status) => Err(UpgradeError::Exited { pid, status }),
-                    None => Ok(()),
+                    Exit::Running => Ok(()),
+                    exit => Err(UpgradeError::Exited {
+                        pid,
+                        status: exit.status(),
+                    }),
                 };
             }
             Heard::Message(Message::Failed(reason)) => {
                 // It exits next; give it a moment to, for its status.
-                let status = match child.wait_exit(Instant::now() + EXIT_GRACE) {
-                    Some(status) => status,
-                    None => {
-                        child.kill_and_reap();
-                        None
-                    }
-                };
+                let exit = child.wait_exit(Instant::now() + EXIT_GRACE);
+                if exit.is_running() {
+                    child.kill_and_reap();
+                }
+                let status = exit.status();
                 return Err(UpgradeError::Failed {
                     pid,
                     reason,
@@ -184,14 +189,18 @@ pub(crate) fn wait_ready(
             Heard::Bad(reason) => return fail(child, UpgradeError::Protocol { pid, reason }),
             // EOF: it exited, or closed the channel and lives on.
             Heard::Closed => {
-                if let Some(status) = child.wait_exit(Instant::now() + EXIT_GRACE) {
+                if let exit @ (Exit::Exited(_) | Exit::Gone) =
+                    child.wait_exit(Instant::now() + EXIT_GRACE)
+                {
+                    let status = exit.status();
                     return Err(UpgradeError::Exited { pid, status });
                 }
                 return fail(child, UpgradeError::ClosedWithoutReady { pid });
             }
             Heard::Nothing => {}
         }
-        if let Some(status) = child.exited() {
+        if let exit @ (Exit::Exited(_) | Exit::Gone) = child.exited() {
+            let status = exit.status();
             return Err(UpgradeError::Exited { pid, status });
         }
         if Instant::now() >= deadline {
@@ -232,7 +241,7 @@ pub(crate) fn watch_probation(
         after: start.elapsed(),
         reason,
     };
-    let exited = |status: Option<std::process::ExitStatus>| match status {
+    let exited = |exit: Exit| match exit.status() {
         Some(s) => format!("exited ({s})"),
         None => "exited (status unavailable)".to_owned(),
     };
@@ -241,11 +250,11 @@ pub(crate) fn watch_probation(
             Ok(h) => h,
             Err(e) => {
                 let reason = match child.wait_exit(Instant::now() + EXIT_GRACE) {
-                    Some(status) => exited(status),
-                    None => {
+                    Exit::Running => {
                         child.kill_and_reap();
                         format!("channel failed ({e}); killed")
                     }
+                    exit => exited(exit),
                 };
                 return Err(failed(reason));
             }
@@ -256,7 +265,7 @@ pub(crate) fn watch_probation(
                 // Tell it the service is ours again, then let it drain.
                 let _ = sys::send_all(channel, &Message::TakenBack.encode());
                 tracing::warn!(pid, %reason, "successor reported itself unhealthy during probation; rolling back");
-                if child.wait_exit(crate::clock::after(grace)).is_none() {
+                if child.wait_exit(crate::clock::after(grace)).is_running() {
                     tracing::warn!(
                         pid,
                         grace_ms = grace.as_millis() as u64,
@@ -281,18 +290,18 @@ pub(crate) fn watch_probation(
             }
             Heard::Closed => {
                 let reason = match child.wait_exit(Instant::now() + EXIT_GRACE) {
-                    Some(status) => exited(status),
-                    None => {
+                    Exit::Running => {
                         child.kill_and_reap();
                         "closed the channel; killed".to_owned()
                     }
+                    exit => exited(exit),
                 };
                 return Err(failed(reason));
             }
             Heard::Nothing => {}
         }
-        if let Some(status) = child.exited() {
-            return Err(failed(exited(status)));
+        if let exit @ (Exit::Exited(_) | Exit::Gone) = child.exited() {
+            return Err(failed(exited(exit)));
         }
         if Instant::now() >= end {
             return Ok(());

@@ -533,7 +533,7 @@ impl Generation {
         match child {
             Ok(c) => Ok(c),
             Err(SpawnError::Child { step, err }) => {
-                tracing::warn!(step = SpawnError::describe_step(step), error = %err, "successor failed before exec completed");
+                tracing::warn!(step = %step, error = %err, "successor failed before exec completed");
                 Err(UpgradeError::Exec {
                     path: program.to_owned(),
                     source: err,

@@ -25,16 +25,57 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::layout::{FdOp, Src};
 use crate::env;
 
 /// Room for the decimal digits of any pid plus the terminating NUL.
 pub(super) const PID_DIGITS: usize = 20;
 
-/// The steps of the child (or intermediate) that can fail, as reported.
-pub(super) const STEP_FDS: u32 = 1;
-pub(super) const STEP_EXEC: u32 = 2;
-pub(super) const STEP_FORK: u32 = 3;
-pub(super) const STEP_PIPE: u32 = 4;
+/// The step of a new process (the successor, or the intermediate) that
+/// failed before the successor's exec, as it reports it: a 32-bit code in a
+/// record or in [`Plan::report`] ([`Step::code`], [`Step::from_code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Putting the handed fds at `3, 4, ...` (the successor).
+    Fds,
+    /// `execve` (the successor).
+    Exec,
+    /// Forking the successor (the intermediate).
+    Fork,
+    /// Making the successor's error pipe (the intermediate).
+    Pipe,
+}
+
+impl Step {
+    /// Its code on the wire (never 0: a report of 0 means no failure).
+    pub(super) const fn code(self) -> u32 {
+        match self {
+            Step::Fds => 1,
+            Step::Exec => 2,
+            Step::Fork => 3,
+            Step::Pipe => 4,
+        }
+    }
+
+    /// The step a code names; `None` for a code no version of this crate
+    /// sends.
+    pub(super) fn from_code(code: u32) -> Option<Step> {
+        [Step::Fds, Step::Exec, Step::Fork, Step::Pipe]
+            .into_iter()
+            .find(|s| s.code() == code)
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Fds => "arranging the handed fds",
+            Step::Exec => "execve",
+            Step::Fork => "fork",
+            Step::Pipe => "pipe2 in the intermediate process",
+        })
+    }
+}
 
 /// Old generation to intermediate, on the release socket: kill the
 /// successor's process group, reap it and report its status.
@@ -167,9 +208,8 @@ pub(super) struct Plan {
     pub(super) pid_slot: *mut u8,
     /// Source fds, in target order (target of `sources[i]` is `3 + i`).
     pub(super) sources: Vec<RawFd>,
-    /// For each fd number below the end of the layout: the index of the
-    /// source that sits there, or -1.
-    pub(super) owner: Vec<i32>,
+    /// The steps that put them there (`layout::plan`).
+    pub(super) layout: Vec<FdOp>,
     /// Where the child reports `(step, errno)`: the intermediate's pipe, or
     /// -1 (started directly: `report` only).
     pub(super) err_fd: RawFd,
@@ -308,7 +348,7 @@ pub(super) unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd:
         // thread, so only the successor will hold its write end.
         let mut pipe: [libc::c_int; 2] = [-1, -1];
         if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            record(status_fd, REC_FAILED, STEP_PIPE as i32, errno());
+            record(status_fd, REC_FAILED, Step::Pipe.code() as i32, errno());
             linger(release_fd)
         }
         plan.err_fd = pipe[1];
@@ -324,7 +364,7 @@ pub(super) unsafe fn intermediate(plan: &mut Plan, status_fd: RawFd, release_fd:
         libc::close(pipe[1]);
         if pid < 0 {
             libc::close(pipe[0]);
-            record(status_fd, REC_FAILED, STEP_FORK as i32, fork_errno);
+            record(status_fd, REC_FAILED, Step::Fork.code() as i32, fork_errno);
             linger(release_fd)
         }
         // The successor's own process group, set from this side too, so that
@@ -489,7 +529,7 @@ unsafe fn close_all_but(keep: &[RawFd], max_fd: RawFd) {
 /// parent's memory while the parent is suspended) or of the intermediate's
 /// `fork`, with `plan` built by `spawn`. It makes only async-signal-safe
 /// calls, allocates nothing, and never returns; what it changes in `plan`
-/// (the fd layout, the pid entry) is scratch space nobody reads after it,
+/// (the pid entry) is scratch space nobody reads after it,
 /// but for `report`, which a parent sharing this memory reads.
 unsafe fn child(plan: &mut Plan) -> ! {
     let n = plan.sources.len() as RawFd;
@@ -500,8 +540,9 @@ unsafe fn child(plan: &mut Plan) -> ! {
     ///
     /// # Safety
     /// Child-only; async-signal-safe.
-    unsafe fn fail(report: &AtomicU64, err_fd: RawFd, step: u32) -> ! {
+    unsafe fn fail(report: &AtomicU64, err_fd: RawFd, step: Step) -> ! {
         let errno = errno();
+        let step = step.code();
         report.store(
             (u64::from(step) << 32) | u64::from(errno as u32),
             Ordering::SeqCst,
@@ -540,55 +581,42 @@ unsafe fn child(plan: &mut Plan) -> ! {
             close_all_but(&plan.keep, plan.max_fd);
         }
 
-        // 2. Move the error pipe above the target range. Then place each
-        // source at its target, in target order, without needing room for a
-        // second copy of every fd (RLIMIT_NOFILE may be barely above the
-        // number of fds): a source already at its target only loses
-        // FD_CLOEXEC (dup2(fd, fd) would keep it); a target still holding a
-        // later entry's source is vacated first, by moving that source above
-        // the range (the intermediate closed what it does not need, so
-        // there is room above).
+        // 2. Move the error pipe above the target range, then take the
+        // planned steps (see `layout`): each source to its target, without
+        // ever needing room for a second copy of every fd (RLIMIT_NOFILE may
+        // be barely above the number of fds; the intermediate, or the close
+        // above, left room above the layout for the one copy aside).
         let err_fd = if plan.err_fd >= 0 {
             let moved = libc::fcntl(plan.err_fd, libc::F_DUPFD_CLOEXEC, floor);
             if moved < 0 {
                 // Reported where it still is.
-                fail(&plan.report, plan.err_fd, STEP_FDS);
+                fail(&plan.report, plan.err_fd, Step::Fds);
             }
             moved
         } else {
             -1
         };
-        for i in 0..plan.sources.len() {
-            let target = env::FDS_START + i as RawFd;
-            let src = plan.sources[i];
-            if src == target {
-                if libc::fcntl(src, libc::F_SETFD, 0) < 0 {
-                    fail(&plan.report, err_fd, STEP_FDS);
+        let mut aside: RawFd = -1;
+        let fd_of = |src: Src, aside: RawFd| match src {
+            Src::Fd(fd) => fd,
+            Src::Aside => aside,
+        };
+        for &op in &plan.layout {
+            let ok = match op {
+                // dup2 of two distinct fds clears FD_CLOEXEC on the target.
+                FdOp::Dup2 { from, to } => libc::dup2(fd_of(from, aside), to) >= 0,
+                FdOp::MoveAside { from, lowest } => {
+                    aside = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, lowest);
+                    aside >= 0
                 }
-                plan.owner[target as usize] = -1;
-                continue;
-            }
-            let occupant = plan.owner[target as usize];
-            if occupant >= 0 && occupant as usize != i {
-                let moved = libc::fcntl(target, libc::F_DUPFD_CLOEXEC, floor);
-                if moved < 0 {
-                    fail(&plan.report, err_fd, STEP_FDS);
+                FdOp::ClearCloexec(fd) => libc::fcntl(fd, libc::F_SETFD, 0) >= 0,
+                FdOp::Close(src) => {
+                    libc::close(fd_of(src, aside));
+                    true
                 }
-                plan.sources[occupant as usize] = moved;
-                plan.owner[target as usize] = -1;
-            }
-            // dup2 of two distinct fds clears FD_CLOEXEC on the target.
-            if libc::dup2(src, target) < 0 {
-                fail(&plan.report, err_fd, STEP_FDS);
-            }
-            if (env::FDS_START..floor).contains(&src) {
-                // Inside the layout: a later dup2 replaces the old copy in
-                // place, with no syscall of its own.
-                plan.owner[src as usize] = -1;
-            } else {
-                // Outside it: close the old copy now, so that placing n fds
-                // never needs room for 2n (and nothing lands on 0-2).
-                libc::close(src);
+            };
+            if !ok {
+                fail(&plan.report, err_fd, Step::Fds);
             }
         }
         // 3. Everything above the layout closes at exec, fds moved aside
@@ -664,6 +692,6 @@ unsafe fn child(plan: &mut Plan) -> ! {
             plan.argv_ptrs.as_ptr(),
             plan.envp_ptrs.as_ptr(),
         );
-        fail(&plan.report, err_fd, STEP_EXEC)
+        fail(&plan.report, err_fd, Step::Exec)
     }
 }

@@ -127,7 +127,7 @@ impl Reserve {
             }
         }
         // Asked once, while a slot is free for the question.
-        super::can_start_directly();
+        super::platform::can_start_directly();
         if let Err(e) = self.refill_spares() {
             failed = Some(e);
         }
