@@ -183,6 +183,16 @@ impl Handover {
         self.g.report_unhealthy(reason)
     }
 
+    /// What this generation answers during a probation window, counted for
+    /// the canary judgement (see [`canary`](crate::canary)): as the canary,
+    /// from `ready()` until its commit; as the old generation, during its
+    /// upgrade's window. [`serve::Server`](crate::serve::Server) records
+    /// into it by itself; an application that serves otherwise records its
+    /// responses here.
+    pub fn canary(&self) -> crate::canary::Recorder {
+        self.g.canary.clone()
+    }
+
     /// The [`Drain`](crate::Drain) of this generation: the same one on every
     /// call. Unlike [`Drain::new`](crate::Drain::new), it counts in
     /// [`stats`](Self::stats) (`draining`), and when it has waited after a

@@ -227,6 +227,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+pub mod canary;
 mod channel;
 mod clock;
 pub mod control;

@@ -89,6 +89,7 @@ pub(crate) struct Config {
     pub(crate) args: Vec<OsString>,
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) probation: Duration,
+    pub(crate) canary: crate::canary::Policy,
     pub(crate) fd_store: bool,
 }
 
@@ -177,7 +178,12 @@ impl Life {
     /// Upgrading → HandedOver: the successor serves; keep its channel open
     /// until this process exits. Counts the success and returns the
     /// counters that travel with the commit.
-    pub(crate) fn handed_over(&mut self, successor: OwnedFd, phases: Phases) -> Counters {
+    pub(crate) fn handed_over(
+        &mut self,
+        successor: OwnedFd,
+        phases: Phases,
+        judgement: Option<crate::canary::Judgement>,
+    ) -> Counters {
         self.state = State::HandedOver;
         self.upgrading = None;
         self.successor = Some(successor);
@@ -185,6 +191,7 @@ impl Life {
         self.predecessor = None;
         self.counters.succeeded += 1;
         self.counters.last = Some(phases);
+        self.counters.judgement = judgement;
         self.counters.clone()
     }
 
@@ -268,6 +275,10 @@ pub(crate) struct Generation {
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
+    /// What this generation answers during a probation window: as the
+    /// canary (from `ready()` to its commit), or as the old generation
+    /// judging one (see `canary`).
+    pub(crate) canary: crate::canary::Recorder,
 }
 
 impl std::fmt::Debug for Generation {
@@ -349,6 +360,7 @@ impl Generation {
             #[cfg(feature = "tokio")]
             handed: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
+            canary: crate::canary::Recorder::new(),
         }
     }
 
@@ -435,6 +447,12 @@ pub struct Stats {
     /// its drain starts); counted by the [`Drain`](crate::Drain) from
     /// [`Handover::drain`](crate::Handover::drain).
     pub draining: usize,
+    /// The canary judgement of the last upgrade (see
+    /// [`canary`](crate::canary)): of this generation's own last attempt
+    /// that reached its probation window, or of the upgrade that started
+    /// this process, whichever came last; `None` if it had no judged
+    /// window. Its `Display` is the line for an operator.
+    pub last_judgement: Option<crate::canary::Judgement>,
 }
 
 impl Generation {
@@ -465,6 +483,7 @@ impl Generation {
             upgrades_failed: c.failed,
             last_error: c.last_error,
             last_phases: c.last,
+            last_judgement: c.judgement,
             last_upgrade: last,
             draining,
         }

@@ -286,6 +286,7 @@ impl Server {
             http1: self.http1,
             http2: self.http2,
             migrate: self.handover.clone().filter(|_| self.migrate),
+            canary: self.handover.as_ref().map(Handover::canary),
             handover: self.handover.clone(),
         });
         let mut loops = tokio::task::JoinSet::new();
@@ -342,7 +343,7 @@ where
         let accepted = tokio::select! {
             biased;
             _ = &mut draining => break,
-            accepted = accept(&listener) => accepted,
+            accepted = super::canary::paced(shared.canary.as_ref(), accept(&listener)) => accepted,
         };
         match accepted {
             Ok(stream) => {
