@@ -61,7 +61,36 @@
 //! within the share of all connections accepted in the window; the old
 //! generation accepts the rest. Nothing is moved or refused: a connection
 //! the canary leaves waits in the shared accept queue for the old
-//! generation. Connections already established stay where they are.
+//! generation. Connections already established stay where they are. The
+//! share counts the connections the old generation's serving layer (or
+//! [`Recorder::connection`]) counts: an old generation that counts none
+//! leaves the canary none.
+//!
+//! # Rolling back loses nothing
+//!
+//! A canary judged worse is taken back as one that reported itself
+//! unhealthy: the old generation tells it (`A` on the channel), and the
+//! canary's drain starts by itself — [`serve::Server`](crate::serve::Server)
+//! stops accepting at once, finishes the requests in flight and answers the
+//! next request on each keep-alive connection with `Connection: close`
+//! (the lame duck), so its clients come back on new connections, which the
+//! old generation accepts. Its connections are not handed back to the old
+//! generation: they end on their own within the drain. The old generation
+//! waits for the canary to exit (at most its drain timeout, then kills it)
+//! before the upgrade returns its error.
+//!
+//! # What one host cannot see
+//!
+//! The baseline is as good as it gets — same host, same minute, same
+//! clients — but it is one host: a canary that overloads a shared database,
+//! fills a disk, or fails only on another machine's hardware looks healthy
+//! here; errors the clients see but the server does not (a proxy's
+//! timeout, a broken response body) are not counted; and with the kernel's
+//! split (no share) a window's traffic is small for a service with little
+//! of it, so the judgement needs a window long enough for
+//! [`Policy::min_requests`]. The counts are HTTP's (5xx); an application
+//! serving another protocol records its own with a [`Recorder`], and adds
+//! checks of its own with [`Policy::check`].
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -292,7 +321,11 @@ impl Recorder {
     /// The counts so far.
     pub fn snapshot(&self) -> Counts {
         let i = &self.0;
-        let mut latency: Vec<u64> = i.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let mut latency: Vec<u64> = i
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         if latency.iter().all(|c| *c == 0) {
             latency.clear();
         }
@@ -519,17 +552,26 @@ impl Policy {
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let e = self.max_error_increase;
         if !(0.0..=1.0).contains(&e) {
-            return Err(("canary.max_error_increase", format!("{e} is not between 0 and 1")));
+            return Err((
+                "canary.max_error_increase",
+                format!("{e} is not between 0 and 1"),
+            ));
         }
         let r = self.max_p99_ratio;
         if !(r >= 1.0 && r.is_finite()) {
-            return Err(("canary.max_p99_ratio", format!("{r} is not a finite number >= 1")));
+            return Err((
+                "canary.max_p99_ratio",
+                format!("{r} is not a finite number >= 1"),
+            ));
         }
         crate::clock::check_setting(self.p99_slack, true)
             .map_err(|reason| ("canary.p99_slack", reason))?;
         if let Some(s) = self.share {
             if !(s > 0.0 && s < 1.0) {
-                return Err(("canary.share", format!("{s} is not between 0 and 1 (exclusive)")));
+                return Err((
+                    "canary.share",
+                    format!("{s} is not between 0 and 1 (exclusive)"),
+                ));
             }
         }
         Ok(())
@@ -562,7 +604,9 @@ impl Policy {
         let (Some(pc), Some(po)) = (canary.p99(), old.p99()) else {
             return None;
         };
-        let bound = po.mul_f64(self.max_p99_ratio).saturating_add(self.p99_slack);
+        let bound = po
+            .mul_f64(self.max_p99_ratio)
+            .saturating_add(self.p99_slack);
         if pc > bound {
             let (sc, so) = (canary.slower_than(bound), old.slower_than(bound));
             if z_worse(sc, canary.timed(), so, old.timed()) >= z {
@@ -890,10 +934,8 @@ pub(crate) fn decode_counts(text: &str) -> Result<Counts, String> {
                     c.latency = latency;
                 }
             }
-            _ if !key.is_empty()
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_') => {}
+            _ if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            }
             _ => return Err(format!("field name {key:?} is malformed")),
         }
     }
@@ -1073,7 +1115,10 @@ mod tests {
         r.failure();
         r.connection();
         let c = r.snapshot();
-        assert_eq!((c.requests, c.errors, c.connections, c.timed()), (3, 2, 1, 2));
+        assert_eq!(
+            (c.requests, c.errors, c.connections, c.timed()),
+            (3, 2, 1, 2)
+        );
         r.end();
         r.failure();
         assert_eq!(r.snapshot().requests, 3);

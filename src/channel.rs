@@ -355,7 +355,9 @@ fn decode_fields(line: &str, c: &mut Counters) -> Result<(), BadMessage> {
                 .parse::<u64>()
                 .map_err(|_| BadMessage(format!("field {key:?}: {value:?} is not a number")))
         };
-        if crate::canary::decode_judgement_field(key, value, &mut c.judgement).map_err(BadMessage)? {
+        if crate::canary::decode_judgement_field(key, value, &mut c.judgement)
+            .map_err(BadMessage)?
+        {
             continue;
         }
         match key {

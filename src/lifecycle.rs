@@ -272,6 +272,11 @@ pub(crate) struct Generation {
     /// Woken at the commit, when the state becomes [`State::HandedOver`].
     #[cfg(feature = "tokio")]
     pub(crate) handed: tokio::sync::Notify,
+    /// Woken when `pump` took something in from the predecessor (or its
+    /// end closed): for tasks waiting on the channel, which another reader
+    /// may have emptied first.
+    #[cfg(feature = "tokio")]
+    pub(crate) channel_news: tokio::sync::Notify,
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
@@ -359,6 +364,8 @@ impl Generation {
             upgrade_ended: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             handed: tokio::sync::Notify::new(),
+            #[cfg(feature = "tokio")]
+            channel_news: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
             canary: crate::canary::Recorder::new(),
         }

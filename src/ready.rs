@@ -267,8 +267,7 @@ pub(crate) fn watch_probation(
                         return Err(failed(format!("does not read the channel ({e}); killed")));
                     }
                 }
-                next_pacing =
-                    (reports > 0).then(|| Instant::now() + crate::canary::REPORT_EVERY);
+                next_pacing = (reports > 0).then(|| Instant::now() + crate::canary::REPORT_EVERY);
             }
         }
         let allowed = [channel::UNHEALTHY, channel::CANARY_COUNTS];
@@ -298,8 +297,7 @@ pub(crate) fn watch_probation(
             }
             Heard::Message(Message::CanaryCounts(counts)) => {
                 reports += 1;
-                if next_pacing.is_none() && judging.as_ref().is_some_and(|j| j.pacing().is_some())
-                {
+                if next_pacing.is_none() && judging.as_ref().is_some_and(|j| j.pacing().is_some()) {
                     next_pacing = Some(Instant::now());
                 }
                 if let Some(judgement) = judging.as_mut().and_then(|j| j.report(counts)) {
@@ -354,7 +352,11 @@ pub(crate) fn watch_probation(
 fn take_back(channel: BorrowedFd<'_>, child: &mut Started, grace: Duration) {
     let pid = child.pid();
     // Tell it the service is ours again, then let it drain.
-    let _ = send_bounded(channel, &Message::TakenBack.encode(), crate::clock::after(grace));
+    let _ = send_bounded(
+        channel,
+        &Message::TakenBack.encode(),
+        crate::clock::after(grace),
+    );
     if child.wait_exit(crate::clock::after(grace)).is_none() {
         tracing::warn!(
             pid,
@@ -367,7 +369,11 @@ fn take_back(channel: BorrowedFd<'_>, child: &mut Started, grace: Duration) {
 
 /// Sends all of `buf`, waiting for room at most until `deadline` (a
 /// successor that stopped reading must not hold this generation).
-pub(crate) fn send_bounded(channel: BorrowedFd<'_>, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+pub(crate) fn send_bounded(
+    channel: BorrowedFd<'_>,
+    mut buf: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
     while !buf.is_empty() {
         match sys::send(channel, buf, true) {
             Ok(n) => buf = &buf[n..],

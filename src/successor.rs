@@ -379,6 +379,11 @@ impl Generation {
             }
             life.inbox.push(&got);
             self.take_messages(life);
+            #[cfg(feature = "tokio")]
+            if !got.is_empty() || closed {
+                // Whoever waits on the channel elsewhere may have missed it.
+                self.channel_news.notify_waiters();
+            }
             if closed {
                 if let Some(at) = life.committed_at {
                     let span = crate::stats::upgrade_span(self.generation - 1);
@@ -622,23 +627,30 @@ impl Generation {
         let stream = tokio::net::UnixStream::from_std(stream)
             .map_err(|e| Error::io("registering the channel with tokio", e))?;
         loop {
-            stream
-                .readable()
-                .await
-                .map_err(|e| Error::io("waiting on the channel", e))?;
-            // Read through pump; a WouldBlock from it clears tokio's
-            // readiness so that the next `readable()` waits.
-            let pumped = stream.try_io(tokio::io::Interest::READABLE, || {
-                let closed = self.pump()?;
-                match done(self, closed) {
-                    true => Ok(()),
-                    false => Err(io::ErrorKind::WouldBlock.into()),
+            // Another thread (the one watching the predecessor, a `stats()`)
+            // may take in what arrives before this one does, and epoll then
+            // reports nothing (an edge whose data is gone when it is read is
+            // dropped): every `pump` that takes something in wakes `news`.
+            let news = self.channel_news.notified();
+            tokio::pin!(news);
+            news.as_mut().enable();
+            let closed = self
+                .pump()
+                .map_err(|e| Error::io("reading the channel", e))?;
+            if done(self, closed) {
+                return Ok(());
+            }
+            tokio::select! {
+                ready = stream.readable() => {
+                    ready.map_err(|e| Error::io("waiting on the channel", e))?;
+                    // What is pending was read (or is read at the top of
+                    // the loop): clear tokio's readiness so that the next
+                    // `readable()` waits for new bytes.
+                    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
                 }
-            });
-            match pumped {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Error::io("reading the channel", e)),
+                _ = &mut news => {}
             }
         }
     }

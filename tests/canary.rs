@@ -104,7 +104,9 @@ fn rolled_back(tag: &str, canary_flags: &str, expect: &str) -> String {
     println!("reload: {reason} ({:.3} s)", took.as_secs_f64());
     let canary = field_u32(&srv.wait_line("ready", None), "pid");
     assert!(
-        reason.contains(&format!("successor (pid {canary}) failed its probation after")),
+        reason.contains(&format!(
+            "successor (pid {canary}) failed its probation after"
+        )),
         "{reason}"
     );
     assert!(reason.contains(expect), "{reason}");
@@ -133,9 +135,11 @@ fn rolled_back(tag: &str, canary_flags: &str, expect: &str) -> String {
     let served_by_canary = served_by(&load.stats, canary) + failed_by(&load.stats, canary);
     assert!(served_by_canary > 0, "the canary answered nothing");
     let before = served_by(&load.stats, old);
-    wait_until("the old generation to serve on", Duration::from_secs(10), || {
-        served_by(&load.stats, old) > before + 100
-    });
+    wait_until(
+        "the old generation to serve on",
+        Duration::from_secs(10),
+        || served_by(&load.stats, old) > before + 100,
+    );
     let canary_after = served_by(&load.stats, canary) + failed_by(&load.stats, canary);
     assert_eq!(
         canary_after, served_by_canary,
@@ -214,7 +218,10 @@ fn a_healthy_canary_is_committed_after_its_window_with_the_numbers() {
     let reply = control::reload(&control, None, RELOAD_TIMEOUT).expect("the upgrade");
     let took = t.elapsed();
     println!("reload: {reply} ({:.3} s)", took.as_secs_f64());
-    assert!(took >= Duration::from_secs(3), "committed before the window");
+    assert!(
+        took >= Duration::from_secs(3),
+        "committed before the window"
+    );
     assert!(reply.contains("\"verdict\":\"passed\""), "{reply}");
     assert!(reply.contains("\"rolled_back\":false"), "{reply}");
     assert!(reply.contains("; committed\""), "{reply}");
@@ -235,7 +242,8 @@ fn a_healthy_canary_is_committed_after_its_window_with_the_numbers() {
     assert!(json(&s, "last_judgement").ends_with("; committed"), "{s}");
     let metrics = load::get(addr, "/metrics").unwrap().body;
     assert!(
-        metrics.contains("handover_last_canary_verdict{verdict=\"passed\",rolled_back=\"false\"} 1"),
+        metrics
+            .contains("handover_last_canary_verdict{verdict=\"passed\",rolled_back=\"false\"} 1"),
         "{metrics}"
     );
     assert!(
@@ -301,10 +309,7 @@ fn too_little_traffic_is_not_judged_and_commits() {
 #[test]
 fn with_a_share_of_a_tenth_the_canary_takes_a_tenth_of_new_connections() {
     let dir = TempDir::new("canary-share");
-    let (mut srv, control) = start(
-        dir.path(),
-        &["--probation", "5", "--canary-share", "0.1"],
-    );
+    let (mut srv, control) = start(dir.path(), &["--probation", "5", "--canary-share", "0.1"]);
     let old = srv.pid();
     let addr = srv.addr();
     // One request per connection: every request is a new connection.
@@ -321,7 +326,10 @@ fn with_a_share_of_a_tenth_the_canary_takes_a_tenth_of_new_connections() {
         mine + theirs,
         share * 100.0
     );
-    assert!(mine + theirs >= 1000.0, "too little traffic to measure: {reply}");
+    assert!(
+        mine + theirs >= 1000.0,
+        "too little traffic to measure: {reply}"
+    );
     assert!((0.07..=0.13).contains(&share), "share {share}: {reply}");
     assert!(reply.contains("\"verdict\":\"passed\""), "{reply}");
 
@@ -331,7 +339,10 @@ fn with_a_share_of_a_tenth_the_canary_takes_a_tenth_of_new_connections() {
     // requests, one per connection, as it counted connections (it reports
     // every 100 ms, so a little more may come after its last report).
     let seen = served_by(&load.stats, new) as f64;
-    assert!(seen >= mine, "clients saw {seen} answers from the canary, it counted {mine}");
+    assert!(
+        seen >= mine,
+        "clients saw {seen} answers from the canary, it counted {mine}"
+    );
     srv.finish_upgrade(old, new);
 
     let stats = load.stop();

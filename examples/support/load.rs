@@ -163,7 +163,12 @@ impl Stats {
                 *self.by_pid.lock().unwrap().entry(resp.pid).or_default() += 1;
             }
             Ok(resp) => {
-                *self.failed_by_pid.lock().unwrap().entry(resp.pid).or_default() += 1;
+                *self
+                    .failed_by_pid
+                    .lock()
+                    .unwrap()
+                    .entry(resp.pid)
+                    .or_default() += 1;
                 self.fail(format!("status {} from pid {}", resp.status, resp.pid))
             }
             Err(e) => self.fail(e.to_string()),

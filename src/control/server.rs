@@ -510,7 +510,9 @@ async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> Option<String> {
 fn judgement_json(j: &crate::canary::Judgement) -> String {
     let side = |s: &crate::canary::Summary| {
         let ms = |d: Option<std::time::Duration>| {
-            d.map_or("null".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3))
+            d.map_or("null".to_owned(), |d| {
+                format!("{:.3}", d.as_secs_f64() * 1e3)
+            })
         };
         Json::new()
             .raw("requests", s.requests)
