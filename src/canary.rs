@@ -976,7 +976,7 @@ pub(crate) fn encode_judgement(j: &Judgement, s: &mut String) {
 pub(crate) fn decode_judgement_field(
     key: &str,
     value: &str,
-    j: &mut Option<Judgement>,
+    j: &mut Option<Box<Judgement>>,
 ) -> Result<bool, String> {
     let number = || {
         value
@@ -990,11 +990,11 @@ pub(crate) fn decode_judgement_field(
             "none" => Verdict::NoCounts,
             _ => return Ok(true), // a verdict of a newer version
         };
-        *j = Some(Judgement {
+        *j = Some(Box::new(Judgement {
             verdict,
             canary: Summary::default(),
             baseline: Summary::default(),
-        });
+        }));
         return Ok(true);
     }
     let Some(judgement) = j.as_mut() else {

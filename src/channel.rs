@@ -434,7 +434,7 @@ mod tests {
                 probation: Some(Duration::from_secs(3)),
                 ..Phases::default()
             }),
-            judgement: Some(crate::canary::Judgement {
+            judgement: Some(Box::new(crate::canary::Judgement {
                 verdict: crate::canary::Verdict::TooFewRequests { min: 100 },
                 canary: crate::canary::Summary {
                     requests: 12,
@@ -447,7 +447,7 @@ mod tests {
                     requests: 2377,
                     ..Default::default()
                 },
-            }),
+            })),
         };
         let counts = crate::canary::decode_counts(" n=30 e=3 c=4 h=3:20,90:7").unwrap();
         let all = [

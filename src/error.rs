@@ -285,7 +285,7 @@ pub enum UpgradeError {
         /// How far into the window it was judged.
         after: Duration,
         /// The judgement, with both generations' numbers.
-        judgement: crate::canary::Judgement,
+        judgement: Box<crate::canary::Judgement>,
     },
     /// The successor wrote something other than the protocol's messages.
     Protocol {

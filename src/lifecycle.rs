@@ -182,7 +182,7 @@ impl Life {
         &mut self,
         successor: OwnedFd,
         phases: Phases,
-        judgement: Option<crate::canary::Judgement>,
+        judgement: Option<Box<crate::canary::Judgement>>,
     ) -> Counters {
         self.state = State::HandedOver;
         self.upgrading = None;
@@ -490,7 +490,7 @@ impl Generation {
             upgrades_failed: c.failed,
             last_error: c.last_error,
             last_phases: c.last,
-            last_judgement: c.judgement,
+            last_judgement: c.judgement.map(|j| *j),
             last_upgrade: last,
             draining,
         }

@@ -245,7 +245,7 @@ pub(crate) fn watch_probation(
         UpgradeError::Canary {
             pid,
             after,
-            judgement,
+            judgement: Box::new(judgement),
         }
     };
     // With a share, the canary paces its accepts to this generation's

@@ -89,5 +89,5 @@ pub(crate) struct Counters {
     pub last_error: Option<String>,
     pub last: Option<Phases>,
     /// The canary judgement of the last upgrade, if it was judged.
-    pub judgement: Option<crate::canary::Judgement>,
+    pub judgement: Option<Box<crate::canary::Judgement>>,
 }

@@ -172,7 +172,7 @@ pub struct Upgraded {
     /// The canary judgement of the probation window, if it had one and
     /// judging was on: why the successor was committed, with both
     /// generations' numbers.
-    pub judgement: Option<crate::canary::Judgement>,
+    pub judgement: Option<Box<crate::canary::Judgement>>,
 }
 
 /// Puts the state back to Serving unless the upgrade committed, and tells
@@ -423,7 +423,7 @@ impl Generation {
             );
             drop(judging);
             phase(phases, "probation", t.elapsed());
-            judgement = watched?;
+            judgement = watched?.map(Box::new);
             if let Some(j) = &judgement {
                 tracing::info!(pid, judgement = %j, "canary judged; committing");
             }
@@ -650,7 +650,7 @@ impl Generation {
         generation: u64,
         phases: &Phases,
         pid_file: Option<pidfile::Staged>,
-        judgement: Option<crate::canary::Judgement>,
+        judgement: Option<Box<crate::canary::Judgement>>,
     ) {
         let pid = child.pid();
         let took_over = matches!(child, Started::Peer(_));

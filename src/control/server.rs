@@ -30,7 +30,7 @@ struct Done {
     started_us: u128,
     ready_ms: f64,
     /// The canary judgement of its probation window, if judged.
-    judgement: Option<crate::canary::Judgement>,
+    judgement: Option<Box<crate::canary::Judgement>>,
 }
 
 impl Done {
