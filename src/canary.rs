@@ -1246,6 +1246,42 @@ mod tests {
         assert!(decode_pacing(" accepted=1").is_err());
     }
 
+    /// What recording costs per request: outside a window (one atomic load)
+    /// and inside one (two clock reads, three atomic additions), from one
+    /// thread and from two at once (`cargo test --release --lib
+    /// timing_of_recording -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn timing_of_recording() {
+        const N: u32 = 5_000_000;
+        let r = Recorder::new();
+        let per_op = |r: &Recorder, threads: u32| {
+            let t = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        for _ in 0..N {
+                            if r.is_active() {
+                                let at = std::time::Instant::now();
+                                r.response(200, at.elapsed());
+                            }
+                        }
+                    });
+                }
+            });
+            t.elapsed().as_nanos() as f64 / f64::from(N)
+        };
+        let idle = per_op(&r, 1);
+        r.begin();
+        let active = per_op(&r, 1);
+        let active2 = per_op(&r, 2);
+        println!(
+            "per request: {idle:.1} ns outside a window, {active:.1} ns in one \
+             ({active2:.1} ns with two threads recording at once)"
+        );
+        assert_eq!(r.snapshot().requests, u64::from(3 * N));
+    }
+
     #[test]
     fn numbers_read_well() {
         assert_eq!(thousands(0), "0");

@@ -172,7 +172,12 @@ impl Handover {
     ///
     /// `Ok(true)`: the predecessor took the service back; the state is now
     /// [`State::RolledBack`] and this process must stop accepting, drain and
-    /// exit (within the predecessor's drain timeout, or it is killed).
+    /// exit (within the predecessor's drain timeout, or it is killed). The
+    /// generation's [`drain`](Self::drain) has started by itself then (as
+    /// when the predecessor takes the service back after judging this
+    /// generation worse, see [`canary`](crate::canary)), which ends
+    /// [`serve::Server`](crate::serve::Server) and
+    /// [`serve::Triggers`](crate::serve::Triggers).
     /// `Ok(false)`: too late or pointless — the handover is already
     /// committed, or there is no predecessor; nothing changed.
     ///

@@ -5,7 +5,7 @@
 //!  Starting ──ready()──► Serving ──upgrade──► Upgrading ──commit──► HandedOver
 //!                          ▲                      │
 //!                          └──── failed ──────────┘
-//!  Serving (a successor on probation) ──report_unhealthy, taken back──► RolledBack
+//!  Serving (a successor on probation) ──taken back (unhealthy, judged worse)──► RolledBack
 //!  Starting, Serving ──stop()──► Stopping
 //! ```
 //!
@@ -49,10 +49,11 @@ pub enum State {
     /// A successor is ready and serving: this generation should stop
     /// accepting, drain and exit.
     HandedOver,
-    /// This generation reported itself unhealthy during its probation
-    /// ([`Handover::report_unhealthy`](crate::Handover::report_unhealthy))
-    /// and its predecessor took the service back: stop accepting, drain and
-    /// exit.
+    /// This generation's predecessor took the service back during its
+    /// probation — it reported itself unhealthy
+    /// ([`Handover::report_unhealthy`](crate::Handover::report_unhealthy)),
+    /// or was judged worse (see [`canary`](crate::canary)): stop accepting,
+    /// drain and exit (the generation's drain starts by itself).
     RolledBack,
     /// A real stop ([`Handover::stop`](crate::Handover::stop)): no successor;
     /// the listeners are closed, no upgrade starts, drain and exit.
