@@ -63,6 +63,25 @@ fn reply_field(reply: &str, side: &str, field: &str) -> f64 {
     number_after(&reply[at..], &format!("\"{field}\":"))
 }
 
+/// Kills and reaps the successor `pid` (started by this test's server
+/// chain, reparented to this process, the subreaper) if the test fails
+/// before the chain knows it: a failed test leaves no process behind.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() && procs::exists(self.0) {
+            let _ = procs::signal(self.0, libc::SIGKILL);
+            let _ = procs::reap(self.0, Duration::from_secs(5));
+        }
+    }
+}
+
+/// The successor's pid in a `reload` reply (`{"pid":N,…`).
+fn reply_pid(reply: &str) -> u32 {
+    number_after(reply, "{\"pid\":") as u32
+}
+
 /// A server under `dir` with a control socket, started from a deployed
 /// copy (so a test can swap the successor's build), with `args`.
 fn start(dir: &Path, args: &[&str]) -> (Server, std::path::PathBuf) {
@@ -99,10 +118,15 @@ fn rolled_back(tag: &str, canary_flags: &str, expect: &str) -> String {
     let took = t.elapsed();
     let reason = match reply {
         Err(ControlError::Failed(reason)) => reason,
-        other => panic!("the bad canary was not rolled back: {other:?}"),
+        Ok(reply) => {
+            let _successor = KillOnPanic(reply_pid(&reply));
+            panic!("the bad canary was not rolled back: {reply}")
+        }
+        Err(e) => panic!("no answer to the reload: {e:?}"),
     };
     println!("reload: {reason} ({:.3} s)", took.as_secs_f64());
     let canary = field_u32(&srv.wait_line("ready", None), "pid");
+    let _canary = KillOnPanic(canary);
     assert!(
         reason.contains(&format!(
             "successor (pid {canary}) failed its probation after"
@@ -216,6 +240,7 @@ fn a_healthy_canary_is_committed_after_its_window_with_the_numbers() {
 
     let t = Instant::now();
     let reply = control::reload(&control, None, RELOAD_TIMEOUT).expect("the upgrade");
+    let _successor = KillOnPanic(reply_pid(&reply));
     let took = t.elapsed();
     println!("reload: {reply} ({:.3} s)", took.as_secs_f64());
     assert!(
@@ -281,6 +306,7 @@ fn too_little_traffic_is_not_judged_and_commits() {
         })
     };
     let reply = control::reload(&control, None, RELOAD_TIMEOUT).expect("the upgrade");
+    let _successor = KillOnPanic(reply_pid(&reply));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let answered = trickle.join().unwrap();
     println!("reload: {reply}\nanswered by pid: {answered:?}");
@@ -316,6 +342,7 @@ fn with_a_share_of_a_tenth_the_canary_takes_a_tenth_of_new_connections() {
     let load = load::Load::start_warm(addr, 4, 0, 50);
 
     let reply = control::reload(&control, None, RELOAD_TIMEOUT).expect("the upgrade");
+    let _successor = KillOnPanic(reply_pid(&reply));
     println!("reload: {reply}");
     let canary = reply_field(&reply, "canary", "requests");
     let mine = reply_field(&reply, "canary", "connections");
