@@ -1,10 +1,12 @@
 //! A zero-downtime axum service:
 //! `axum --listen ADDR [--pid-file PATH] [--control PATH [--allow-program PATH]] [--migrate]
-//! [--take-over PATH]` (`--take-over`: take the service over from the one at that control socket).
+//! [--take-over PATH] [--probation SECS [--canary-share FRACTION]]` (`--take-over`: take the
+//! service over from the one at that control socket; `--probation`: a canary window, in which the
+//! new build is judged against this one on live traffic and rolled back if it does worse).
 //! SIGHUP or `axum reload --control PATH [--binary PATH]` upgrades it in place (`--binary`: a
 //! rollback, allowed from `--allow-program`), `axum status --control PATH` tells, SIGTERM stops.
 use axum::{Router, http::HeaderValue, middleware::map_response, response::Response, routing::get};
-use handover::{Handover, control, serve::Server, serve::Triggers};
+use handover::{Handover, UpgradeOptions, canary, control, serve::Server, serve::Triggers};
 use tokio::signal::unix::SignalKind;
 
 fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
@@ -19,6 +21,14 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     if let Some(path) = flag("--take-over") {
         builder = builder.take_over(path); // a new container or unit takes the service over
     }
+    let mut options = UpgradeOptions::new(); // canary: judged on 5xx rate and p99 vs this process
+    if let Some(secs) = flag("--probation") {
+        options = options.probation(std::time::Duration::from_secs_f64(secs.parse()?));
+    }
+    if let Some(share) = flag("--canary-share") {
+        options = options.canary(canary::Policy::new().share(share.parse()?)); // of new connections
+    }
+    builder = builder.upgrade_options(options);
     let handover = builder.build()?; // inherits the listener; first, before any other fd is opened
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or("info".into());
     let colors = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -30,7 +30,11 @@
 //! - `--probation SECS`: canary upgrades; this process keeps accepting
 //!   alongside its successor for SECS after the successor is ready, and
 //!   takes the service back if the successor dies or reports itself
-//!   unhealthy meanwhile
+//!   unhealthy meanwhile, or answers worse than this process (more 5xx, a
+//!   slower p99: the canary judgement, [`handover::canary`]); the reply to
+//!   `reload`, the `upgrade-…` lines and /metrics carry the judgement
+//! - `--canary-share FRACTION`: during the window the successor takes only
+//!   this share of new connections (0.1: one in ten)
 //! - `--supervise`: run as the supervisor of the server, which runs as its
 //!   child (see [`handover::supervisor`]); automatic when this process is
 //!   PID 1, as in a container
@@ -88,6 +92,7 @@ struct Config {
     preflight: bool,
     check: bool,
     probation: Option<Duration>,
+    canary_share: Option<f64>,
     supervise: bool,
 }
 
@@ -137,6 +142,12 @@ fn parse(args: &[OsString]) -> Result<Config, String> {
             "--allow-program" => c.allow_program.push(v.into()),
             "--take-over" => c.take_over = Some(v.into()),
             "--probation" => c.probation = Some(secs(v, flag)?),
+            "--canary-share" => {
+                c.canary_share = Some(
+                    v.parse()
+                        .map_err(|_| format!("--canary-share {v:?} is not a number"))?,
+                )
+            }
             _ => return Err(format!("unknown flag {flag:?}")),
         }
     }
@@ -262,6 +273,37 @@ pub fn metrics(stats: &handover::Stats) -> String {
     );
     let _ = writeln!(out, "# TYPE handover_draining_connections gauge");
     let _ = writeln!(out, "handover_draining_connections {}", stats.draining);
+    if let Some(j) = &stats.last_judgement {
+        // The last upgrade's canary judgement: its verdict, and both
+        // generations' numbers over the probation window.
+        let _ = writeln!(out, "# TYPE handover_last_canary_verdict gauge");
+        let _ = writeln!(
+            out,
+            "handover_last_canary_verdict{{verdict=\"{}\",rolled_back=\"{}\"}} 1",
+            j.verdict.name(),
+            j.rolled_back()
+        );
+        for (name, kind) in [
+            ("requests", "counter"),
+            ("errors", "counter"),
+            ("connections", "counter"),
+            ("p99_seconds", "gauge"),
+        ] {
+            let _ = writeln!(out, "# TYPE handover_last_canary_{name} {kind}");
+            for (side, s) in [("canary", &j.canary), ("baseline", &j.baseline)] {
+                let value = match name {
+                    "requests" => s.requests as f64,
+                    "errors" => s.errors as f64,
+                    "connections" => s.connections as f64,
+                    _ => s.p99.map_or(f64::NAN, |d| d.as_secs_f64()),
+                };
+                let _ = writeln!(
+                    out,
+                    "handover_last_canary_{name}{{generation=\"{side}\"}} {value}"
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "# TYPE handover_last_upgrade_phase_seconds gauge");
     if let Some(phases) = &stats.last_phases {
         for (phase, took) in phases.iter() {
@@ -293,6 +335,11 @@ fn build(config: &Config) -> Result<Handover, handover::Error> {
     let mut defaults = handover::UpgradeOptions::new();
     if let Some(t) = config.probation {
         defaults = defaults.probation(t);
+    }
+    if let Some(share) = config.canary_share {
+        // The canary's share of new connections during the window; the
+        // judgement runs with its defaults either way.
+        defaults = defaults.canary(handover::canary::Policy::new().share(share));
     }
     if config.preflight {
         // Like `nginx -t`: the new binary must accept this process's
@@ -427,12 +474,16 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     let triggered = triggers
         .on_upgrade(move |result| match result {
             Ok(done) => event(format_args!(
-                "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} program={}",
+                "upgrade-ok pid={pid} successor={} generation={} ready_ms={:.3} probation_ms={:.3} program={}{}",
                 done.pid,
                 done.generation,
                 done.ready_after.as_secs_f64() * 1e3,
                 done.phases.probation.unwrap_or_default().as_secs_f64() * 1e3,
                 done.program.display(),
+                // Last: the judgement's line has spaces.
+                done.judgement
+                    .as_ref()
+                    .map_or(String::new(), |j| format!(" judgement={j}")),
             )),
             Err(e) => event(format_args!(
                 "upgrade-failed pid={pid} error={}",

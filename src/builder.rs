@@ -155,6 +155,10 @@ impl Builder {
             });
         }
         let probation = d.probation.unwrap_or(Duration::ZERO);
+        let canary = d.canary.unwrap_or_default();
+        canary
+            .validate()
+            .map_err(|(setting, reason)| Error::InvalidConfig { setting, reason })?;
         let settings = [
             ("ready_timeout", self.ready_timeout, false),
             ("drain_timeout", self.drain_timeout, true),
@@ -260,6 +264,7 @@ impl Builder {
                 args,
                 preflight: d.preflight,
                 probation,
+                canary,
                 fd_store: self.fd_store,
             },
             generation,

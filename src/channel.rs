@@ -33,11 +33,22 @@
 //! | `D<fields>\n` | old → new | after the old generation's drain | records the drain phase |
 //! | `X<reason>\n` | old → new | to a process that took over (not one the old generation started), instead of `C`, when the takeover failed (it missed the ready deadline, say): the channel closes next | the successor must not serve: `ready()` fails with the reason, or, already ready, it is taken back (drains and exits) |
 //! | `M<version>\n` + one fd (`SCM_RIGHTS`) | new → old | after `C`, once, when the successor starts taking migrated connections | the old generation's connection sender takes the fd as the migration socket and sends records of at most `<version>` over it (see [`migrate`](crate::migrate)) |
+//! | `P<fields>\n` | new → old | after `R`, every 100 ms until the commit (or a taking back), only to a predecessor of version 2 or later | during probation: the canary's counts, judged against the old generation's own (see [`canary`](crate::canary)); a judged rollback is answered `A`, as `U` is |
+//! | `S<fields>\n` | old → new | during probation with a share of the traffic ([`canary::Policy::share`](crate::canary::Policy::share)): at the start and every 100 ms | the canary paces its accepts to its share |
 //! | EOF | old → new | the old generation exited | the successor serves alone (committed, unless it was taken back) |
 //!
 //! The fields of `C` and `D` are space-separated `key=value` pairs:
 //! `succeeded=N failed=N <phase>_us=N …`, and last, running to the end of the
-//! line, `error=<text>`. `D` carries `drain_us=N`.
+//! line, `error=<text>`. `D` carries `drain_us=N`. A commit after a judged
+//! probation window adds the judgement: `canary=passed|few|none`,
+//! `canary_min=N`, and per generation (`c_` the canary, `b_` the old one)
+//! `requests=`, `errors=`, `connections=`, `p50_us=`, `p99_us=`.
+//!
+//! `P` carries ` n=REQUESTS e=ERRORS c=CONNECTIONS h=BUCKET:COUNT,…` (the
+//! latency histogram's non-empty buckets, ascending; see `canary`), counted
+//! since `ready()`. `S` carries ` share=PPM accepted=N`: the canary's share
+//! in millionths, and the connections the old generation accepted in the
+//! window.
 //!
 //! # Compatibility
 //!
@@ -81,6 +92,11 @@ pub(crate) const CALLED_OFF: u8 = b'X';
 /// (attached) and the highest record version the successor reads.
 pub(crate) const MIGRATION_OFFER: u8 = b'M';
 
+/// Successor to old generation, during probation: the canary's counts.
+pub(crate) const CANARY_COUNTS: u8 = b'P';
+/// Old generation to successor, during probation with a share: the pacing.
+pub(crate) const PACING: u8 = b'S';
+
 /// Every kind this version knows, in either direction.
 pub(crate) const KNOWN: &[u8] = &[
     READY,
@@ -92,6 +108,8 @@ pub(crate) const KNOWN: &[u8] = &[
     DRAINED,
     MIGRATION_OFFER,
     CALLED_OFF,
+    CANARY_COUNTS,
+    PACING,
 ];
 
 /// The protocol version this build speaks, announced to a successor
@@ -133,6 +151,11 @@ pub(crate) enum Message {
     MigrationOffer(u8),
     /// `X<reason>`
     CalledOff(String),
+    /// `P<fields>`
+    CanaryCounts(crate::canary::Counts),
+    /// `S<fields>`: the canary's share (ppm) and the connections the old
+    /// generation accepted.
+    Pacing(u32, u64),
 }
 
 impl Message {
@@ -155,6 +178,10 @@ impl Message {
             Message::Drained(d) => line(DRAINED, &format!(" drain_us={}", d.as_micros())),
             Message::MigrationOffer(v) => line(MIGRATION_OFFER, &v.to_string()),
             Message::CalledOff(r) => line(CALLED_OFF, &one_line(r)),
+            Message::CanaryCounts(c) => line(CANARY_COUNTS, &crate::canary::encode_counts(c)),
+            Message::Pacing(share, accepted) => {
+                line(PACING, &crate::canary::encode_pacing(*share, *accepted))
+            }
         }
     }
 }
@@ -272,6 +299,14 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<Option<Message>, BadMessage> {
             Ok(v) if text.bytes().all(|b| b.is_ascii_digit()) => Message::MigrationOffer(v),
             _ => return Err(BadMessage(format!("M: record version {text:?}"))),
         },
+        CANARY_COUNTS => Message::CanaryCounts(
+            crate::canary::decode_counts(text).map_err(|e| BadMessage(format!("P: {e}")))?,
+        ),
+        PACING => {
+            let (share, accepted) =
+                crate::canary::decode_pacing(text).map_err(|e| BadMessage(format!("S: {e}")))?;
+            Message::Pacing(share, accepted)
+        }
         k if k.is_ascii_uppercase() => return Ok(None),
         other => return Err(BadMessage(format!("unknown message {other:#04x}"))),
     };
@@ -287,6 +322,9 @@ fn encode_fields(c: &Counters) -> String {
                 let _ = write!(s, " {name}_us={}", d.as_micros());
             }
         }
+    }
+    if let Some(j) = &c.judgement {
+        crate::canary::encode_judgement(j, &mut s);
     }
     if let Some(e) = &c.last_error {
         // Last, and on one line: it runs to the end of the line.
@@ -317,6 +355,11 @@ fn decode_fields(line: &str, c: &mut Counters) -> Result<(), BadMessage> {
                 .parse::<u64>()
                 .map_err(|_| BadMessage(format!("field {key:?}: {value:?} is not a number")))
         };
+        if crate::canary::decode_judgement_field(key, value, &mut c.judgement)
+            .map_err(BadMessage)?
+        {
+            continue;
+        }
         match key {
             "succeeded" => c.succeeded = number()?,
             "failed" => c.failed = number()?,
@@ -391,7 +434,22 @@ mod tests {
                 probation: Some(Duration::from_secs(3)),
                 ..Phases::default()
             }),
+            judgement: Some(Box::new(crate::canary::Judgement {
+                verdict: crate::canary::Verdict::TooFewRequests { min: 100 },
+                canary: crate::canary::Summary {
+                    requests: 12,
+                    errors: 1,
+                    connections: 3,
+                    p50: Some(Duration::from_micros(900)),
+                    p99: Some(Duration::from_micros(4000)),
+                },
+                baseline: crate::canary::Summary {
+                    requests: 2377,
+                    ..Default::default()
+                },
+            })),
         };
+        let counts = crate::canary::decode_counts(" n=30 e=3 c=4 h=3:20,90:7").unwrap();
         let all = [
             Message::Ready,
             Message::Failed("inherited fd 3\nrefused".into()),
@@ -402,6 +460,8 @@ mod tests {
             Message::Drained(Duration::from_micros(1500)),
             Message::MigrationOffer(1),
             Message::CalledOff("not ready within 60s".into()),
+            Message::CanaryCounts(counts),
+            Message::Pacing(100_000, 42),
         ];
         let mut wire = Vec::new();
         for m in &all {
@@ -456,6 +516,11 @@ mod tests {
             b"M\n",
             b"M+1\n",
             b"M256\n",
+            b"Pn=1 e=2\n",
+            b"P h=999:1\n",
+            b"S share=0 accepted=1\n",
+            b"S\n",
+            b"C canary=passed c_requests=x\n",
             b"C nonsense\n",
             b"C =3\n",
             b"x\n",

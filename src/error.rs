@@ -272,6 +272,21 @@ pub enum UpgradeError {
         /// What happened: its exit status, or the reason it reported.
         reason: String,
     },
+    /// The successor was judged worse than this generation on the traffic
+    /// both served during the probation window (see
+    /// [`canary`](crate::canary)) and taken back: it stops accepting and
+    /// drains, as after [`Handover::report_unhealthy`](crate::Handover::report_unhealthy)
+    /// (and is killed if it has not exited within the drain timeout); it was
+    /// reaped. This generation accepted alongside it throughout and keeps
+    /// serving alone.
+    Canary {
+        /// Its pid.
+        pid: u32,
+        /// How far into the window it was judged.
+        after: Duration,
+        /// The judgement, with both generations' numbers.
+        judgement: Box<crate::canary::Judgement>,
+    },
     /// The successor wrote something other than the protocol's messages.
     Protocol {
         /// Its pid.
@@ -310,6 +325,7 @@ impl UpgradeError {
                 | UpgradeError::Protocol { .. }
                 | UpgradeError::StateRejected { .. }
                 | UpgradeError::Probation { .. }
+                | UpgradeError::Canary { .. }
         )
     }
 }
@@ -413,6 +429,18 @@ impl fmt::Display for UpgradeError {
                 write!(
                     f,
                     "successor (pid {pid}) failed its probation after {:.3} s: {reason}; rolled back",
+                    after.as_secs_f64()
+                )
+            }
+            UpgradeError::Canary {
+                pid,
+                after,
+                judgement,
+            } => {
+                // The judgement's line ends with "; rolled back: <why>".
+                write!(
+                    f,
+                    "successor (pid {pid}) failed its probation after {:.3} s: {judgement}",
                     after.as_secs_f64()
                 )
             }

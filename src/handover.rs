@@ -172,7 +172,12 @@ impl Handover {
     ///
     /// `Ok(true)`: the predecessor took the service back; the state is now
     /// [`State::RolledBack`] and this process must stop accepting, drain and
-    /// exit (within the predecessor's drain timeout, or it is killed).
+    /// exit (within the predecessor's drain timeout, or it is killed). The
+    /// generation's [`drain`](Self::drain) has started by itself then (as
+    /// when the predecessor takes the service back after judging this
+    /// generation worse, see [`canary`](crate::canary)), which ends
+    /// [`serve::Server`](crate::serve::Server) and
+    /// [`serve::Triggers`](crate::serve::Triggers).
     /// `Ok(false)`: too late or pointless — the handover is already
     /// committed, or there is no predecessor; nothing changed.
     ///
@@ -181,6 +186,16 @@ impl Handover {
     /// It blocks for at most 10 s (the predecessor's answer).
     pub fn report_unhealthy(&self, reason: &str) -> Result<bool, Error> {
         self.g.report_unhealthy(reason)
+    }
+
+    /// What this generation answers during a probation window, counted for
+    /// the canary judgement (see [`canary`](crate::canary)): as the canary,
+    /// from `ready()` until its commit; as the old generation, during its
+    /// upgrade's window. [`serve::Server`](crate::serve::Server) records
+    /// into it by itself; an application that serves otherwise records its
+    /// responses here.
+    pub fn canary(&self) -> crate::canary::Recorder {
+        self.g.canary.clone()
     }
 
     /// The [`Drain`](crate::Drain) of this generation: the same one on every

@@ -94,9 +94,10 @@
 //! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
 //! channel and `HANDOVER_GENERATION` the generation. Over the channel the
 //! successor sends `R` (ready), `E<reason>` (state rejected) or, during a
-//! probation window, `U<reason>` (unhealthy); the old generation answers `A`
-//! (taken back), or `C<counters>` once the handover is final and later
-//! `D<drain time>`, and its end closes when it exits. Stale `LISTEN_*`,
+//! probation window, `U<reason>` (unhealthy) and `P<counts>` (its canary
+//! counts); the old generation answers `A` (taken back), `S<pacing>` (a
+//! canary's share of new connections), or `C<counters>` once the handover
+//! is final and later `D<drain time>`, and its end closes when it exits. Stale `LISTEN_*`,
 //! `HANDOVER_*` and `WATCHDOG_PID` are never passed on, and the process
 //! environment is never modified. Under systemd, [`systemd::Notifier`] tells
 //! the manager about each upgrade (see docs/systemd.md).
@@ -155,12 +156,21 @@
 //!
 //! With a probation window ([`UpgradeOptions::probation`]), a successor that reported ready is not
 //! trusted at once: for the window both generations accept on the shared
-//! sockets, and if the successor exits or reports itself unhealthy
-//! ([`Handover::report_unhealthy`]) meanwhile, it is reaped and the old
-//! generation carries on alone, the upgrade failing with
-//! [`UpgradeError::Probation`]. Only after the window does the upgrade
-//! succeed: the pid file, systemd's `MAINPID=` and the control socket's reply
-//! name the successor then, and the successor learns that it is final
+//! sockets, so they serve the same traffic at the same time, and the old
+//! generation judges the successor — the canary — on it ([`canary`]): each
+//! generation counts its responses by class (5xx, failures) and their
+//! latency ([`serve::Server`] does it by itself), the canary reports its
+//! counts every 100 ms, and the old generation takes the service back when
+//! the canary's error rate or p99 is worse than its own beyond the bounds
+//! of [`canary::Policy`] (the upgrade fails with [`UpgradeError::Canary`],
+//! whose message carries the numbers). It does so too, at once, if the
+//! successor exits or reports itself unhealthy
+//! ([`Handover::report_unhealthy`]; [`UpgradeError::Probation`]). A canary
+//! taken back stops accepting and drains its connections (the lame duck),
+//! by itself; the old generation carries on alone. Only after the window
+//! does the upgrade succeed ([`Upgraded::judgement`] has the numbers): the
+//! pid file, systemd's `MAINPID=` and the control socket's reply name the
+//! successor then, and the successor learns that it is final
 //! ([`Handover::committed`]).
 //!
 //! # Takeover
@@ -227,6 +237,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+pub mod canary;
 mod channel;
 mod clock;
 pub mod control;

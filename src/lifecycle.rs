@@ -5,7 +5,7 @@
 //!  Starting ──ready()──► Serving ──upgrade──► Upgrading ──commit──► HandedOver
 //!                          ▲                      │
 //!                          └──── failed ──────────┘
-//!  Serving (a successor on probation) ──report_unhealthy, taken back──► RolledBack
+//!  Serving (a successor on probation) ──taken back (unhealthy, judged worse)──► RolledBack
 //!  Starting, Serving ──stop()──► Stopping
 //! ```
 //!
@@ -49,10 +49,11 @@ pub enum State {
     /// A successor is ready and serving: this generation should stop
     /// accepting, drain and exit.
     HandedOver,
-    /// This generation reported itself unhealthy during its probation
-    /// ([`Handover::report_unhealthy`](crate::Handover::report_unhealthy))
-    /// and its predecessor took the service back: stop accepting, drain and
-    /// exit.
+    /// This generation's predecessor took the service back during its
+    /// probation — it reported itself unhealthy
+    /// ([`Handover::report_unhealthy`](crate::Handover::report_unhealthy)),
+    /// or was judged worse (see [`canary`](crate::canary)): stop accepting,
+    /// drain and exit (the generation's drain starts by itself).
     RolledBack,
     /// A real stop ([`Handover::stop`](crate::Handover::stop)): no successor;
     /// the listeners are closed, no upgrade starts, drain and exit.
@@ -89,6 +90,7 @@ pub(crate) struct Config {
     pub(crate) args: Vec<OsString>,
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) probation: Duration,
+    pub(crate) canary: crate::canary::Policy,
     pub(crate) fd_store: bool,
 }
 
@@ -177,7 +179,12 @@ impl Life {
     /// Upgrading → HandedOver: the successor serves; keep its channel open
     /// until this process exits. Counts the success and returns the
     /// counters that travel with the commit.
-    pub(crate) fn handed_over(&mut self, successor: OwnedFd, phases: Phases) -> Counters {
+    pub(crate) fn handed_over(
+        &mut self,
+        successor: OwnedFd,
+        phases: Phases,
+        judgement: Option<Box<crate::canary::Judgement>>,
+    ) -> Counters {
         self.state = State::HandedOver;
         self.upgrading = None;
         self.successor = Some(successor);
@@ -185,6 +192,7 @@ impl Life {
         self.predecessor = None;
         self.counters.succeeded += 1;
         self.counters.last = Some(phases);
+        self.counters.judgement = judgement;
         self.counters.clone()
     }
 
@@ -265,9 +273,18 @@ pub(crate) struct Generation {
     /// Woken at the commit, when the state becomes [`State::HandedOver`].
     #[cfg(feature = "tokio")]
     pub(crate) handed: tokio::sync::Notify,
+    /// Woken when `pump` took something in from the predecessor (or its
+    /// end closed): for tasks waiting on the channel, which another reader
+    /// may have emptied first.
+    #[cfg(feature = "tokio")]
+    pub(crate) channel_news: tokio::sync::Notify,
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
+    /// What this generation answers during a probation window: as the
+    /// canary (from `ready()` to its commit), or as the old generation
+    /// judging one (see `canary`).
+    pub(crate) canary: crate::canary::Recorder,
 }
 
 impl std::fmt::Debug for Generation {
@@ -348,7 +365,10 @@ impl Generation {
             upgrade_ended: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
             handed: tokio::sync::Notify::new(),
+            #[cfg(feature = "tokio")]
+            channel_news: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
+            canary: crate::canary::Recorder::new(),
         }
     }
 
@@ -435,6 +455,12 @@ pub struct Stats {
     /// its drain starts); counted by the [`Drain`](crate::Drain) from
     /// [`Handover::drain`](crate::Handover::drain).
     pub draining: usize,
+    /// The canary judgement of the last upgrade (see
+    /// [`canary`](crate::canary)): of this generation's own last attempt
+    /// that reached its probation window, or of the upgrade that started
+    /// this process, whichever came last; `None` if it had no judged
+    /// window. Its `Display` is the line for an operator.
+    pub last_judgement: Option<crate::canary::Judgement>,
 }
 
 impl Generation {
@@ -465,6 +491,7 @@ impl Generation {
             upgrades_failed: c.failed,
             last_error: c.last_error,
             last_phases: c.last,
+            last_judgement: c.judgement.map(|j| *j),
             last_upgrade: last,
             draining,
         }

@@ -223,16 +223,18 @@ pub(crate) fn wait_ready(
 
 /// Watches a successor that reported ready for `window`: both generations
 /// accept meanwhile. `Ok` once the window passed with the successor alive
-/// and healthy. Otherwise the successor is gone and reaped when this returns
-/// (one that reported itself unhealthy is given `grace` to drain and exit
-/// on its own before it is killed).
+/// and healthy (with the canary judgement, when `judging`). Otherwise the
+/// successor is gone and reaped when this returns (one that reported itself
+/// unhealthy, or was judged worse, is taken back and given `grace` to drain
+/// and exit on its own before it is killed).
 pub(crate) fn watch_probation(
     channel: BorrowedFd<'_>,
     inbox: &mut Inbox,
     child: &mut Started,
     window: Duration,
     grace: Duration,
-) -> Result<(), UpgradeError> {
+    mut judging: Option<&mut crate::canary::Judging>,
+) -> Result<Option<crate::canary::Judgement>, UpgradeError> {
     let pid = child.pid();
     let start = Instant::now();
     let end = crate::clock::after_from(start, window);
@@ -245,8 +247,40 @@ pub(crate) fn watch_probation(
         Some(s) => format!("exited ({s})"),
         None => "exited (status unavailable)".to_owned(),
     };
+    let judged = |child: &mut Started, judgement: crate::canary::Judgement| {
+        let after = start.elapsed();
+        tracing::warn!(pid, %judgement, "canary judged worse than this generation; rolling back");
+        take_back(channel, child, grace);
+        UpgradeError::Canary {
+            pid,
+            after,
+            judgement: Box::new(judgement),
+        }
+    };
+    // With a share, the canary paces its accepts to this generation's
+    // reports: the first goes at once; later ones only to a canary that
+    // reports too (so reads the channel), so they never fill it.
+    let mut next_pacing = judging
+        .as_ref()
+        .and_then(|j| j.pacing())
+        .map(|_| Instant::now());
+    let mut reports = 0u64;
     loop {
-        let heard = match hear(channel, inbox, &[channel::UNHEALTHY]) {
+        if let (Some(at), Some(j)) = (next_pacing, judging.as_ref()) {
+            if Instant::now() >= at {
+                if let Some((share, accepted)) = j.pacing() {
+                    let msg = Message::Pacing(share, accepted).encode();
+                    let sent = send_bounded(channel, &msg, crate::clock::after(grace));
+                    if let Err(e) = sent {
+                        child.kill_and_reap();
+                        return Err(failed(format!("does not read the channel ({e}); killed")));
+                    }
+                }
+                next_pacing = (reports > 0).then(|| Instant::now() + crate::canary::REPORT_EVERY);
+            }
+        }
+        let allowed = [channel::UNHEALTHY, channel::CANARY_COUNTS];
+        let heard = match hear(channel, inbox, &allowed) {
             Ok(h) => h,
             Err(e) => {
                 let reason = match child.wait_exit(Instant::now() + EXIT_GRACE) {
@@ -262,22 +296,23 @@ pub(crate) fn watch_probation(
         match heard {
             Heard::Message(Message::Unhealthy(reason)) => {
                 let at = start.elapsed();
-                // Tell it the service is ours again, then let it drain.
-                let _ = sys::send_all(channel, &Message::TakenBack.encode());
                 tracing::warn!(pid, %reason, "successor reported itself unhealthy during probation; rolling back");
-                if child.wait_exit(crate::clock::after(grace)).is_running() {
-                    tracing::warn!(
-                        pid,
-                        grace_ms = grace.as_millis() as u64,
-                        "unhealthy successor did not exit in time; killing it"
-                    );
-                    child.kill_and_reap();
-                }
+                take_back(channel, child, grace);
                 return Err(UpgradeError::Probation {
                     pid,
                     after: at,
                     reason: format!("reported itself unhealthy: {reason}"),
                 });
+            }
+            Heard::Message(Message::CanaryCounts(counts)) => {
+                reports += 1;
+                if next_pacing.is_none() && judging.as_ref().is_some_and(|j| j.pacing().is_some()) {
+                    next_pacing = Some(Instant::now());
+                }
+                if let Some(judgement) = judging.as_mut().and_then(|j| j.report(counts)) {
+                    return Err(judged(child, judgement));
+                }
+                continue;
             }
             Heard::Message(other) => {
                 child.kill_and_reap();
@@ -304,16 +339,66 @@ pub(crate) fn watch_probation(
             return Err(failed(exited(exit)));
         }
         if Instant::now() >= end {
-            return Ok(());
+            let judgement = judging.as_ref().and_then(|j| j.conclude());
+            return match judgement {
+                Some(j) if j.rolled_back() => Err(judged(child, j)),
+                judgement => Ok(judgement),
+            };
         }
+        let until = next_pacing.map_or(end, |at| at.min(end));
         if let Err(e) = sys::poll_until(
             &[(channel, libc::POLLIN), (child.exit_fd(), libc::POLLIN)],
-            end,
+            until,
         ) {
             child.kill_and_reap();
             return Err(UpgradeError::io("poll during probation", e));
         }
     }
+}
+
+/// Takes the service back from a successor on probation: tells it (`A`),
+/// then gives it `grace` to drain and exit on its own before killing it.
+fn take_back(channel: BorrowedFd<'_>, child: &mut Started, grace: Duration) {
+    let pid = child.pid();
+    // Tell it the service is ours again, then let it drain.
+    let _ = send_bounded(
+        channel,
+        &Message::TakenBack.encode(),
+        crate::clock::after(grace),
+    );
+    if child.wait_exit(crate::clock::after(grace)).is_running() {
+        tracing::warn!(
+            pid,
+            grace_ms = grace.as_millis() as u64,
+            "successor taken back did not exit in time; killing it"
+        );
+        child.kill_and_reap();
+    }
+}
+
+/// Sends all of `buf`, waiting for room at most until `deadline` (a
+/// successor that stopped reading must not hold this generation).
+pub(crate) fn send_bounded(
+    channel: BorrowedFd<'_>,
+    mut buf: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match sys::send(channel, buf, true) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let rev = sys::poll_until(&[(channel, libc::POLLOUT)], deadline)?;
+                if rev[0] == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no room on the channel",
+                    ));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

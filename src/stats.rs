@@ -88,4 +88,6 @@ pub(crate) struct Counters {
     pub failed: u64,
     pub last_error: Option<String>,
     pub last: Option<Phases>,
+    /// The canary judgement of the last upgrade, if it was judged.
+    pub judgement: Option<Box<crate::canary::Judgement>>,
 }

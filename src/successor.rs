@@ -36,8 +36,13 @@ fn called_off(channel: BorrowedFd<'_>) -> Option<String> {
 
 /// The thread of [`Generation::watch_predecessor`]: it ends once the
 /// predecessor is gone (its hang-up taken in here, or elsewhere), or the
-/// generation is.
-fn watch(g: Weak<Generation>, ch: OwnedFd) {
+/// generation is. Until the commit (a probation window), with `report`, it
+/// first sends the canary's counts every 100 ms and takes in what the
+/// predecessor sends (the pacing, a taking back: see `canary`).
+fn watch(g: Weak<Generation>, ch: OwnedFd, report: bool) {
+    if report && !report_counts(&g, ch.as_fd()) {
+        return;
+    }
     loop {
         let until = Instant::now() + WATCH_SLICE;
         // No event asked for: poll still reports POLLHUP, which a Unix
@@ -65,6 +70,50 @@ fn watch(g: Weak<Generation>, ch: OwnedFd) {
                 }
             }
             return;
+        }
+    }
+}
+
+/// The canary's side of a probation window: every [`REPORT_EVERY`] its
+/// counts go to the predecessor, and what the predecessor sends is taken in
+/// as it comes (a pacing report, the commit, a taking back, which starts
+/// this generation's drain). Returns once the window is over: `false` if
+/// the predecessor or this generation is gone.
+///
+/// [`REPORT_EVERY`]: crate::canary::REPORT_EVERY
+fn report_counts(g: &Weak<Generation>, ch: BorrowedFd<'_>) -> bool {
+    let every = crate::canary::REPORT_EVERY;
+    let mut next = Instant::now() + every;
+    let mut reporting = true;
+    loop {
+        if sys::poll_until(&[(ch, libc::POLLIN)], next).is_err() {
+            return true;
+        }
+        let Some(g) = g.upgrade() else {
+            return false;
+        };
+        let closed = g.pump().unwrap_or(true);
+        {
+            let life = g.life();
+            if closed || life.predecessor.is_none() {
+                return false;
+            }
+            if life.committed || life.rolled_back {
+                return true;
+            }
+        }
+        if reporting && Instant::now() >= next {
+            let msg = Message::CanaryCounts(g.canary.snapshot()).encode();
+            // The predecessor reads them as they come: room is a matter of
+            // moments, else it is not listening, and reports stop.
+            let until = Instant::now() + Duration::from_secs(1);
+            if let Err(e) = crate::ready::send_bounded(ch, &msg, until) {
+                tracing::debug!(error = %e, "canary counts not sent; reports stop");
+                reporting = false;
+            }
+            next = Instant::now() + every;
+        } else if !reporting {
+            next = Instant::now() + every;
         }
     }
 }
@@ -99,6 +148,12 @@ impl Generation {
         if g.from_predecessor {
             // Its predecessor waits for this message: its group exists.
             crate::spawn::join_predecessor_group();
+        }
+        // A canary until the commit: what it answers is counted from now
+        // and reported to a predecessor that reads the reports.
+        let reports = g.from_predecessor && g.predecessor_protocol >= 2;
+        if reports {
+            g.canary.begin_canary();
         }
         let mut alone = false;
         if let Some(ch) = g.channel_copy()? {
@@ -161,8 +216,11 @@ impl Generation {
                 lock(&g.reserve).drop_channel_copies();
             }
         }
+        if alone {
+            g.canary.end_canary();
+        }
         if g.from_predecessor && !alone {
-            g.watch_predecessor();
+            g.watch_predecessor(reports);
         }
         #[cfg(feature = "tokio")]
         g.readied.notify_waiters();
@@ -185,14 +243,14 @@ impl Generation {
     /// ([`predecessor_exited`](crate::Handover::predecessor_exited)). It
     /// waits for the hang-up alone (`POLLHUP`), and leaves the messages
     /// before it to whoever waits on the channel.
-    fn watch_predecessor(self: &Arc<Self>) {
+    fn watch_predecessor(self: &Arc<Self>, report: bool) {
         let Ok(Some(ch)) = self.channel_copy() else {
             return;
         };
         let g = Arc::downgrade(self);
         let started = std::thread::Builder::new()
             .name("handover-predecessor".into())
-            .spawn(move || watch(g, ch));
+            .spawn(move || watch(g, ch, report));
         if let Err(e) = started {
             tracing::warn!(error = %e, "cannot start the thread that watches the predecessor; its channel closes when the application waits for its exit");
         }
@@ -321,6 +379,11 @@ impl Generation {
             }
             life.inbox.push(&got);
             self.take_messages(life);
+            #[cfg(feature = "tokio")]
+            if !got.is_empty() || closed {
+                // Whoever waits on the channel elsewhere may have missed it.
+                self.channel_news.notify_waiters();
+            }
             if closed {
                 if let Some(at) = life.committed_at {
                     let span = crate::stats::upgrade_span(self.generation - 1);
@@ -331,14 +394,19 @@ impl Generation {
                 life.predecessor_gone();
                 lock(&self.reserve).drop_channel_copies();
             }
+            if life.committed || life.rolled_back {
+                // The window is over: no more counting, no more pacing.
+                self.canary.end_canary();
+            }
         }
         if closed {
             self.claim_pid_file();
         }
         #[cfg(feature = "tokio")]
-        if self.took_over.is_some() && self.state() == State::RolledBack {
-            // Called off: this process must not serve. Its drain ends the
-            // serving layer (and the triggers' task).
+        if self.state() == State::RolledBack {
+            // Taken back (judged worse, reported unhealthy) or called off:
+            // this process must not serve. Its drain ends the serving layer
+            // (and the triggers' task) without the application's doing.
             if let Some(drain) = lock(&self.drain).as_ref() {
                 drain.start();
             }
@@ -359,7 +427,19 @@ impl Generation {
                         "predecessor committed the handover"
                     );
                 }
-                Next::Message(Message::TakenBack) => life.taken_back(),
+                Next::Message(Message::TakenBack) => {
+                    life.taken_back();
+                    if life.state == State::Serving {
+                        life.state = State::RolledBack;
+                        tracing::warn!(
+                            generation = self.generation,
+                            "the predecessor took the service back during probation; draining"
+                        );
+                    }
+                }
+                Next::Message(Message::Pacing(share, accepted)) => {
+                    self.canary.pace(share, accepted);
+                }
                 Next::Message(Message::CalledOff(reason)) => {
                     // The running generation gave up on this takeover after
                     // this process reported ready (just past its deadline,
@@ -498,10 +578,16 @@ impl Generation {
             if done(self, closed) {
                 return Ok(true);
             }
-            let rev = sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], deadline)
+            // Another thread (the one watching the predecessor) may take in
+            // the message first: look again at least every 50 ms.
+            let slice = deadline.min(Instant::now() + Duration::from_millis(50));
+            sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], slice)
                 .map_err(|e| Error::io("poll on the channel", e))?;
-            if rev[0] == 0 {
-                return Ok(false);
+            if Instant::now() >= deadline {
+                let closed = self
+                    .pump()
+                    .map_err(|e| Error::io("reading the channel", e))?;
+                return Ok(done(self, closed));
             }
         }
     }
@@ -541,23 +627,30 @@ impl Generation {
         let stream = tokio::net::UnixStream::from_std(stream)
             .map_err(|e| Error::io("registering the channel with tokio", e))?;
         loop {
-            stream
-                .readable()
-                .await
-                .map_err(|e| Error::io("waiting on the channel", e))?;
-            // Read through pump; a WouldBlock from it clears tokio's
-            // readiness so that the next `readable()` waits.
-            let pumped = stream.try_io(tokio::io::Interest::READABLE, || {
-                let closed = self.pump()?;
-                match done(self, closed) {
-                    true => Ok(()),
-                    false => Err(io::ErrorKind::WouldBlock.into()),
+            // Another thread (the one watching the predecessor, a `stats()`)
+            // may take in what arrives before this one does, and epoll then
+            // reports nothing (an edge whose data is gone when it is read is
+            // dropped): every `pump` that takes something in wakes `news`.
+            let news = self.channel_news.notified();
+            tokio::pin!(news);
+            news.as_mut().enable();
+            let closed = self
+                .pump()
+                .map_err(|e| Error::io("reading the channel", e))?;
+            if done(self, closed) {
+                return Ok(());
+            }
+            tokio::select! {
+                ready = stream.readable() => {
+                    ready.map_err(|e| Error::io("waiting on the channel", e))?;
+                    // What is pending was read (or is read at the top of
+                    // the loop): clear tokio's readiness so that the next
+                    // `readable()` waits for new bytes.
+                    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
                 }
-            });
-            match pumped {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Error::io("reading the channel", e)),
+                _ = &mut news => {}
             }
         }
     }

@@ -39,6 +39,7 @@ pub struct UpgradeOptions {
     pub(crate) preflight: Option<Vec<OsString>>,
     pub(crate) state: Option<StateSource>,
     pub(crate) probation: Option<Duration>,
+    pub(crate) canary: Option<crate::canary::Policy>,
     /// A takeover: the process to hand over to, instead of starting one.
     pub(crate) peer: Option<Arc<Mutex<Option<crate::takeover::PeerRequest>>>>,
 }
@@ -51,6 +52,7 @@ impl std::fmt::Debug for UpgradeOptions {
             .field("preflight", &self.preflight)
             .field("state", &self.state.is_some())
             .field("probation", &self.probation)
+            .field("canary", &self.canary)
             .field("takeover", &self.peer.is_some())
             .finish()
     }
@@ -115,8 +117,24 @@ impl UpgradeOptions {
     /// window. Until then the successor refuses to upgrade itself
     /// ([`UpgradeError::OnProbation`]). Default: zero (no probation); at most
     /// one day.
+    ///
+    /// During the window the canary is also judged on the traffic both
+    /// generations serve: rolled back when it answers worse than this
+    /// generation ([`UpgradeError::Canary`](crate::UpgradeError::Canary));
+    /// see [`canary`](Self::canary) and the [`canary`](crate::canary)
+    /// module.
     pub fn probation(mut self, window: Duration) -> Self {
         self.probation = Some(window);
+        self
+    }
+
+    /// How the canary is judged during the probation window (see the
+    /// [`canary`](crate::canary) module): the bounds, the minimum traffic,
+    /// the application's own check, a share of new connections. Without a
+    /// window it does nothing. Default: [`canary::Policy::new`](crate::canary::Policy::new)
+    /// (judged, with the documented bounds).
+    pub fn canary(mut self, policy: crate::canary::Policy) -> Self {
+        self.canary = Some(policy);
         self
     }
 
@@ -151,6 +169,10 @@ pub struct Upgraded {
     /// How long each phase took, up to the commit (the drain and the exit
     /// come later).
     pub phases: Phases,
+    /// The canary judgement of the probation window, if it had one and
+    /// judging was on: why the successor was committed, with both
+    /// generations' numbers.
+    pub judgement: Option<Box<crate::canary::Judgement>>,
 }
 
 /// Puts the state back to Serving unless the upgrade committed, and tells
@@ -228,6 +250,13 @@ impl Generation {
             if phases != Phases::default() {
                 c.last = Some(phases);
             }
+            if phases.probation.is_some() {
+                // The judgement of this attempt's window, if it was judged.
+                c.judgement = match outcome {
+                    Err(UpgradeError::Canary { judgement, .. }) => Some(judgement.clone()),
+                    _ => None,
+                };
+            }
         }
         life.last = Some(LastUpgrade {
             successor: outcome.ok(),
@@ -251,6 +280,10 @@ impl Generation {
             setting: "probation",
             reason,
         })?;
+        let policy = opts.canary.clone().unwrap_or_else(|| cfg.canary.clone());
+        policy
+            .validate()
+            .map_err(|(setting, reason)| UpgradeError::InvalidOptions { setting, reason })?;
         let mut attempt = self.begin()?;
         let generation = self.generation + 1;
         let start = Instant::now();
@@ -365,6 +398,7 @@ impl Generation {
         ready?;
         let ready_after = start.elapsed();
         phase(phases, "ready", exec_done.elapsed());
+        let mut judgement = None;
         if !probation.is_zero() {
             // Canary: both generations accept on the shared sockets until
             // the window passes; a successor that fails meanwhile is reaped
@@ -375,17 +409,26 @@ impl Generation {
                 "successor ready; probation started"
             );
             let t = Instant::now();
+            // This generation's own traffic is counted for the window, to
+            // judge the canary's against.
+            let mut judging = (policy.judge || policy.share.is_some())
+                .then(|| crate::canary::Judging::begin(policy, self.canary.clone()));
             let watched = ready::watch_probation(
                 ours.as_fd(),
                 &mut inbox,
                 &mut child,
                 probation,
                 cfg.drain_timeout,
+                judging.as_mut(),
             );
+            drop(judging);
             phase(phases, "probation", t.elapsed());
-            watched?;
+            judgement = watched?.map(Box::new);
+            if let Some(j) = &judgement {
+                tracing::info!(pid, judgement = %j, "canary judged; committing");
+            }
         }
-        self.commit(ours, child, generation, phases, pid_file);
+        self.commit(ours, child, generation, phases, pid_file, judgement.clone());
         attempt.committed = true;
         tracing::info!(
             pid,
@@ -400,6 +443,7 @@ impl Generation {
             program,
             ready_after,
             phases: *phases,
+            judgement,
         })
     }
 
@@ -606,6 +650,7 @@ impl Generation {
         generation: u64,
         phases: &Phases,
         pid_file: Option<pidfile::Staged>,
+        judgement: Option<Box<crate::canary::Judgement>>,
     ) {
         let pid = child.pid();
         let took_over = matches!(child, Started::Peer(_));
@@ -636,7 +681,7 @@ impl Generation {
         // counting from ours. Our end of the channel stays open until this
         // process exits: its EOF tells the successor that its predecessor is
         // gone. It is close-on-exec, so no other child ever holds it.
-        let commit = Message::Commit(self.life().handed_over(ours, *phases)).encode();
+        let commit = Message::Commit(self.life().handed_over(ours, *phases, judgement)).encode();
         // The serving layer stops accepting now, without waiting for the
         // caller of `upgrade` to be scheduled first.
         #[cfg(feature = "tokio")]

@@ -150,6 +150,8 @@ pub struct Stats {
     /// a response (only with [`Load::start_retrying`]).
     pub retried: AtomicU64,
     pub by_pid: Mutex<BTreeMap<u32, u64>>,
+    /// Responses with another status than 200, by the pid that answered.
+    pub failed_by_pid: Mutex<BTreeMap<u32, u64>>,
     pub errors: Mutex<Vec<String>>,
 }
 
@@ -160,7 +162,15 @@ impl Stats {
                 self.ok.fetch_add(1, Ordering::Relaxed);
                 *self.by_pid.lock().unwrap().entry(resp.pid).or_default() += 1;
             }
-            Ok(resp) => self.fail(format!("status {}", resp.status)),
+            Ok(resp) => {
+                *self
+                    .failed_by_pid
+                    .lock()
+                    .unwrap()
+                    .entry(resp.pid)
+                    .or_default() += 1;
+                self.fail(format!("status {} from pid {}", resp.status, resp.pid))
+            }
             Err(e) => self.fail(e.to_string()),
         }
     }

@@ -29,6 +29,8 @@ struct Done {
     program: String,
     started_us: u128,
     ready_ms: f64,
+    /// The canary judgement of its probation window, if judged.
+    judgement: Option<Box<crate::canary::Judgement>>,
 }
 
 impl Done {
@@ -41,6 +43,9 @@ impl Done {
             .raw("started_us", self.started_us);
         if self.ready_ms >= 0.0 {
             j = j.raw("ready_ms", format_args!("{:.3}", self.ready_ms));
+        }
+        if let Some(judgement) = &self.judgement {
+            j = j.raw("canary", judgement_json(judgement));
         }
         if let Some(flag) = flag {
             j = j.raw(flag, true);
@@ -342,6 +347,7 @@ async fn take_over(runner: &Runner, stream: &tokio::net::UnixStream) -> String {
                 program: u.program.to_string_lossy().into_owned(),
                 started_us,
                 ready_ms: u.ready_after.as_secs_f64() * 1e3,
+                judgement: u.judgement.clone(),
             };
             let _ = runner.done.send(u).await;
             done.reply(Some("takeover"))
@@ -387,6 +393,7 @@ async fn upgrade(
             program: exe,
             started_us: h.generation_data().started_usec,
             ready_ms: -1.0,
+            judgement: None,
         };
         return done.reply(Some("already"));
     }
@@ -451,6 +458,7 @@ async fn upgrade(
                 program: u.program.to_string_lossy().into_owned(),
                 started_us: started,
                 ready_ms: u.ready_after.as_secs_f64() * 1e3,
+                judgement: u.judgement.clone(),
             }),
             Err(e) => Err(format!("error {}", crate::error::chain(e))),
         };
@@ -495,6 +503,33 @@ async fn shared(mut rx: watch::Receiver<Option<Outcome>>) -> Option<String> {
         Ok(done) => done.reply(Some("shared")),
         Err(reply) => format!("{reply} (shared)"),
     })
+}
+
+/// A canary judgement as JSON: the verdict, the operator's line, and both
+/// generations' numbers.
+fn judgement_json(j: &crate::canary::Judgement) -> String {
+    let side = |s: &crate::canary::Summary| {
+        let ms = |d: Option<std::time::Duration>| {
+            d.map_or("null".to_owned(), |d| {
+                format!("{:.3}", d.as_secs_f64() * 1e3)
+            })
+        };
+        Json::new()
+            .raw("requests", s.requests)
+            .raw("errors", s.errors)
+            .raw("error_rate", format_args!("{:.6}", s.error_rate()))
+            .raw("connections", s.connections)
+            .raw("p50_ms", ms(s.p50))
+            .raw("p99_ms", ms(s.p99))
+            .finish()
+    };
+    Json::new()
+        .str("verdict", j.verdict.name())
+        .raw("rolled_back", j.rolled_back())
+        .str("summary", &j.to_string())
+        .raw("canary", side(&j.canary))
+        .raw("baseline", side(&j.baseline))
+        .finish()
 }
 
 /// The `status` reply's JSON.
@@ -544,5 +579,12 @@ fn status_json(h: &Handover) -> String {
         .raw("upgrades_failed", stats.upgrades_failed)
         .raw("upgrade", upgrade)
         .raw("last_upgrade", last)
+        .raw(
+            "last_judgement",
+            stats
+                .last_judgement
+                .as_ref()
+                .map_or("null".to_owned(), judgement_json),
+        )
         .finish()
 }

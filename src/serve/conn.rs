@@ -65,6 +65,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use super::canary::Counted;
 use crate::drain::{Drain, DrainGuard};
 use crate::handover::Handover;
 use crate::lifecycle::State;
@@ -129,6 +130,15 @@ pub(crate) struct Shared {
     pub(crate) migrate: Option<Handover>,
     /// The handover served, if known: accepting stops at its commit.
     pub(crate) handover: Option<Handover>,
+    /// Its canary counts (see `serve::canary`).
+    pub(crate) canary: Option<crate::canary::Recorder>,
+}
+
+impl Shared {
+    /// Counts a failed connection for the canary judgement.
+    fn failed(&self, e: &hyper::Error) {
+        super::canary::connection_failed(self.canary.as_ref(), e);
+    }
 }
 
 /// What one connection is doing, as far as a stop needs to know whether
@@ -352,6 +362,7 @@ where
 {
     let mut deadline = shared.deadline.clone();
     let activity = Activity::new();
+    let service = Counted::new(service, shared.canary.clone());
     let connection = async {
         // A connection accepted before the drain started is served even if
         // nothing has been read from it yet: its request may be on the way.
@@ -407,6 +418,7 @@ pub(crate) async fn serve_migrated<T, S, B>(
 {
     let mut deadline = shared.deadline.clone();
     let activity = Activity::new();
+    let service = Counted::new(service, shared.canary.clone());
     let io = Rewind::new(pre, io, Some(activity.clone()));
     tokio::select! {
         _ = http1(io, service, &shared, &activity) => {}
@@ -457,6 +469,7 @@ where
         }
     };
     if let Err(e) = result {
+        shared.failed(&e);
         tracing::debug!(error = %e, "HTTP/1 connection failed");
     }
 }
@@ -531,6 +544,7 @@ async fn http1_migrating<T, S, B>(
     })
     .await;
     if let Err(e) = result {
+        shared.failed(&e);
         tracing::debug!(error = %e, "HTTP/1 connection failed");
         return;
     }
@@ -587,6 +601,7 @@ where
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = connection.await {
+        shared.failed(&e);
         tracing::debug!(error = %e, "HTTP/1 connection failed");
     }
 }
@@ -721,6 +736,7 @@ where
         }
     };
     if let Err(e) = result {
+        shared.failed(&e);
         tracing::debug!(error = %e, "HTTP/2 connection failed");
     }
 }

@@ -124,6 +124,12 @@ impl Listener {
 /// count when hyper hands it to the service. TLS is not done
 /// here (terminate it in front, or serve TLS streams with your own loop).
 ///
+/// During a probation window it counts every response (its status, its
+/// latency to the response head), every failure and every accepted
+/// connection for the canary judgement, and a canary with a share of the
+/// traffic paces its accepts (see [`canary`](crate::canary)); outside a
+/// window that costs one atomic load per request.
+///
 /// Accept errors back off ([`AcceptBackoff`]): `EMFILE` at the fd limit
 /// neither spins nor floods the log.
 ///
@@ -286,6 +292,7 @@ impl Server {
             http1: self.http1,
             http2: self.http2,
             migrate: self.handover.clone().filter(|_| self.migrate),
+            canary: self.handover.as_ref().map(Handover::canary),
             handover: self.handover.clone(),
         });
         let mut loops = tokio::task::JoinSet::new();
@@ -342,7 +349,7 @@ where
         let accepted = tokio::select! {
             biased;
             _ = &mut draining => break,
-            accepted = accept(&listener) => accepted,
+            accepted = super::canary::paced(shared.canary.as_ref(), accept(&listener)) => accepted,
         };
         match accepted {
             Ok(stream) => {

@@ -22,6 +22,8 @@ mod backoff;
 mod triggers;
 
 #[cfg(feature = "http")]
+mod canary;
+#[cfg(feature = "http")]
 mod conn;
 #[cfg(feature = "http")]
 mod http;
