@@ -41,10 +41,9 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         let listener = handover.tcp_listener("http", addr.unwrap_or("127.0.0.1:8080".into()))?;
         let mut triggers = Triggers::new(&handover).upgrade_on(SignalKind::hangup());
         if let Some(path) = flag("--control") {
+            let socket = control::bind(&handover, path)?.allow_takeover(true); // same uid only
             let allowed = flag("--allow-program").into_iter(); // programs `reload --binary` may run
-            let options = control::ControlOptions::new().allow_takeover(true); // same uid only
-            let options = allowed.fold(options, |o, p| o.allow_program(p));
-            triggers = triggers.control(control::bind_with(&handover, path, options)?);
+            triggers = triggers.control(allowed.fold(socket, |s, p| s.allow_program(p)));
         }
         triggers.stop_on(SignalKind::terminate()).spawn()?; // own task: accepting never waits
         handover.ready()?;

@@ -462,14 +462,12 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         .stop_on(SignalKind::terminate())
         .stop_on(SignalKind::interrupt());
     if let Some(p) = &config.control {
-        let options = config
+        let socket = handover::control::bind(&handover, p)?.allow_takeover(true);
+        let socket = config
             .allow_program
             .iter()
-            .fold(handover::control::ControlOptions::new(), |o, p| {
-                o.allow_program(p)
-            })
-            .allow_takeover(true);
-        triggers = triggers.control(handover::control::bind_with(&handover, p, options)?);
+            .fold(socket, |s, p| s.allow_program(p));
+        triggers = triggers.control(socket);
     }
     let triggered = triggers
         .on_upgrade(move |result| match result {
@@ -485,10 +483,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
                     .as_ref()
                     .map_or(String::new(), |j| format!(" judgement={j}")),
             )),
-            Err(e) => event(format_args!(
-                "upgrade-failed pid={pid} error={}",
-                handover::error_chain(e)
-            )),
+            Err(e) => event(format_args!("upgrade-failed pid={pid} error={e:#}")),
         })
         .spawn()?;
 
@@ -520,8 +515,8 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
     };
     let report = server.serve_hyper(service).await?;
     let reason = match triggered.await {
-        Some(Ending::Upgraded(_)) => "upgrade",
-        Some(Ending::Stop(_)) => "stop",
+        Ok(Ending::Upgraded(_)) => "upgrade",
+        Ok(Ending::Stop(_)) => "stop",
         _ => "drained",
     };
     if let Some(t) = udp_task {
@@ -577,7 +572,7 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
     let handover = match build(&config) {
         Ok(h) => h,
         Err(e) => {
-            let e = handover::error_chain(&e);
+            let e = format!("{e:#}");
             eprintln!("http_server: {e}");
             event(format_args!("fatal pid={} error={e}", std::process::id()));
             return ExitCode::FAILURE;
@@ -604,7 +599,7 @@ pub fn main_with(args: &[OsString]) -> ExitCode {
         Err(e) => {
             // A successor says why it cannot start, so that the old
             // generation and `reload` can tell the operator.
-            let e = handover::error_chain(&*e);
+            let e = format!("{e:#}");
             h.report_failure(&e);
             eprintln!("http_server: {e}");
             event(format_args!("fatal pid={} error={e}", std::process::id()));

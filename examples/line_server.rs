@@ -172,10 +172,7 @@ async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
                         let _ = upgraded_tx.send(());
                         return;
                     }
-                    Err(e) => println!(
-                        "upgrade-failed pid={pid} error={}",
-                        handover::error_chain(&e)
-                    ),
+                    Err(e) => println!("upgrade-failed pid={pid} error={e:#}"),
                 }
             }
         }
@@ -232,7 +229,7 @@ fn main() -> ExitCode {
     let h = match builder.build() {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("line_server: {}", handover::error_chain(&e));
+            eprintln!("line_server: {e:#}");
             return ExitCode::FAILURE;
         }
     };

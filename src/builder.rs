@@ -119,7 +119,7 @@ impl Builder {
     /// counters; then [`Handover::ready`] commits the takeover (after the
     /// old generation's probation window, if it has one), and the old
     /// generation drains and exits. The old generation must allow it
-    /// ([`control::ControlOptions::allow_takeover`](crate::control::ControlOptions::allow_takeover)).
+    /// ([`control::ControlSocket::allow_takeover`](crate::control::ControlSocket::allow_takeover)).
     ///
     /// Nobody at `path` (no socket, or nobody accepting): this process
     /// starts as a first generation. A refusal (takeover not allowed,

@@ -3,8 +3,9 @@
 //!
 //! Display says what failed; the underlying cause is the error's
 //! [`source`](std::error::Error::source), never repeated in Display. To show
-//! an operator the whole story on one line, join the chain (as the crate
-//! does for the `reload` reply and its logs): [`chain`].
+//! an operator the whole story on one line (as the crate does for the
+//! `reload` reply and its logs), use the alternate form: `format!("{e:#}")`
+//! writes the message and every source, joined by `": "`.
 
 use std::fmt;
 use std::io;
@@ -104,7 +105,15 @@ impl Error {
 }
 
 impl fmt::Display for Error {
+    /// The message; with `{:#}`, followed by its sources, each after `": "`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.message(f)?;
+        sources(self, f)
+    }
+}
+
+impl Error {
+    fn message(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Env { var, value, reason } => write!(f, "{var}={value:?} is invalid: {reason}"),
             Error::InvalidFd { fd, name, reason } => {
@@ -331,7 +340,15 @@ impl UpgradeError {
 }
 
 impl fmt::Display for UpgradeError {
+    /// The message; with `{:#}`, followed by its sources, each after `": "`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.message(f)?;
+        sources(self, f)
+    }
+}
+
+impl UpgradeError {
+    fn message(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UpgradeError::NotReady => {
                 write!(f, "upgrade refused: this generation has not called ready()")
@@ -482,9 +499,25 @@ impl From<UpgradeError> for io::Error {
     }
 }
 
+/// With the alternate flag (`{:#}`), writes the sources of `e` after its
+/// message, each after `": "`: the whole story on one line, as an operator
+/// reads it in a `reload` reply or a log line. Without it, nothing: plain
+/// `Display` never repeats a source.
+pub(crate) fn sources(e: &dyn std::error::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if f.alternate() {
+        let mut next = e.source();
+        while let Some(s) = next {
+            write!(f, ": {s}")?;
+            next = s.source();
+        }
+    }
+    Ok(())
+}
+
 /// An error and its sources on one line, joined by `": "` — what an
-/// operator reads in a `reload` reply or a log line.
-pub fn chain(e: &dyn std::error::Error) -> String {
+/// operator reads in a `reload` reply or a log line; `format!("{e:#}")` for
+/// the crate's errors.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {

@@ -218,11 +218,6 @@ impl Registry {
             .collect()
     }
 
-    /// Names of the registered fds.
-    pub(crate) fn names(&self) -> Vec<String> {
-        self.registered.iter().map(|e| e.name.clone()).collect()
-    }
-
     /// The registered fds named `name`, with what each stands for.
     pub(crate) fn find(&self, name: &str) -> Vec<(&Want, BorrowedFd<'_>)> {
         self.by_name

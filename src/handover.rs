@@ -223,18 +223,6 @@ impl Handover {
         &self.g.notifier
     }
 
-    /// Tells the service manager that the whole service is stopping
-    /// (`STOPPING=1`), and nothing more. Call it on a real stop (SIGTERM),
-    /// never while draining after a handover: systemd would stop the unit
-    /// the successor serves.
-    #[deprecated(
-        note = "use Handover::stop, which also closes the listeners, removes the \
-                pid file and control socket, refuses upgrades and starts the drain"
-    )]
-    pub fn stopping(&self) -> std::io::Result<()> {
-        self.g.notifier.stopping()
-    }
-
     /// A real stop: this generation is the last one, no successor takes
     /// over. Call it on SIGTERM ([`serve::Triggers`](crate::serve::Triggers)
     /// does) instead of only starting the drain.
@@ -272,23 +260,19 @@ impl Handover {
     ///   connections — there is no successor to hand them to; the drain
     ///   timeout bounds the rest.
     ///
-    /// While an upgrade runs it does nothing and says
-    /// [`StopOutcome::Upgrading`](crate::StopOutcome::Upgrading): call it again when the upgrade has ended
+    /// Returns the generation's state: [`State::Stopping`] when it stops
+    /// (now, or it already was). While an upgrade runs it does nothing and
+    /// returns [`State::Upgrading`]: call it again when the upgrade has ended
     /// (or the successor serves, and this generation drains as after any
-    /// handover: [`StopOutcome::NotServing`](crate::StopOutcome::NotServing)). Calling it again once
-    /// stopping does nothing more.
-    pub fn stop(&self) -> crate::StopOutcome {
-        let outcome = self.g.stop();
+    /// handover: [`State::HandedOver`], or [`State::RolledBack`] for a
+    /// successor taken back; nothing is done then either).
+    pub fn stop(&self) -> State {
+        let state = self.g.stop();
         #[cfg(feature = "tokio")]
-        if outcome == crate::StopOutcome::Stopping {
+        if state == State::Stopping {
             self.drain().start_stop();
         }
-        outcome
-    }
-
-    /// The names of the fds this generation will hand to a successor.
-    pub fn names(&self) -> Vec<String> {
-        lock(&self.g.registry).names()
+        state
     }
 
     /// A TCP listener named `name`: the inherited one, or a new one bound to

@@ -179,7 +179,7 @@
 //! beside the old one, the other unit of a blue/green pair, a build started
 //! by hand — takes the service over through the control socket
 //! ([`Builder::take_over`], allowed by
-//! [`control::ControlOptions::allow_takeover`]): it receives the named fds,
+//! [`control::ControlSocket::allow_takeover`]): it receives the named fds,
 //! a channel, the state and the counters, and from there it is the protocol
 //! of every upgrade (ready, probation, commit, migration).
 //!
@@ -297,15 +297,13 @@ pub use builder::Builder;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use drain::{Drain, DrainGuard, DrainReport};
-pub use error::{Error, UpgradeError, chain as error_chain};
+pub use error::{Error, UpgradeError};
 pub use fds::ListenOptions;
 pub use handover::Handover;
 pub use lifecycle::{LastUpgrade, State, Stats};
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use migrate::{ConnectionSender, IncomingConnections, Migrated, MigratedConnection};
-pub use pidfile::read as read_pid_file;
 pub use state::StateReader;
 pub use stats::Phases;
-pub use stop::StopOutcome;
 pub use upgrade::{UpgradeOptions, Upgraded};

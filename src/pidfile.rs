@@ -148,7 +148,7 @@ pub(crate) fn check_replaceable(path: &Path) -> io::Result<()> {
 }
 
 /// Reads a pid file written by [`write`].
-pub fn read(path: &Path) -> io::Result<u32> {
+pub(crate) fn read(path: &Path) -> io::Result<u32> {
     let s = std::fs::read_to_string(path)?;
     s.trim().parse().map_err(|_| {
         io::Error::new(

@@ -37,31 +37,15 @@ use crate::lifecycle::{Generation, State, lock};
 use crate::pidfile;
 use crate::sys::{self, FileId};
 
-/// What [`Handover::stop`](crate::Handover::stop) did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StopOutcome {
-    /// This generation stops (now, or it already was): its listeners are
-    /// closed, its files removed, its drain started as a stop.
-    Stopping,
-    /// An upgrade is running: nothing was done. Call again when it has
-    /// ended (within the ready timeout and any probation window);
-    /// [`serve::Triggers`](crate::serve::Triggers) does.
-    Upgrading,
-    /// This generation handed over (or was taken back): it is not the
-    /// service any more, and nothing was done. It drains as before.
-    NotServing,
-}
-
 impl Generation {
     /// `Handover::stop`'s work, without the drain.
-    pub(crate) fn stop(&self) -> StopOutcome {
+    pub(crate) fn stop(&self) -> State {
         let main = {
             let mut life = self.life();
             match life.state {
-                State::Stopping => return StopOutcome::Stopping,
-                State::Upgrading => return StopOutcome::Upgrading,
-                State::HandedOver | State::RolledBack => return StopOutcome::NotServing,
+                State::Stopping => return State::Stopping,
+                State::Upgrading => return State::Upgrading,
+                s @ (State::HandedOver | State::RolledBack) => return s,
                 State::Starting | State::Serving => {}
             }
             life.state = State::Stopping;
@@ -97,7 +81,7 @@ impl Generation {
             removed = ?removed,
             "stopping: listeners closed, draining"
         );
-        StopOutcome::Stopping
+        State::Stopping
     }
 
     /// Removes the pid file, the lock and the control socket's path where

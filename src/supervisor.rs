@@ -40,7 +40,7 @@ use crate::sys;
 
 /// Set in the server's environment by the supervisor: a server that sees it
 /// must not start another supervisor.
-pub const SUPERVISED_VAR: &str = "HANDOVER_SUPERVISED";
+pub(crate) const SUPERVISED_VAR: &str = "HANDOVER_SUPERVISED";
 
 /// The signals the supervisor passes on to the main process.
 const FORWARDED: [Signal; 7] = [

@@ -40,7 +40,7 @@ pub(crate) const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
 pub(crate) const WATCHDOG_PID: &str = "WATCHDOG_PID";
 
 /// The most fds one notification may carry (systemd's `SCM_MAX_FD` is 253).
-pub const MAX_FDS_PER_MESSAGE: usize = 253;
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
 
 /// A client of the service manager's notification socket.
 #[derive(Debug)]
@@ -55,11 +55,6 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// A notifier that sends nothing.
-    pub fn disabled() -> Notifier {
-        Notifier::new(None, None)
-    }
-
     fn new(target: Option<(UnixAddr, Socket)>, watchdog: Option<Duration>) -> Notifier {
         Notifier {
             target,
@@ -70,16 +65,8 @@ impl Notifier {
     }
 
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` of this
-    /// process. An unset `NOTIFY_SOCKET` gives a disabled notifier; a value
-    /// that is neither an absolute path nor `@name` is an error (the
-    /// [`Handover`](crate::Handover) warns about it and goes on without a
-    /// notifier instead: see the [module documentation](self)).
-    pub fn from_env() -> Result<Notifier, Error> {
-        Notifier::from_getter(|k| std::env::var_os(k), std::process::id())
-    }
-
-    /// [`from_env`](Self::from_env) for a generation: what cannot be used
-    /// is warned about, not fatal. An unusable `NOTIFY_SOCKET` disables the
+    /// process for a generation: an unset `NOTIFY_SOCKET` gives a disabled
+    /// notifier, and what cannot be used is warned about, not fatal. An unusable `NOTIFY_SOCKET` disables the
     /// notifier; an unusable `WATCHDOG_USEC` disables the watchdog.
     pub(crate) fn from_env_or_warn() -> Notifier {
         Notifier::from_getter_or_warn(|k| std::env::var_os(k), std::process::id())
@@ -103,6 +90,9 @@ impl Notifier {
         Notifier::new(target, watchdog)
     }
 
+    /// Strict: what cannot be used is an error (the fuzz target and the
+    /// tests check the parsing with it).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_getter(
         get: impl Fn(&str) -> Option<OsString>,
         own_pid: u32,
@@ -219,21 +209,9 @@ impl Notifier {
         }
     }
 
-    /// `STOPPING=1`: the whole service is stopping. Never send it from a
-    /// generation that drains after handing over: systemd would stop the unit.
-    pub fn stopping(&self) -> io::Result<()> {
-        self.notify("STOPPING=1")
-    }
-
     /// `STATUS=`: a one-line status for `systemctl status`.
     pub fn status(&self, status: &str) -> io::Result<()> {
         self.notify(&format!("STATUS={}", status.replace('\n', " ")))
-    }
-
-    /// `EXTEND_TIMEOUT_USEC=`: the current start, reload or stop may take
-    /// `by` longer than configured.
-    pub fn extend_timeout(&self, by: Duration) -> io::Result<()> {
-        self.notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()))
     }
 
     /// `WATCHDOG=1`.
@@ -258,7 +236,7 @@ impl Notifier {
 
     /// `BARRIER=1`: returns once the manager has processed every message sent
     /// before it (it closes the pipe end sent along), or fails after `timeout`.
-    pub fn barrier(&self, timeout: Duration) -> io::Result<()> {
+    pub(crate) fn barrier(&self, timeout: Duration) -> io::Result<()> {
         if self.target.is_none() {
             return Ok(());
         }

@@ -52,8 +52,7 @@ fn the_control_socket_is_0600_and_refuses_other_users() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let status =
-        handover::control::request(&ctl, "status", Duration::from_secs(10)).expect("status");
+    let status = handover::control::status(&ctl, Duration::from_secs(10)).expect("status");
     assert!(
         status.contains(&format!("\"pid\":{}", srv.pid())),
         "{status}"
@@ -141,7 +140,7 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
         vec![serving],
         "only the old generation may have answered"
     );
-    let status = handover::control::request(&ctl, "status", Duration::from_secs(10)).unwrap();
+    let status = handover::control::status(&ctl, Duration::from_secs(10)).unwrap();
     assert!(
         status.contains("\"ok\":false") && status.contains("No such file"),
         "{status}"
@@ -176,6 +175,26 @@ fn reload_exits_non_zero_with_the_reason_and_the_old_generation_serves() {
     assert!(srv.stop().success());
 }
 
+/// One request line over the control socket, as `control::reload` sends
+/// it: the reply line, or `None` if the socket closed without one.
+fn exchange(
+    ctl: &std::path::Path,
+    line: &str,
+    timeout: Duration,
+) -> std::io::Result<Option<String>> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(ctl)?;
+    s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    writeln!(s, "{line}")?;
+    let mut reply = String::new();
+    match std::io::BufReader::new(s).read_line(&mut reply) {
+        Ok(0) => Ok(None),
+        Ok(_) => Ok(Some(reply.trim_end().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// `control::reload` with the request made at `since` (CLOCK_MONOTONIC
 /// µs): asks again after `retry` or a close without a reply, as `reload`
 /// does, for at most 60 s (a probe loop with a deadline).
@@ -183,17 +202,16 @@ fn reload_since(ctl: &std::path::Path, since: u128) -> Result<String, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match handover::control::request(ctl, &format!("upgrade since={since}"), left) {
-            Ok(body) => return Ok(body),
+        let reply =
+            exchange(ctl, &format!("upgrade since={since}"), left).map_err(|e| e.to_string())?;
+        match reply {
+            Some(r) if r.starts_with("ok ") => return Ok(r[3..].to_owned()),
             // `retry`, or closed by a generation that handed over.
-            Err(handover::control::ControlError::Protocol(why))
-                if !left.is_zero()
-                    && (why.starts_with("retry ") || why.contains("closed without a reply")) =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e.to_string()),
+            Some(r) if r.starts_with("retry ") && !left.is_zero() => {}
+            None if !left.is_zero() => {}
+            other => return Err(format!("{other:?}")),
         }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -276,8 +294,7 @@ fn during_probation_a_second_reload_waits_and_gets_an_upgrade_of_its_own() {
     let third = common::field_u32(&ok, "successor");
     assert!(out.contains(&format!("\"pid\":{third}")), "{out}");
     srv.finish_upgrade(new, third);
-    let status =
-        handover::control::request(&ctl, "status", Duration::from_secs(10)).expect("status");
+    let status = handover::control::status(&ctl, Duration::from_secs(10)).expect("status");
     assert!(status.contains(&format!("\"pid\":{third}")), "{status}");
     assert!(status.contains("\"committed\":true"), "{status}");
     assert!(status.contains("\"upgrades_succeeded\":2"), "{status}");

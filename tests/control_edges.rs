@@ -47,7 +47,7 @@ fn start(dir: &Path, program: &Path, extra: &[&str]) -> (PathBuf, Server) {
 }
 
 fn status(ctl: &Path) -> String {
-    handover::control::request(ctl, "status", Duration::from_secs(10)).expect("status")
+    handover::control::status(ctl, Duration::from_secs(10)).expect("status")
 }
 
 #[test]
@@ -158,14 +158,14 @@ fn another_uid_is_refused_before_it_sends_anything_and_connections_are_capped() 
         Duration::from_secs(10),
         || {
             matches!(
-                handover::control::request(&ctl, "status", Duration::from_secs(5)),
+                handover::control::status(&ctl, Duration::from_secs(5)),
                 Err(handover::control::ControlError::Failed(r)) if r.starts_with("busy")
             )
         },
     );
     drop(idle);
     wait_until("the slots to free", Duration::from_secs(10), || {
-        handover::control::request(&ctl, "status", Duration::from_secs(5)).is_ok()
+        handover::control::status(&ctl, Duration::from_secs(5)).is_ok()
     });
     assert_eq!(common::json(&status(&ctl), "upgrades_failed"), "0");
     assert!(srv.stop().success());

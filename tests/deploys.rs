@@ -321,7 +321,7 @@ fn an_unwritable_pid_file_fails_the_upgrade_before_the_commit() {
     let reply = reload(&ctl, None).expect("first upgrade");
     let (old, new) = (srv.pid(), pid_of(&reply));
     follow(&mut srv, old, new);
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), new);
 
     // The pid file cannot be replaced now (a non-empty directory took its
     // place: even root cannot rename a file over it).
@@ -340,7 +340,7 @@ fn an_unwritable_pid_file_fails_the_upgrade_before_the_commit() {
     let reply = reload(&ctl, None).expect("upgrade after the repair");
     let third = pid_of(&reply);
     follow(&mut srv, new, third);
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), third);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), third);
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
     assert!(srv.stop().success());

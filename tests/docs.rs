@@ -96,7 +96,7 @@ fn run_block(name: &str, line: usize, script: &str) {
     assert!(out.status.success(), "{said}");
     println!("{said}");
     // Still serving; stop it (and every generation the block made) by pid.
-    let status = handover::control::request(&ctl, "status", Duration::from_secs(10))
+    let status = handover::control::status(&ctl, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{name}:{line}: no status after the block: {e}\n{said}"));
     let pid: u32 = common::json(&status, "pid").parse().unwrap();
     procs::signal(pid, libc::SIGTERM).unwrap();

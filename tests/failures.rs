@@ -27,7 +27,7 @@ fn broken_successors_leave_the_old_generation_serving() {
         ],
     );
     let serving = srv.pid();
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), serving);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), serving);
     let load = load::Load::start_warm(srv.addr(), 2, 2, 21);
     let stats = load.stats.clone();
 
@@ -75,7 +75,7 @@ fn broken_successors_leave_the_old_generation_serving() {
             procs::zombies(serving).is_empty(),
             "zombie left by {expect:?}"
         );
-        assert_eq!(handover::read_pid_file(&pid_file).unwrap(), serving);
+        assert_eq!(common::read_pid_file(&pid_file).unwrap(), serving);
         let r = load::get(srv.addr(), "/").expect("still serving");
         assert_eq!(r.pid, serving);
     }
@@ -107,7 +107,7 @@ fn broken_successors_leave_the_old_generation_serving() {
         Duration::from_secs(30),
         || stats.by_pid.lock().unwrap().contains_key(&new),
     );
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), new);
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
     assert!(srv.stop().success());

@@ -61,11 +61,11 @@ fn upgrades_at_the_fd_limit() {
 
     // Saturated: every fd slot is taken by a connection.
     let (_, second) = srv.upgrade();
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), second);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), second);
     // The successor takes in the waiting connections until it is full too.
     saturated(second);
     let (_, third) = srv.upgrade();
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), third);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), third);
     saturated(third);
 
     // Freed: the connections close, and the next upgrade works as usual.
@@ -76,7 +76,7 @@ fn upgrades_at_the_fd_limit() {
         || procs::fd_count(third) < LIMIT / 2,
     );
     let (_, fourth) = srv.upgrade();
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), fourth);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), fourth);
     let r = load::get(addr, "/").expect("served after the upgrades");
     assert_eq!(r.pid, fourth);
     // Accept errors back off (5 ms doubling to 1 s) and log at most one line
@@ -130,9 +130,8 @@ fn the_control_socket_answers_at_the_fd_limit_without_spinning() {
     // second one waits in the accept queue while the server is full.
     let silent = UnixStream::connect(&ctl).expect("connect");
     let ctl2 = ctl.clone();
-    let waiting = std::thread::spawn(move || {
-        handover::control::request(&ctl2, "status", Duration::from_secs(60))
-    });
+    let waiting =
+        std::thread::spawn(move || handover::control::status(&ctl2, Duration::from_secs(60)));
     // Meanwhile the server backs off instead of spinning on EMFILE.
     let (cpu0, t0) = (cpu_time(srv.pid()), std::time::Instant::now());
     wait_until("two seconds to pass", Duration::from_secs(10), || {
@@ -163,7 +162,7 @@ fn the_control_socket_answers_at_the_fd_limit_without_spinning() {
             .expect("reload at the fd limit");
         let new: u32 = common::json(&reply, "pid").parse().unwrap();
         srv.finish_upgrade(old, new);
-        assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
+        assert_eq!(common::read_pid_file(&pid_file).unwrap(), new);
         saturated(new);
     }
     drop(held);

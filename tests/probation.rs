@@ -115,7 +115,7 @@ fn a_healthy_successor_is_committed_only_after_the_window() {
         refused.contains("has not committed the handover"),
         "{refused}"
     );
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), old);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), old);
     wait_until("the successor to answer", Duration::from_secs(10), || {
         served_by(&load.stats, new) > 0
     });
@@ -128,7 +128,7 @@ fn a_healthy_successor_is_committed_only_after_the_window() {
         served_by(&load.stats, old) > old_at_ready + 50,
         "the old generation stopped serving during the window"
     );
-    assert_eq!(handover::read_pid_file(&pid_file).unwrap(), new);
+    assert_eq!(common::read_pid_file(&pid_file).unwrap(), new);
     srv.finish_upgrade(old, new);
 
     let s = stats(addr);

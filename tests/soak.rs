@@ -184,7 +184,7 @@ fn fault_soak() {
         wait_until(
             "the pid file to name the serving generation",
             Duration::from_secs(10),
-            || handover::read_pid_file(&pid_file).ok() == Some(current),
+            || common::read_pid_file(&pid_file).ok() == Some(current),
         );
         assert!(procs::exists(current));
         wait_until("no zombies", Duration::from_secs(10), || {

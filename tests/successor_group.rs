@@ -147,7 +147,7 @@ fn what_a_failed_successor_started_dies_with_it() {
             || holders(inode) == vec![serving],
         );
         assert!(procs::zombies(serving).is_empty(), "zombie after {line}");
-        assert_eq!(handover::read_pid_file(&pid_file).unwrap(), serving);
+        assert_eq!(common::read_pid_file(&pid_file).unwrap(), serving);
     }
 
     // A successor is a normal member of the service from `ready()` on: it

@@ -84,10 +84,7 @@ fn twenty_takeovers_under_load_lose_nothing() {
         assert_eq!(new.addr(), addr);
         retire(&mut old, pid);
         new.wait_line("predecessor-exited", Some(pid));
-        assert_eq!(
-            handover::read_pid_file(&dir.path().join("pid")).unwrap(),
-            pid
-        );
+        assert_eq!(common::read_pid_file(&dir.path().join("pid")).unwrap(), pid);
         wait_until("the new process to answer", Duration::from_secs(30), || {
             stats.by_pid.lock().unwrap().get(&pid).copied().unwrap_or(0) > 10
         });
@@ -136,8 +133,7 @@ fn a_taker_of_another_uid_is_refused_before_any_fd_is_sent() {
         err.contains("cannot take over from") && err.contains("permission denied: uid 65534"),
         "{err}"
     );
-    let st =
-        handover::control::request(ctl(dir.path()), "status", Duration::from_secs(10)).unwrap();
+    let st = handover::control::status(ctl(dir.path()), Duration::from_secs(10)).unwrap();
     assert_eq!(
         common::json(&st, "upgrades_failed"),
         "0",
@@ -265,7 +261,7 @@ fn takers_in_their_own_pid_and_mount_namespaces_lose_nothing_or_skip() {
         let named = if i == 0 { outer } else { inner };
         assert_eq!(i == 0, outer != 0, "{ok}");
         wait_until("the pid file to name it", Duration::from_secs(10), || {
-            handover::read_pid_file(&dir.path().join("pid")).ok() == Some(named)
+            common::read_pid_file(&dir.path().join("pid")).ok() == Some(named)
         });
         // Alone now: every answer comes from it.
         let st = common::stats(addr);

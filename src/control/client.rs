@@ -54,7 +54,15 @@ impl ControlError {
 }
 
 impl std::fmt::Display for ControlError {
+    /// The message; with `{:#}`, followed by its source.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.message(f)?;
+        crate::error::sources(self, f)
+    }
+}
+
+impl ControlError {
+    fn message(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ControlError::Connect { path, .. } => write!(f, "cannot connect to {}", path.display()),
             ControlError::NoAnswer { path, .. } => write!(
@@ -152,11 +160,18 @@ fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Reply, Cont
     }
 }
 
+/// Asks the service for its `status`: the serving generation as JSON (pid,
+/// generation, program, counters, its last upgrade, and `upgrade`: the one
+/// in progress, or `null`), waiting at most `timeout`.
+pub fn status(path: impl AsRef<Path>, timeout: Duration) -> Result<String, ControlError> {
+    request(path, "status", timeout)
+}
+
 /// Sends one request line and returns the body of an `ok` reply, waiting at
 /// most `timeout` for it. `busy` is returned as [`ControlError::Failed`]
 /// (nothing was done); `retry` as [`ControlError::Protocol`] ([`reload`]
 /// follows it).
-pub fn request(
+pub(crate) fn request(
     path: impl AsRef<Path>,
     request: &str,
     timeout: Duration,
@@ -177,7 +192,7 @@ pub fn request(
 
 /// Requests an upgrade (to `program`, an absolute path, for this upgrade
 /// only, if given — the service must allow it, see
-/// [`ControlOptions::allow_program`](super::ControlOptions::allow_program))
+/// [`ControlSocket::allow_program`](super::ControlSocket::allow_program))
 /// and waits for its result, at most `timeout` in all: `Ok(json)` names the
 /// generation that serves, its pid and the program it runs. The reply is
 /// always about a generation that started after this call.
@@ -430,7 +445,7 @@ fn run_status(prog: &str, p: &Parsed) -> u8 {
     let deadline = p.wait.map(crate::clock::after);
     let mut pause = Duration::from_millis(20);
     loop {
-        let body = match request(&p.control, "status", p.timeout) {
+        let body = match status(&p.control, p.timeout) {
             Ok(body) => body,
             Err(e) => {
                 eprintln!("{prog} status: {}", crate::error::chain(&e));

@@ -10,7 +10,7 @@
 //!
 //! 1. **The peer's uid**, right after `accept` and before anything is read
 //!    (`SO_PEERCRED`): only the service's own effective uid, and those added
-//!    with [`ControlOptions::allow_uid`]. Anyone else is answered `error
+//!    with [`ControlSocket::allow_uid`]. Anyone else is answered `error
 //!    permission denied` and nothing of theirs is read.
 //! 2. **How many**: at most 16 control connections at a time; past that a
 //!    connection is answered `busy` at once. A request line is at most
@@ -20,13 +20,13 @@
 //!    it can change what the service runs anyway). A `reload --binary
 //!    PATH` (a rollback) names another program: it is refused unless the
 //!    application allowed that program, or a directory holding it, with
-//!    [`ControlOptions::allow_program`]. By default nothing else may run,
+//!    [`ControlSocket::allow_program`]. By default nothing else may run,
 //!    because a peer that may name the program runs any code it likes with
 //!    the service's listening sockets and environment.
 //! 4. **Takeover**: a `takeover` request hands every listener, the state and
 //!    the connections to the peer — as much as running code as the service —
 //!    so it is refused unless the application turned it on
-//!    ([`ControlOptions::allow_takeover`]), and then only for the allowed
+//!    ([`ControlSocket::allow_takeover`]), and then only for the allowed
 //!    uids of step 1. A plain `reload` never gives a peer more than the
 //!    deploy path; a takeover gives the peer whatever it runs.
 //!
@@ -34,7 +34,7 @@
 //! manager (socket activation) or the fd store is checked the same way: an
 //! abstract socket, or a file whose mode or owner lets another user connect,
 //! is refused unless the application allows it
-//! ([`ControlOptions::allow_open_socket`]).
+//! ([`ControlSocket::allow_open_socket`]).
 //!
 //! # The protocol
 //!
@@ -73,7 +73,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::Error;
 use crate::fds::Want;
@@ -83,9 +82,11 @@ mod client;
 #[cfg(feature = "tokio")]
 mod server;
 
-pub use client::{ControlError, command, reload, request};
+pub use client::{ControlError, command, reload, status};
 #[cfg(feature = "tokio")]
 pub use server::serve;
+#[cfg(feature = "tokio")]
+pub(crate) use server::serve_checked;
 
 /// The registry name of the control socket.
 pub(crate) const NAME: &str = "handover.control";
@@ -94,74 +95,26 @@ pub(crate) const NAME: &str = "handover.control";
 #[cfg(feature = "tokio")]
 const MAX_REQUEST: usize = 4096;
 
-/// What the control socket allows beyond its defaults; see the module
-/// documentation ("Who may do what"). Default: only the service's own uid,
-/// only the deploy path, only a private socket.
+/// What the control socket allows beyond its defaults (see the module
+/// documentation, "Who may do what"), set on [`ControlSocket`].
 #[derive(Debug, Clone, Default)]
-#[must_use]
-pub struct ControlOptions {
+pub(crate) struct Policy {
     programs: Vec<PathBuf>,
     uids: Vec<u32>,
     open_socket: bool,
-    takeover: bool,
+    pub(crate) takeover: bool,
 }
 
-impl ControlOptions {
-    /// The defaults.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Lets `reload --binary PATH` run `path` — or, if `path` is a
-    /// directory, any program inside it (at any depth) — as the next
-    /// generation, for that upgrade only (a rollback to a kept build). The
-    /// requested program is resolved (symlinks followed) before it is
-    /// checked, and what was checked is what runs. May be given several
-    /// times. Default: none; a request naming another program than the
-    /// deploy path is refused.
-    pub fn allow_program(mut self, path: impl Into<PathBuf>) -> Self {
-        self.programs.push(path.into());
-        self
-    }
-
-    /// Lets peers running as `uid` make requests too (for instance root, or
-    /// a deploy user). Default: only the service's own effective uid.
-    pub fn allow_uid(mut self, uid: u32) -> Self {
-        self.uids.push(uid);
-        self
-    }
-
-    /// Accepts an inherited control socket that other users can reach: an
-    /// abstract one, or a file whose mode lets group or others write (that
-    /// is, connect) or that another user owns. The uid check still applies
-    /// to every request. Default: refused ([`bind`] fails).
-    pub fn allow_open_socket(mut self, on: bool) -> Self {
-        self.open_socket = on;
-        self
-    }
-
-    /// Lets a process started by someone else take the service over through
-    /// this socket ([`Builder::take_over`](crate::Builder::take_over)):
-    /// every listener, the state and (with migration) the connections go to
-    /// it, so this gives an allowed peer as much as running its own program
-    /// as the service — which is why it is off by default. Only peers of an
-    /// allowed uid (the service's own, and [`allow_uid`](Self::allow_uid))
-    /// may, checked before anything is sent. Default: off.
-    pub fn allow_takeover(mut self, on: bool) -> Self {
-        self.takeover = on;
-        self
-    }
-
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+impl Policy {
     /// Whether a peer with `uid` may make requests.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn uid_allowed(&self, uid: u32) -> bool {
+    pub(crate) fn uid_allowed(&self, uid: u32) -> bool {
         uid == nix::unistd::geteuid().as_raw() || self.uids.contains(&uid)
     }
 
     /// The program a request for `asked` runs: the resolved path, if the
-    /// options allow it; else why not.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn program_allowed(&self, asked: &Path, deploy: &Path) -> Result<PathBuf, String> {
+    /// policy allows it; else why not.
+    pub(crate) fn program_allowed(&self, asked: &Path, deploy: &Path) -> Result<PathBuf, String> {
         let resolved = crate::program::resolve(asked)
             .map_err(|e| format!("cannot run {}: {e}", asked.display()))?;
         if crate::program::resolve(deploy).is_ok_and(|d| d == resolved) {
@@ -177,28 +130,101 @@ impl ControlOptions {
         }
         Err(format!(
             "refused: this service runs only its deploy path ({}) on request; {} is not \
-             among the programs it allows (ControlOptions::allow_program)",
+             among the programs it allows (ControlSocket::allow_program)",
             deploy.display(),
             asked.display()
         ))
     }
 }
 
-/// A bound (or inherited) control socket with its options, for
+/// A bound (or inherited) control socket and what it allows, for
 /// [`serve::Triggers::control`](crate::serve::Triggers::control) or
-/// [`serve`].
+/// [`serve`]. By default: only the service's own uid, only the deploy path,
+/// no takeover, only a private socket.
 #[derive(Debug)]
+#[must_use]
 #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub struct ControlSocket {
     pub(crate) listener: std::os::unix::net::UnixListener,
-    pub(crate) options: Arc<ControlOptions>,
+    pub(crate) policy: Policy,
     /// An fd slot kept from the start (before the service accepts and may
     /// take every slot), for accepting a control connection at the fd limit.
     pub(crate) spare: Option<OwnedFd>,
+    /// Reports a refused socket to the predecessor, if any.
+    handover: Handover,
 }
 
-/// Creates (or inherits) the control socket at `path` with the default
-/// [`ControlOptions`].
+impl ControlSocket {
+    /// Lets `reload --binary PATH` run `path` — or, if `path` is a
+    /// directory, any program inside it (at any depth) — as the next
+    /// generation, for that upgrade only (a rollback to a kept build). The
+    /// requested program is resolved (symlinks followed) before it is
+    /// checked, and what was checked is what runs. May be given several
+    /// times. Default: none; a request naming another program than the
+    /// deploy path is refused.
+    pub fn allow_program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.policy.programs.push(path.into());
+        self
+    }
+
+    /// Lets peers running as `uid` make requests too (for instance root, or
+    /// a deploy user). Default: only the service's own effective uid.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.policy.uids.push(uid);
+        self
+    }
+
+    /// Lets a process started by someone else take the service over through
+    /// this socket ([`Builder::take_over`](crate::Builder::take_over)):
+    /// every listener, the state and (with migration) the connections go to
+    /// it, so this gives an allowed peer as much as running its own program
+    /// as the service — which is why it is off by default. Only peers of an
+    /// allowed uid (the service's own, and [`allow_uid`](Self::allow_uid))
+    /// may, checked before anything is sent. Default: off.
+    pub fn allow_takeover(mut self, on: bool) -> Self {
+        self.policy.takeover = on;
+        self
+    }
+
+    /// Accepts an inherited control socket that other users can reach: an
+    /// abstract one, or a file whose mode lets group or others write (that
+    /// is, connect) or that another user owns. The uid check still applies
+    /// to every request. Default: such a socket is refused when serving
+    /// starts ([`Triggers::spawn`](crate::serve::Triggers::spawn) and
+    /// [`serve`] fail with [`Error::InvalidFd`]).
+    pub fn allow_open_socket(mut self, on: bool) -> Self {
+        self.policy.open_socket = on;
+        self
+    }
+
+    /// The check of [`allow_open_socket`](Self::allow_open_socket), made when
+    /// serving starts; a refusal is reported to a predecessor waiting for
+    /// this generation.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.policy.open_socket {
+            return Ok(());
+        }
+        let fd = self.listener.as_fd();
+        match check_private(fd) {
+            Ok(()) => Ok(()),
+            Err(reason) => {
+                let e = Error::InvalidFd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    name: NAME.to_owned(),
+                    reason: format!(
+                        "{reason}: other users could reach the control socket \
+                         (ControlSocket::allow_open_socket accepts it)"
+                    ),
+                };
+                self.handover.generation_data().reported(Err(e))
+            }
+        }
+    }
+}
+
+/// Creates (or inherits) the control socket at `path`; what it allows is
+/// set on the [`ControlSocket`].
 ///
 /// A new socket is bound inside a fresh 0700 directory with an
 /// unpredictable name next to `path`, made 0600, and renamed into place, so
@@ -206,44 +232,23 @@ pub struct ControlSocket {
 /// (another process serves it) or a file that is not a socket is an error.
 /// Like every registered fd it is handed to successors.
 pub fn bind(handover: &Handover, path: impl AsRef<Path>) -> Result<ControlSocket, Error> {
-    bind_with(handover, path, ControlOptions::new())
-}
-
-/// [`bind`] with `options`.
-pub fn bind_with(
-    handover: &Handover,
-    path: impl AsRef<Path>,
-    options: ControlOptions,
-) -> Result<ControlSocket, Error> {
     let path = path.as_ref();
     let fd = handover.claim(NAME, Want::UnixListenerAt(path.to_owned()), || {
         secure_bind(path)
     })?;
-    if !options.open_socket {
-        if let Err(reason) = check_private(&fd) {
-            let e = Error::InvalidFd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-                name: NAME.to_owned(),
-                reason: format!(
-                    "{reason}: other users could reach the control socket \
-                     (ControlOptions::allow_open_socket accepts it)"
-                ),
-            };
-            return handover.generation_data().reported(Err(e));
-        }
-    }
     Ok(ControlSocket {
         spare: fd.try_clone().ok(),
         listener: fd.into(),
-        options: Arc::new(options),
+        policy: Policy::default(),
+        handover: handover.clone(),
     })
 }
 
 /// Checks that only this user can reach the socket `fd`: a filesystem
 /// socket owned by our effective uid without group or other write
 /// permission. `Err(why not)`.
-fn check_private(fd: &OwnedFd) -> Result<(), String> {
-    let addr = socket2::SockRef::from(fd)
+fn check_private(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+    let addr = socket2::SockRef::from(&fd)
         .local_addr()
         .map_err(|e| format!("getsockname: {e}"))?;
     if addr.is_unnamed() {
@@ -514,11 +519,14 @@ mod tests {
         }
         let current = dir.join("current");
         std::os::unix::fs::symlink(&kept, &current).unwrap();
-        let none = ControlOptions::new();
+        let none = Policy::default();
         assert!(none.program_allowed(&deploy, &deploy).is_ok());
         let e = none.program_allowed(&other, &deploy).unwrap_err();
         assert!(e.contains("refused") && e.contains("allow_program"), "{e}");
-        let by_dir = ControlOptions::new().allow_program(dir.join("releases"));
+        let by_dir = Policy {
+            programs: vec![dir.join("releases")],
+            ..Policy::default()
+        };
         assert_eq!(by_dir.program_allowed(&kept, &deploy).unwrap(), kept);
         // A symlink into the allowed directory runs its target, resolved.
         assert_eq!(by_dir.program_allowed(&current, &deploy).unwrap(), kept);
@@ -527,7 +535,10 @@ mod tests {
         let escape = dir.join("releases/escape");
         std::os::unix::fs::symlink(&other, &escape).unwrap();
         assert!(by_dir.program_allowed(&escape, &deploy).is_err());
-        let by_file = ControlOptions::new().allow_program(&other);
+        let by_file = Policy {
+            programs: vec![other.clone()],
+            ..Policy::default()
+        };
         assert_eq!(by_file.program_allowed(&other, &deploy).unwrap(), other);
         assert!(by_file.program_allowed(&kept, &deploy).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::{ControlOptions, ControlSocket, Json, MAX_REQUEST, Request};
+use super::{ControlSocket, Json, MAX_REQUEST, Policy, Request};
+use crate::error::Error;
 use crate::handover::Handover;
 use crate::lifecycle::lock;
 use crate::serve::AcceptBackoff;
@@ -69,7 +70,7 @@ struct Latest {
 /// What the connections of one server share.
 struct Runner {
     handover: Handover,
-    options: Arc<ControlOptions>,
+    options: Policy,
     /// Held while an upgrade for control requests runs: later requests
     /// queue on it, in order (tokio's mutex is fair).
     gate: tokio::sync::Mutex<()>,
@@ -102,29 +103,38 @@ struct Runner {
 /// A successor accepts only once its handover is final
 /// ([`Handover::committed`]): during a probation window the old
 /// generation, which still accepts on the same socket, answers.
+///
+/// Fails at once, before serving anything, if the socket is refused (see
+/// [`ControlSocket::allow_open_socket`]) or cannot be registered with tokio.
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub async fn serve(handover: Handover, socket: ControlSocket) -> Upgraded {
+pub async fn serve(handover: Handover, socket: ControlSocket) -> Result<Upgraded, Error> {
+    socket.check()?;
+    let ControlSocket {
+        listener,
+        policy: options,
+        spare,
+        ..
+    } = socket;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        .map_err(|e| Error::io("cannot serve the control socket", e))?;
+    Ok(serve_checked(handover, listener, options, spare).await)
+}
+
+/// [`serve`], once the socket was checked and registered.
+pub(crate) async fn serve_checked(
+    handover: Handover,
+    listener: tokio::net::UnixListener,
+    options: Policy,
+    spare: Option<OwnedFd>,
+) -> Upgraded {
     // A successor on probation leaves the requests to its predecessor,
     // which still accepts on the same socket: only one of them runs
     // upgrades.
     if let Err(e) = handover.committed().await {
         tracing::warn!(error = %e, "cannot learn whether the handover is final; serving control requests");
     }
-    let ControlSocket {
-        listener,
-        options,
-        spare,
-    } = socket;
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixListener::from_std(listener))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serve the control socket");
-            return std::future::pending().await;
-        }
-    };
     let (done, mut done_rx) = tokio::sync::mpsc::channel::<Upgraded>(1);
     let runner = Arc::new(Runner {
         handover: handover.clone(),
@@ -303,7 +313,7 @@ async fn take_over(runner: &Runner, stream: &tokio::net::UnixStream) -> String {
     if !runner.options.takeover {
         tracing::warn!("takeover refused: not allowed");
         return "error refused: this service does not allow takeover \
-                (ControlOptions::allow_takeover)"
+                (ControlSocket::allow_takeover)"
             .to_owned();
     }
     // One upgrade or takeover at a time: refused now, not queued behind

@@ -69,7 +69,7 @@ impl AcceptBackoff {
 
     /// How long to wait after `error` (zero for an error of one connection),
     /// and the delay of the next one. Does not log.
-    pub fn next_delay(&mut self, error: &io::Error) -> Duration {
+    pub(crate) fn next_delay(&mut self, error: &io::Error) -> Duration {
         if is_connection_error(error) {
             return Duration::ZERO;
         }
@@ -82,7 +82,7 @@ impl AcceptBackoff {
     }
 
     /// Logs `error` (rate-limited) and waits as long as
-    /// [`next_delay`](Self::next_delay) says.
+    /// the policy above says.
     pub async fn wait(&mut self, error: &io::Error) {
         let delay = self.next_delay(error);
         let now = Instant::now();

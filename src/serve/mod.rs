@@ -29,7 +29,7 @@ mod conn;
 mod http;
 
 pub use backoff::AcceptBackoff;
-pub use triggers::{Ending, Triggered, Triggers};
+pub use triggers::{Ending, Triggers};
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

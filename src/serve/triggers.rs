@@ -1,11 +1,9 @@
 //! What ends a generation: signals and the control socket, in a task of
 //! their own so that accepting never waits for an upgrade.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::task::JoinHandle;
@@ -76,31 +74,6 @@ pub enum Ending {
     Drain,
 }
 
-/// The running triggers task; await it for the [`Ending`].
-///
-/// Dropping it does not stop the task. The output is `None` if the task
-/// was aborted or panicked.
-#[derive(Debug)]
-pub struct Triggered {
-    task: JoinHandle<Ending>,
-}
-
-impl Triggered {
-    /// Stops the task: no trigger is acted on any more, and the control
-    /// socket is no longer served by this generation.
-    pub fn abort(&self) {
-        self.task.abort();
-    }
-}
-
-impl Future for Triggered {
-    type Output = Option<Ending>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.task).poll(cx).map(Result::ok)
-    }
-}
-
 impl Triggers {
     /// No triggers yet, for `handover`'s generation.
     pub fn new(handover: &Handover) -> Self {
@@ -153,16 +126,42 @@ impl Triggers {
 
     /// Installs the signal handlers now and starts the task. Must be called
     /// within a tokio runtime.
-    pub fn spawn(self) -> io::Result<Triggered> {
+    ///
+    /// The task ends with the [`Ending`] once the drain started; abort it
+    /// (`JoinHandle::abort`) to act on no trigger any more and leave the
+    /// control socket. Fails if a signal handler cannot be installed, or the
+    /// control socket is refused (see
+    /// [`ControlSocket::allow_open_socket`](crate::control::ControlSocket::allow_open_socket)).
+    pub fn spawn(self) -> io::Result<JoinHandle<Ending>> {
         let listen = |kinds: &[SignalKind]| -> io::Result<Vec<(SignalKind, Signal)>> {
             kinds.iter().map(|&k| Ok((k, signal(k)?))).collect()
         };
         let upgrade = listen(&self.upgrade)?;
         let stop = listen(&self.stop)?;
-        let task = tokio::spawn(run(self.handover, upgrade, stop, self.control));
-        Ok(Triggered { task })
+        let control = match self.control {
+            Some(socket) => {
+                socket.check()?;
+                let crate::control::ControlSocket {
+                    listener,
+                    policy,
+                    spare,
+                    ..
+                } = socket;
+                listener.set_nonblocking(true)?;
+                Some((tokio::net::UnixListener::from_std(listener)?, policy, spare))
+            }
+            None => None,
+        };
+        Ok(tokio::spawn(run(self.handover, upgrade, stop, control)))
     }
 }
+
+/// The control socket, checked and registered.
+type Control = (
+    tokio::net::UnixListener,
+    crate::control::Policy,
+    Option<std::os::fd::OwnedFd>,
+);
 
 /// Resolves with the kind of the first of `signals` to arrive; never if
 /// there are none.
@@ -182,17 +181,17 @@ async fn run(
     handover: Handover,
     mut upgrade: Vec<(SignalKind, Signal)>,
     mut stop: Vec<(SignalKind, Signal)>,
-    control: Option<crate::control::ControlSocket>,
+    control: Option<Control>,
 ) -> Ending {
     let drain = handover.drain();
     // The control socket is served by a task of its own, as
     // `control::serve` expects: its requests are answered while an upgrade
     // triggered by a signal runs. It stops when this task ends.
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-    let _control = control.map(|listener| {
+    let _control = control.map(|(listener, policy, spare)| {
         let h = handover.clone();
         AbortOnDrop(tokio::spawn(async move {
-            let done = crate::control::serve(h, listener).await;
+            let done = crate::control::serve_checked(h, listener, policy, spare).await;
             let _ = done_tx.send(done);
         }))
     });
@@ -232,7 +231,7 @@ async fn stop_after_upgrades(handover: &Handover) {
         tokio::pin!(ended);
         ended.as_mut().enable();
         match handover.stop() {
-            crate::StopOutcome::Upgrading => {
+            crate::State::Upgrading => {
                 tracing::info!("stop asked for while upgrading: waiting for the upgrade to end");
                 ended.await;
             }

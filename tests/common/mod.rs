@@ -506,3 +506,12 @@ pub fn can_unshare_pid() -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The pid a pid file names (the crate writes it as decimal digits and a
+/// newline).
+pub fn read_pid_file(path: &Path) -> std::io::Result<u32> {
+    std::fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
