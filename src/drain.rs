@@ -184,7 +184,8 @@ impl Drain {
     }
 
     /// Resolves when the drain starts as a stop; never for another drain
-    /// (unless it becomes a stop).
+    /// (unless it becomes a stop). Used by the serving layer (`http`).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) async fn stopping(&self) {
         let mut rx = self.started.subscribe();
         let _ = rx.wait_for(|started| *started == Started::Stop).await;

@@ -241,6 +241,7 @@ mod lifecycle;
 mod pidfile;
 mod program;
 mod ready;
+mod secrets;
 mod spawn;
 mod state;
 mod stats;

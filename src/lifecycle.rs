@@ -268,6 +268,9 @@ pub(crate) struct Generation {
     /// The fds an upgrade needs, opened in advance. May be locked while
     /// `life` is held, never the other way round.
     pub(crate) reserve: Mutex<crate::spawn::Reserve>,
+    /// The crate's secrets: handed over by the predecessor, and handed on
+    /// at each upgrade (see `secrets`).
+    pub(crate) secrets: Mutex<crate::secrets::Secrets>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -299,6 +302,8 @@ pub(crate) struct Birth {
     pub(crate) took_over: Option<TookOver>,
     /// The predecessor's channel protocol version (see `channel::VERSION`).
     pub(crate) predecessor_protocol: u32,
+    /// The secrets the predecessor handed over (see `secrets`).
+    pub(crate) secrets: crate::secrets::Secrets,
 }
 
 impl Generation {
@@ -349,6 +354,7 @@ impl Generation {
             #[cfg(feature = "tokio")]
             handed: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
+            secrets: Mutex::new(b.secrets),
         }
     }
 

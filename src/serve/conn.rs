@@ -129,6 +129,9 @@ pub(crate) struct Shared {
     pub(crate) migrate: Option<Handover>,
     /// The handover served, if known: accepting stops at its commit.
     pub(crate) handover: Option<Handover>,
+    /// TLS on every connection (see `tls`).
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// What one connection is doing, as far as a stop needs to know whether
@@ -191,7 +194,7 @@ impl Activity {
 
     /// Resolves once `drain` is a stop and the connection is idle and quiet
     /// (see the module documentation); never otherwise.
-    async fn idle_at_stop(&self, drain: &Drain) {
+    pub(crate) async fn idle_at_stop(&self, drain: &Drain) {
         drain.stopping().await;
         while let Some(wait) = self.idle_after(STOP_IDLE_GRACE) {
             tokio::time::sleep(wait).await;
