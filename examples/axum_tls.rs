@@ -1,6 +1,7 @@
 //! A zero-downtime axum service over TLS (feature `tls`):
 //! `axum_tls --listen ADDR --tls-cert PATH --tls-key PATH [--pid-file PATH] [--control PATH]
-//! [--tickets-per-process]` (PEM files). SIGHUP or `axum_tls reload --control PATH` upgrades it in
+//! [--take-over PATH] [--tickets-per-process]` (PEM files; `--take-over`: take the service over
+//! from the one at that control socket, its ticket keys included). SIGHUP or `axum_tls reload --control PATH` upgrades it in
 //! place: the successor reads the certificate and key anew (a renewed certificate is deployed by
 //! an upgrade; one that cannot be used fails the upgrade, with the reason in the `reload` reply),
 //! and clients resume their TLS sessions with it. `--tickets-per-process`: session-ticket keys
@@ -18,6 +19,9 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let mut builder = Handover::builder();
     if let Some(path) = flag("--pid-file") {
         builder = builder.pid_file(path);
+    }
+    if let Some(path) = flag("--take-over") {
+        builder = builder.take_over(path); // a new container or unit takes the service over
     }
     let handover = builder.build()?; // first, before any other fd is opened
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or("info".into());
@@ -39,7 +43,8 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         let listener = handover.tcp_listener("https", addr.unwrap_or("127.0.0.1:8443".into()))?;
         let mut triggers = Triggers::new(&handover).upgrade_on(SignalKind::hangup());
         if let Some(path) = flag("--control") {
-            triggers = triggers.control(control::bind(&handover, path)?);
+            let options = control::ControlOptions::new().allow_takeover(true); // same uid only
+            triggers = triggers.control(control::bind_with(&handover, path, options)?);
         }
         triggers.stop_on(SignalKind::terminate()).spawn()?; // own task: accepting never waits
         handover.ready()?;

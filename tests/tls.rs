@@ -502,6 +502,20 @@ impl Load {
     }
 }
 
+/// How many fds of process `pid` are the crate's secrets file (a memory
+/// file named `handover.secrets`).
+fn secrets_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| {
+            target
+                .to_string_lossy()
+                .starts_with("/memfd:handover.secrets")
+        })
+        .count()
+}
+
 /// 20 upgrades under TLS load: HTTP/1.1 keep-alive and new-connection
 /// clients, HTTP/2 by ALPN. Not one request fails, every generation
 /// answers every kind of client, every old generation exits 0.
@@ -526,6 +540,9 @@ fn tls_through_20_upgrades_under_load_loses_nothing() {
     for _ in 0..20 {
         let new = chain.upgrade();
         pids.push(new);
+        // The file that brought the keys is closed at build(); the one kept
+        // is the new generation's own, for its upgrade: no fd piles up.
+        assert_eq!(secrets_fds(new), 1, "generation {new}");
         wait_until(
             "every kind of client to reach the new generation",
             Duration::from_secs(30),
@@ -671,6 +688,52 @@ fn without_the_key_handoff_every_client_does_a_full_handshake_after_an_upgrade()
         HandshakeKind::Resumed,
         "tickets work within a generation"
     );
+}
+
+/// A process that takes the service over (not started by it) gets the
+/// ticket keys too, through the control socket's offer: a client with a
+/// ticket from the old generation resumes with the taker.
+#[test]
+fn a_process_that_takes_over_gets_the_ticket_keys() {
+    let dir = TempDir::new("tls-takeover");
+    let certs = Certs::make(dir.path());
+    let ctl = dir.path().join("control");
+    let args = |listen: &str, take_over: bool| {
+        let mut a = vec![
+            "--listen".to_owned(),
+            listen.to_owned(),
+            "--control".to_owned(),
+            ctl.to_str().unwrap().to_owned(),
+            "--tls-cert".to_owned(),
+            certs.cert.to_str().unwrap().to_owned(),
+            "--tls-key".to_owned(),
+            certs.key.to_str().unwrap().to_owned(),
+        ];
+        if take_over {
+            a.extend(["--take-over".to_owned(), ctl.to_str().unwrap().to_owned()]);
+        }
+        a
+    };
+    let a = args("127.0.0.1:0", false);
+    let mut old = Chain::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let client = certs.client(&[b"http/1.1"]);
+    let (first, kind) = get_once(old.addr, &client).unwrap();
+    assert_eq!((first.pid, kind), (old.pid(), HandshakeKind::Full));
+    let b = args(&old.addr.to_string(), true);
+    let mut taker = Chain::start(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(taker.addr, old.addr);
+    let status = procs::reap(old.pid(), EVENT_TIMEOUT).expect("reap the old generation");
+    assert!(status.success(), "the old generation exited with {status}");
+    old.pids[0].1 = true;
+    let (resp, kind) = get_once(taker.addr, &client).unwrap();
+    assert_eq!(resp.pid, taker.pid());
+    assert_eq!(
+        kind,
+        HandshakeKind::Resumed,
+        "a ticket from the old generation, on the taker"
+    );
+    assert_eq!(secrets_fds(taker.pid()), 1);
+    taker.stop();
 }
 
 /// Runs `axum_tls reload --control ctl`: (exit code, stderr).
