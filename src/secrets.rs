@@ -14,7 +14,8 @@
 //! upgrade only and closed by this generation once the successor has it. A
 //! successor reads it in `build()` — before the application can build its
 //! TLS configuration — and closes it there: it is never registered, never
-//! handed further, never reported as unclaimed.
+//! handed further, never reported as unclaimed. What the application did
+//! not take by `ready()` (a build without TLS) is wiped then.
 //!
 //! Why a sealed memory file and not the channel or the state stream:
 //!
@@ -180,6 +181,14 @@ impl Secrets {
             export: Arc::new(move || weak.upgrade().map(|v| export(&v)).unwrap_or_default()),
         });
         Some(value)
+    }
+
+    /// Wipes the handed-over secrets nobody took (at `ready()`).
+    pub(crate) fn drop_unclaimed(&mut self) {
+        if !self.inherited.is_empty() {
+            let kinds: Vec<_> = self.inherited.drain().map(|(k, _)| k).collect();
+            tracing::debug!(?kinds, "handed-over secrets not used by this build; wiped");
+        }
     }
 
     /// What this generation hands on, encoded; `None` if nothing.
