@@ -141,8 +141,10 @@ impl Tickets {
     }
 
     /// The keys and schedule handed over by the predecessor, or why they
-    /// cannot be used. Untrusted input: checked, never a panic.
-    pub(crate) fn import(bytes: &[u8]) -> Result<Tickets, String> {
+    /// cannot be used. Untrusted input: checked, never a panic; a rotation
+    /// said to be more than one lifetime after `now` is moved to one
+    /// lifetime after it (keys are never kept longer than their schedule).
+    pub(crate) fn import(bytes: &[u8], now: u64) -> Result<Tickets, String> {
         if bytes.len() != EXPORTED_LEN {
             return Err(format!(
                 "{} bytes of ticket keys, not the {EXPORTED_LEN} of format {FORMAT}",
@@ -156,7 +158,8 @@ impl Tickets {
         if lifetime == 0 || lifetime > 7 * 24 * 60 * 60 {
             return Err(format!("a ticket key lifetime of {lifetime} s"));
         }
-        let switch_at = u64::from_le_bytes(bytes[5..13].try_into().expect("8 bytes"));
+        let switch_at = u64::from_le_bytes(bytes[5..13].try_into().expect("8 bytes"))
+            .min(now.saturating_add(u64::from(lifetime)));
         let at = |i: usize| &bytes[13 + i * KEY_BYTES..13 + (i + 1) * KEY_BYTES];
         let bad = || "a ticket key that ring refuses".to_owned();
         let current = Key::import(at(0)).ok_or_else(bad)?;
@@ -316,8 +319,8 @@ mod tests {
 
     const L: u64 = LIFETIME as u64;
 
-    fn moved(t: &Tickets) -> Tickets {
-        Tickets::import(t.export().bytes()).unwrap()
+    fn moved(t: &Tickets, now: u64) -> Tickets {
+        Tickets::import(t.export().bytes(), now).unwrap()
     }
 
     #[test]
@@ -328,7 +331,7 @@ mod tests {
         assert_eq!(old.decrypt_at(&ticket, t0 + 11).unwrap(), b"session");
         // The successor opens what the old generation sealed, and the
         // other way round.
-        let new = moved(&old);
+        let new = moved(&old, t0 + 15);
         assert_eq!(new.decrypt_at(&ticket, t0 + 20).unwrap(), b"session");
         let from_new = new.encrypt_at(b"other", t0 + 21).unwrap();
         assert_eq!(old.decrypt_at(&from_new, t0 + 22).unwrap(), b"other");
@@ -345,7 +348,7 @@ mod tests {
         assert!(new.decrypt_at(&ticket, t0 + 2 * L - 1).is_some());
         assert!(new.decrypt_at(&ticket, t0 + 2 * L + 1).is_none());
         // A successor of the successor still has the schedule.
-        let third = moved(&new);
+        let third = moved(&new, t0 + 2 * L + 2);
         assert_eq!(
             third.decrypt_at(&rotated_new, t0 + 2 * L + 2).unwrap(),
             b"r"
@@ -376,17 +379,24 @@ mod tests {
             bad[i] ^= 1;
             assert!(t.decrypt_at(&bad, 101).is_none(), "byte {i} flipped");
         }
-        assert!(Tickets::import(&[]).is_err());
+        assert!(Tickets::import(&[], 101).is_err());
         let mut e = t.export().bytes().to_vec();
         e[0] = 2;
-        assert!(Tickets::import(&e).is_err());
+        assert!(Tickets::import(&e, 101).is_err());
         let mut e = t.export().bytes().to_vec();
         e[1..5].copy_from_slice(&0u32.to_le_bytes());
-        assert!(Tickets::import(&e).is_err());
+        assert!(Tickets::import(&e, 101).is_err());
         let mut e = t.export().bytes().to_vec();
         e[13 + 2 * KEY_BYTES] = 7;
-        assert!(Tickets::import(&e).is_err());
+        assert!(Tickets::import(&e, 101).is_err());
         e.pop();
-        assert!(Tickets::import(&e).is_err());
+        assert!(Tickets::import(&e, 101).is_err());
+        // A rotation far in the future is brought back to one lifetime.
+        let mut e = t.export().bytes().to_vec();
+        e[5..13].copy_from_slice(&u64::MAX.to_le_bytes());
+        let far = Tickets::import(&e, 101).unwrap();
+        let before = far.encrypt_at(b"s", 102).unwrap();
+        let after = far.encrypt_at(b"s", 101 + L).unwrap();
+        assert_ne!(before[..NAME_LEN], after[..NAME_LEN], "rotated on time");
     }
 }

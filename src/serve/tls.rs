@@ -266,7 +266,7 @@ fn make_tickets(handed: Option<Secret>) -> Result<Tickets, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     if let Some(bytes) = handed {
-        match Tickets::import(bytes.bytes()) {
+        match Tickets::import(bytes.bytes(), now) {
             Ok(t) => {
                 tracing::info!(
                     "TLS session-ticket keys handed over: clients resume their sessions"
