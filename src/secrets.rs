@@ -174,11 +174,11 @@ impl Secrets {
             return s.value.clone().downcast::<T>().ok();
         }
         let value = Arc::new(make(self.inherited.remove(kind)));
-        let weak = Arc::downgrade(&value);
+        let held = value.clone();
         self.sources.push(Source {
             kind,
             value: value.clone(),
-            export: Arc::new(move || weak.upgrade().map(|v| export(&v)).unwrap_or_default()),
+            export: Arc::new(move || export(&held)),
         });
         Some(value)
     }
