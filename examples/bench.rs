@@ -11,6 +11,7 @@
 //! cargo run --release --example bench -- supervised [--runs 30]
 //! cargo run --release --example bench -- axum [--secs 10] [--rounds 3] [--upgrades 20]
 //! cargo run --release --example bench -- migrate [--conns 10000] [--drain-timeout 5]
+//! cargo run --release --features tls --example bench -- tls [--clients 1000] [--runs 5]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -34,9 +35,16 @@
 //!   with the lame-duck drain: how long the old generation lives after the
 //!   commit, and how many of the N connections fail their next request
 //!   (sent once the old generation is gone: a client must reconnect).
+//! - `tls` (feature `tls`): N TLS clients holding tickets from the old
+//!   generation reconnect at once after an upgrade: CPU time of the new
+//!   generation in the first second, with the session-ticket key handoff
+//!   and with keys per process (examples/support/tls_bench.rs).
 
 #[path = "support/procs.rs"]
 mod procs;
+#[cfg(feature = "tls")]
+#[path = "support/tls_bench.rs"]
+mod tls_bench;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -912,9 +920,22 @@ fn main() -> ExitCode {
             num("--upgrades", 20),
         ),
         Some("migrate") => migrate(num("--conns", 10_000), num("--drain-timeout", 5) as u64),
+        #[cfg(feature = "tls")]
+        Some("tls") => tls_bench::tls(
+            &sibling("axum_tls"),
+            num("--clients", 1000),
+            num("--runs", 5),
+        ),
+        #[cfg(not(feature = "tls"))]
+        Some("tls") => {
+            eprintln!(
+                "bench tls needs the feature: cargo run --release --features tls --example bench -- tls"
+            );
+            return ExitCode::from(2);
+        }
         _ => {
             eprintln!(
-                "usage: bench migrate [--conns N] [--drain-timeout S] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
+                "usage: bench tls [--clients N] [--runs N] | migrate [--conns N] [--drain-timeout S] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

@@ -193,7 +193,7 @@ impl Builder {
             (None, Some(o)) => o.header.protocol,
             (None, None) => crate::channel::VERSION,
         };
-        let (fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
+        let (mut fds, channel, generation, state_expected, deploy_path, started_usec, counters) =
             match inherited {
                 None => match offer {
                     None => (Vec::new(), None, 1, false, None, None, None),
@@ -247,6 +247,9 @@ impl Builder {
         let args = d
             .args
             .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        // The crate's own secrets are not the application's fds: read and
+        // closed here, before the application builds anything from them.
+        let secrets = crate::secrets::Secrets::take_from(&mut fds);
         let from_predecessor = channel.is_some();
         tracing::debug!(
             generation,
@@ -275,6 +278,7 @@ impl Builder {
             started_usec,
             took_over,
             predecessor_protocol: protocol,
+            secrets,
             counters: counters
                 .map(|(succeeded, failed)| crate::stats::Counters {
                     succeeded,

@@ -134,6 +134,12 @@ impl Registry {
         create: impl FnOnce() -> io::Result<OwnedFd>,
     ) -> Result<(OwnedFd, bool), Error> {
         env::validate_name(name)?;
+        if name == crate::secrets::FD_NAME {
+            return Err(Error::InvalidName {
+                name: name.to_owned(),
+                reason: "reserved for the handover's own secrets",
+            });
+        }
         // One name may stand for several sockets of one kind on different
         // addresses (a systemd .socket unit with several Listen lines gives
         // them all the unit's name), never for two kinds or one address twice.

@@ -85,13 +85,30 @@
 //! the drain timeout). `axum::serve`'s graceful shutdown instead closes idle
 //! and unread connections, failing requests already on the wire.
 //!
+//! # TLS
+//!
+//! With feature `tls` (rustls, the `ring` provider), `serve::Server::tls`
+//! serves the same way over TLS, HTTP/2 chosen by ALPN, with the same
+//! drain; each handshake is bounded (10 s, never past the drain deadline).
+//! `serve::tls_config` reads the certificate and key at start (a renewed
+//! certificate is deployed by an upgrade; one that cannot be used fails the
+//! upgrade with the reason) and installs the service's session-ticket keys,
+//! which each generation hands to its successor in a sealed memory file
+//! (never on disk): clients resume their sessions across upgrades instead
+//! of all paying a full handshake at once (examples/axum_tls.rs). An
+//! established TLS connection is never handed over: it gets the lame duck.
+//!
 //! # The protocol
 //!
 //! The successor finds its fds exactly as under systemd socket activation:
 //! `LISTEN_FDS`, `LISTEN_PID` (written by the child after fork, so it is
 //! always the successor's own pid) and `LISTEN_FDNAMES`. The same code path
 //! therefore serves a process started by its old generation, by systemd, or
-//! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
+//! by `systemd-socket-activate`. When the crate has secrets to hand on (the
+//! TLS session-ticket keys), one more fd follows the named ones, under the
+//! reserved name `handover.secrets`: a sealed memory file, read and closed
+//! by `build()` (a build that does not know it closes it at `ready()`, with
+//! a warning). `HANDOVER_CHANNEL_FD` names the readiness
 //! channel and `HANDOVER_GENERATION` the generation. Over the channel the
 //! successor sends `R` (ready), `E<reason>` (state rejected) or, during a
 //! probation window, `U<reason>` (unhealthy) and `P<counts>` (its canary
@@ -232,6 +249,10 @@
 //!   SIGHUP ignored (see "Signals and process groups").
 //! - What a failed successor started is killed through its process group;
 //!   a process that left that group escapes.
+//! - An established TLS connection is never handed to the successor (its
+//!   keys and record sequence numbers live in this process's rustls state;
+//!   kernel TLS could lift this, and is not on every kernel): it gets the
+//!   lame-duck drain. `handover.secrets` is a reserved fd name.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
@@ -252,6 +273,7 @@ mod lifecycle;
 mod pidfile;
 mod program;
 mod ready;
+mod secrets;
 mod spawn;
 mod state;
 mod stats;

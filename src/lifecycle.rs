@@ -285,6 +285,9 @@ pub(crate) struct Generation {
     /// canary (from `ready()` to its commit), or as the old generation
     /// judging one (see `canary`).
     pub(crate) canary: crate::canary::Recorder,
+    /// The crate's secrets: handed over by the predecessor, and handed on
+    /// at each upgrade (see `secrets`).
+    pub(crate) secrets: Mutex<crate::secrets::Secrets>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -316,6 +319,8 @@ pub(crate) struct Birth {
     pub(crate) took_over: Option<TookOver>,
     /// The predecessor's channel protocol version (see `channel::VERSION`).
     pub(crate) predecessor_protocol: u32,
+    /// The secrets the predecessor handed over (see `secrets`).
+    pub(crate) secrets: crate::secrets::Secrets,
 }
 
 impl Generation {
@@ -369,6 +374,7 @@ impl Generation {
             channel_news: tokio::sync::Notify::new(),
             reserve: Mutex::new(reserve),
             canary: crate::canary::Recorder::new(),
+            secrets: Mutex::new(b.secrets),
         }
     }
 

@@ -144,6 +144,9 @@ impl Generation {
         if !unclaimed.is_empty() {
             tracing::warn!(generation = g.generation, names = ?unclaimed, "closed inherited fds nobody claimed");
         }
+        // Handed-over secrets nobody asked for (no TLS in this build) are
+        // wiped now, not kept to the end.
+        lock(&g.secrets).drop_unclaimed();
         g.drain_state()?;
         if g.from_predecessor {
             // Its predecessor waits for this message: its group exists.

@@ -68,6 +68,87 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// A new, empty memory file (`memfd_create(2)`) named `name` (shown in
+/// `/proc/PID/fd`), close-on-exec, that can be sealed: it lives in memory
+/// only, never on a file system.
+pub(crate) fn memfd_sealable(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    Ok(memfd_create(
+        name,
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?)
+}
+
+/// The seals that make a memory file read-only for good: no write, no
+/// change of size, no further seal (`fcntl(2)`, "File Sealing").
+fn final_seals() -> nix::fcntl::SealFlag {
+    use nix::fcntl::SealFlag;
+    SealFlag::F_SEAL_SEAL | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
+}
+
+/// Writes `data` at the start of the empty memory file `fd` and seals it
+/// read-only (see [`final_seals`]).
+pub(crate) fn write_and_seal(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    let mut at: libc::off_t = 0;
+    while !data.is_empty() {
+        match nix::sys::uio::pwrite(fd, data, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                at += n as libc::off_t;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    fcntl(fd, FcntlArg::F_ADD_SEALS(final_seals()))?;
+    Ok(())
+}
+
+/// Reads a memory file sealed read-only (see [`write_and_seal`]) whole,
+/// from its start, if it is at most `max` bytes. Anything else (not a
+/// memory file, not sealed, larger) is an error that says so.
+pub(crate) fn read_sealed(fd: BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => nix::fcntl::SealFlag::from_bits_truncate(bits),
+        Err(Errno::EINVAL) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a sealable memory file (memfd)",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !seals.contains(final_seals()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the memory file is not sealed read-only",
+        ));
+    }
+    let size = nix::sys::stat::fstat(fd)?.st_size;
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|s| *s <= max)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{size} bytes, more than {max}"),
+            )
+        })?;
+    let mut buf = vec![0u8; size];
+    let mut done = 0;
+    while done < size {
+        match nix::sys::uio::pread(fd, &mut buf[done..], done as libc::off_t) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
 /// `fstat(fd).st_mode`.
 pub(crate) fn file_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
     Ok(nix::sys::stat::fstat(fd)?.st_mode)

@@ -544,12 +544,18 @@ impl Generation {
             with_state,
             counters,
         } = next;
+        // This upgrade's copy of the crate's secrets, if any (see
+        // `secrets`): handed after the registered fds, open through the start.
+        let secrets = self.secrets_file();
         // The registry is locked only to prepare the start, not across it:
         // an exec hung on a dead file system must not block every task that
         // touches the registry.
         let prepared = {
             let registry = lock(&self.registry);
-            let handed = registry.handed();
+            let mut handed = registry.handed();
+            if let Some(file) = &secrets {
+                handed.push((crate::secrets::FD_NAME, file.as_fd()));
+            }
             let names: Vec<&str> = handed.iter().map(|(n, _)| *n).collect();
             let fds: Vec<_> = handed.iter().map(|(_, fd)| *fd).collect();
             let vars =
@@ -570,10 +576,12 @@ impl Generation {
         // before it is named main: through an intermediate.
         let direct = !self.notifier.is_enabled();
         // SAFETY: a registered fd is closed only by `Registry::clear`, at the
-        // commit of an upgrade, and one upgrade runs at a time (this one):
-        // the fds prepared above stay open, under their numbers, through the
+        // commit of an upgrade, and one upgrade runs at a time (this one);
+        // the secrets file is `secrets`, dropped only after the start: the
+        // fds prepared above stay open, under their numbers, through the
         // start.
         let child = prepared.and_then(|p| unsafe { p.start(&self.reserve, deadline, direct) });
+        drop(secrets);
         match child {
             Ok(c) => Ok(c),
             Err(SpawnError::Child { step, err }) => {
@@ -611,9 +619,14 @@ impl Generation {
         let watch = ours
             .try_clone()
             .map_err(|e| UpgradeError::io("duplicating the channel", e))?;
+        // The crate's secrets go to a peer that authenticated, as to a child.
+        let secrets = self.secrets_file();
         let sent = {
             let registry = lock(&self.registry);
-            let handed = registry.handed();
+            let mut handed = registry.handed();
+            if let Some(file) = &secrets {
+                handed.push((crate::secrets::FD_NAME, file.as_fd()));
+            }
             let header = crate::takeover::Header {
                 generation: next.generation,
                 names: handed.iter().map(|(n, _)| (*n).to_owned()).collect(),
@@ -631,7 +644,7 @@ impl Generation {
             );
             crate::takeover::send_offer(req.conn.as_fd(), &header, &fds, theirs.as_fd(), deadline)
         };
-        drop(theirs);
+        drop((theirs, secrets));
         sent.map_err(|e| UpgradeError::io("sending the takeover offer", e))?;
         Ok(crate::takeover::Peer::new(req.pid, watch))
     }

@@ -51,31 +51,26 @@ fn held(inodes: &HashSet<u64>) -> usize {
         .count()
 }
 
-fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Waits (bounded) until this process has `want` fds again: a writer task
-/// closes its socket when it next runs.
-async fn settle(want: usize) {
+/// Waits (bounded) until no fd of this process refers to one of `inodes`
+/// (every socket a test made, and the migration socket): a writer task
+/// closes its copies when it next runs. Counting every fd of the process
+/// instead would count the other unit tests' fds too, which come and go
+/// meanwhile (a tokio runtime's, a signal pipe opened for good).
+async fn settle(inodes: &HashSet<u64>) {
     let until = Instant::now() + BOUND;
-    while fd_count() != want && Instant::now() < until {
+    while held(inodes) != 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    if fd_count() != want {
-        let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| {
-                let p = e.ok()?.path();
-                Some(format!(
-                    "{}->{}",
-                    p.display(),
-                    std::fs::read_link(&p).ok()?.display()
-                ))
-            })
-            .collect();
-        panic!("{} fds, {want} before: {fds:?}", fds.len());
-    }
+    assert_eq!(held(inodes), 0, "an fd of this test's sockets leaked");
+}
+
+/// [`pair`], and the inodes of its migration socket.
+fn watched_pair(deadline: Duration) -> (ConnectionSender, IncomingConnections, HashSet<u64>) {
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let inodes = [inode(a.as_fd()), inode(b.as_fd())].into_iter().collect();
+    let sender = ConnectionSender::spawn(Source::Socket(a), Instant::now() + deadline).unwrap();
+    let incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()));
+    (sender, incoming, inodes)
 }
 
 /// `n` connections on loopback: (client, server side, what the server read).
@@ -208,10 +203,11 @@ async fn many_connections(n: usize) {
 #[test]
 fn a_receiver_that_never_reads_gets_nothing_past_the_deadline() {
     run(async {
-        let before = fd_count();
         let conns = connections(6);
         let server_inodes: HashSet<u64> = conns.iter().map(|(_, s, _)| inode(s.as_fd())).collect();
         let (a, never_read) = sock::seqpacket_pair().unwrap();
+        let mut mine = server_inodes.clone();
+        mine.extend([inode(a.as_fd()), inode(never_read.as_fd())]);
         let deadline = Duration::from_millis(300);
         let start = Instant::now();
         let sender = ConnectionSender::spawn(Source::Socket(a), start + deadline).unwrap();
@@ -258,18 +254,18 @@ fn a_receiver_that_never_reads_gets_nothing_past_the_deadline() {
         drop(never_read);
         drop(sender);
         assert_eq!(held(&server_inodes), 0, "a server-side socket leaked");
-        settle(before).await;
+        settle(&mine).await;
     });
 }
 
 #[test]
 fn a_receiver_that_goes_away_gives_the_rest_back_at_once() {
     run(async {
-        let before = fd_count();
         const N: usize = 40;
         let conns = connections(N);
         let server_inodes: HashSet<u64> = conns.iter().map(|(_, s, _)| inode(s.as_fd())).collect();
-        let (sender, mut incoming) = pair(Duration::from_secs(60));
+        let (sender, mut incoming, mut mine) = watched_pair(Duration::from_secs(60));
+        mine.extend(&server_inodes);
         let start = Instant::now();
         let mut clients = Vec::new();
         let mut sends = JoinSet::new();
@@ -327,7 +323,7 @@ fn a_receiver_that_goes_away_gives_the_rest_back_at_once() {
         }
         drop(sender);
         assert_eq!(held(&server_inodes), 0, "a server-side socket leaked");
-        settle(before).await;
+        settle(&mine).await;
     });
 }
 
@@ -384,9 +380,10 @@ fn a_successor_process_killed_with_records_queued_gives_them_back() {
 #[test]
 fn bad_input_gives_typed_errors_and_closes_the_fds() {
     run(async {
-        let before = fd_count();
+        let mut mine = HashSet::new();
         {
-            let (sender, _incoming) = pair(BOUND);
+            let (sender, _incoming, pair_inodes) = watched_pair(BOUND);
+            mine.extend(pair_inodes);
             // Not a socket: refused before anything is sent, and given back.
             let (r, _w) = crate::sys::pipe_cloexec().unwrap();
             let e = sender.send(r, b"".to_vec()).await.unwrap_err();
@@ -396,6 +393,7 @@ fn bad_input_gives_typed_errors_and_closes_the_fds() {
             );
             assert!(e.into_connection().is_some());
             let (_c, server, _) = connections(1).pop().unwrap();
+            mine.insert(inode(server.as_fd()));
             let e = sender
                 .send(server, vec![0; MAX_PAYLOAD + 1])
                 .await
@@ -413,10 +411,12 @@ fn bad_input_gives_typed_errors_and_closes_the_fds() {
 
         // Raw records into a receiver, as a broken or hostile peer would send.
         let (raw, b) = sock::seqpacket_pair().unwrap();
+        mine.extend([inode(raw.as_fd()), inode(b.as_fd())]);
         let mut incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()));
         let conns = connections(3);
         let socks: Vec<BorrowedFd<'_>> = conns.iter().map(|(_, s, _)| s.as_fd()).collect();
         let inodes: HashSet<u64> = socks.iter().map(|s| inode(*s)).collect();
+        mine.extend(&inodes);
         let send =
             |rec: &[u8], fds: &[BorrowedFd<'_>]| sock::send_record(raw.as_fd(), rec, fds).unwrap();
         let answer = || {
@@ -491,8 +491,9 @@ fn bad_input_gives_typed_errors_and_closes_the_fds() {
         drop(raw);
         assert!(next(&mut incoming).await.is_none());
         assert_eq!(held(&inodes), 3, "only our own copies are left");
+        mine.extend([inode(r.as_fd()), inode(_w.as_fd())]);
         drop((conns, incoming, r, _w));
-        settle(before).await;
+        settle(&mine).await;
     });
 }
 

@@ -132,6 +132,9 @@ pub(crate) struct Shared {
     pub(crate) handover: Option<Handover>,
     /// Its canary counts (see `serve::canary`).
     pub(crate) canary: Option<crate::canary::Recorder>,
+    /// TLS on every connection (see `tls`).
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Shared {
@@ -201,7 +204,7 @@ impl Activity {
 
     /// Resolves once `drain` is a stop and the connection is idle and quiet
     /// (see the module documentation); never otherwise.
-    async fn idle_at_stop(&self, drain: &Drain) {
+    pub(crate) async fn idle_at_stop(&self, drain: &Drain) {
         drain.stopping().await;
         while let Some(wait) = self.idle_after(STOP_IDLE_GRACE) {
             tokio::time::sleep(wait).await;

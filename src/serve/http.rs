@@ -121,8 +121,9 @@ impl Listener {
 ///
 /// HTTP/1 upgrades (WebSocket) are supported (not with
 /// [`migrate`](Self::migrate)); an upgraded connection leaves the drain's
-/// count when hyper hands it to the service. TLS is not done
-/// here (terminate it in front, or serve TLS streams with your own loop).
+/// count when hyper hands it to the service. TLS: `Server::tls`
+/// (feature `tls`), with the same drain; a TLS connection is never handed
+/// over.
 ///
 /// During a probation window it counts every response (its status, its
 /// latency to the response head), every failure and every accepted
@@ -153,6 +154,9 @@ pub struct Server {
     listeners: Vec<Listener>,
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// TLS on every listener (`Server::tls`, in `tls`).
+    #[cfg(feature = "tls")]
+    pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Server {
@@ -191,6 +195,8 @@ impl Server {
             listeners: Vec::new(),
             http1,
             http2,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -217,7 +223,7 @@ impl Server {
     ///
     /// - **HTTP/2** keeps the graceful GOAWAY: its connection state (HPACK
     ///   tables, stream ids, flow control) lives in this process's h2.
-    /// - **TLS** (served by your own loop) keeps the lame-duck drain: the
+    /// - **TLS** (`Server::tls`, or your own loop) keeps the lame-duck drain: the
     ///   session's keys and sequence numbers live in this process's TLS
     ///   library; the successor could not continue the session from the
     ///   socket alone.
@@ -294,6 +300,8 @@ impl Server {
             migrate: self.handover.clone().filter(|_| self.migrate),
             canary: self.handover.as_ref().map(Handover::canary),
             handover: self.handover.clone(),
+            #[cfg(feature = "tls")]
+            tls: self.tls,
         });
         let mut loops = tokio::task::JoinSet::new();
         if let Some(handover) = &shared.migrate {
@@ -503,5 +511,12 @@ where
     // Counted from the accept: a connection whose request is not read yet
     // is in flight too.
     let guard = shared.drain.guard();
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &shared.tls {
+        // The handshake in the connection's task: accepting goes on.
+        let (tls, service, shared) = (tls.clone(), service.clone(), shared.clone());
+        tokio::spawn(super::tls::serve(tls, io, service, shared, guard));
+        return;
+    }
     tokio::spawn(conn::serve(io, service.clone(), shared.clone(), guard));
 }

@@ -10,7 +10,9 @@
 //! - [`Server`] (feature `http`) serves the handover's listeners, TCP and
 //!   Unix, with any hyper or tower service (an axum `Router` as it is),
 //!   HTTP/1.1 and HTTP/2 on the same listener, and drains without losing a
-//!   request. See its documentation for the drain rules.
+//!   request. See its documentation for the drain rules. With feature
+//!   `tls`, [`Server::tls`] serves it over TLS (rustls), and
+//!   [`tls_config`] makes clients resume their sessions across upgrades.
 //! - [`AcceptBackoff`] is the accept-error policy of both (`EMFILE` and the
 //!   like: 5 ms doubling to 1 s, rate-limited logging), for hand-written
 //!   accept loops too.
@@ -27,6 +29,10 @@ mod canary;
 mod conn;
 #[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "tls")]
+mod tickets;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use backoff::AcceptBackoff;
 pub use triggers::{Ending, Triggers};
@@ -34,3 +40,6 @@ pub use triggers::{Ending, Triggers};
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use http::{Listener, Server};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::tls_config;

@@ -21,6 +21,9 @@ const SPARE_FDS: usize = 6;
 /// predecessor is gone.
 const CHANNEL_COPIES: usize = 5;
 
+/// The name of the secrets' memory file (shown in `/proc/PID/fd`).
+const SECRETS_FILE: &std::ffi::CStr = c"handover.secrets";
+
 /// The old generation's pipes to an intermediate process, made for each
 /// start just before its fork (not in advance: a child that the
 /// application forks in between would hold a copy).
@@ -85,6 +88,10 @@ pub(crate) struct Reserve {
     channel: Option<ChannelFds>,
     spare: Vec<OwnedFd>,
     channel_copies: Vec<OwnedFd>,
+    /// An empty memory file for the secrets an upgrade hands on (see
+    /// `secrets`), kept once the generation has secrets.
+    secrets: Option<OwnedFd>,
+    wants_secrets: bool,
 }
 
 impl Reserve {
@@ -123,6 +130,12 @@ impl Reserve {
         if self.channel.is_none() {
             match ChannelFds::open() {
                 Ok(c) => self.channel = Some(c),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let (None, true) = (&self.secrets, self.wants_secrets) {
+            match sys::memfd_sealable(SECRETS_FILE) {
+                Ok(f) => self.secrets = Some(f),
                 Err(e) => failed = Some(e),
             }
         }
@@ -197,6 +210,24 @@ impl Reserve {
     /// successor's pid in.
     pub(crate) fn pid_tmp(&mut self) -> Option<TempFile> {
         self.pid_tmp.take()
+    }
+
+    /// From now on, keep an empty memory file for the secrets an upgrade
+    /// hands on (made now, best effort, and again by each refill).
+    pub(crate) fn want_secrets_file(&mut self) {
+        self.wants_secrets = true;
+        if self.secrets.is_none() {
+            self.secrets = sys::memfd_sealable(SECRETS_FILE).ok();
+        }
+    }
+
+    /// The empty memory file for this upgrade's secrets: the one kept, or a
+    /// new one.
+    pub(crate) fn secrets_file(&mut self) -> io::Result<OwnedFd> {
+        match self.secrets.take() {
+            Some(f) => Ok(f),
+            None => sys::memfd_sealable(SECRETS_FILE),
+        }
     }
 
     /// Frees the spare fds, for what cannot be opened in advance: the
