@@ -313,6 +313,9 @@ mod guides {
     pub struct HowItWorks;
     #[doc = include_str!("../docs/guarantees.md")]
     pub struct Guarantees;
+    #[cfg(feature = "tls")]
+    #[doc = include_str!("../docs/tls.md")]
+    pub struct Tls;
 }
 
 pub use builder::Builder;
