@@ -185,6 +185,7 @@ impl Drain {
 
     /// Resolves when the drain starts as a stop; never for another drain
     /// (unless it becomes a stop).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) async fn stopping(&self) {
         let mut rx = self.started.subscribe();
         let _ = rx.wait_for(|started| *started == Started::Stop).await;

@@ -259,6 +259,9 @@ pub mod migrate;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod serve;
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket;
 
 /// The README's examples, compiled as doctests.
 #[cfg(all(doctest, feature = "http"))]

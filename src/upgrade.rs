@@ -362,7 +362,7 @@ impl Generation {
         if let Some(w) = writer {
             join_state_writer(w, phases);
         }
-        ready?;
+        let takes = ready?;
         let ready_after = start.elapsed();
         phase(phases, "ready", exec_done.elapsed());
         if !probation.is_zero() {
@@ -385,6 +385,8 @@ impl Generation {
             phase(phases, "probation", t.elapsed());
             watched?;
         }
+        // Known at the commit: whether a migration offer will come.
+        self.life().successor_takes = takes;
         self.commit(ours, child, generation, phases, pid_file);
         attempt.committed = true;
         tracing::info!(

@@ -32,3 +32,8 @@ pub use triggers::{Ending, Triggered, Triggers};
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use http::{Listener, Server};
+
+/// The stream of a connection the server upgraded (what `hyper`'s
+/// `Upgraded` downcasts to).
+#[cfg(feature = "websocket")]
+pub(crate) type Upgraded<T> = hyper_util::rt::TokioIo<conn::Rewind<T>>;
