@@ -585,7 +585,11 @@ where
         Ok(accept) => accept,
         Err(response) => return response,
     };
-    if req.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
+    if req
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
         return refuse(
             StatusCode::BAD_REQUEST,
             "this connection cannot switch protocols (HTTP/2?)",
@@ -654,21 +658,37 @@ fn check<B>(req: &Request<B>) -> Result<HeaderValue, Response<String>> {
         })
     };
     if req.method() != hyper::Method::GET || req.version() < hyper::Version::HTTP_11 {
-        return Err(refuse(StatusCode::BAD_REQUEST, "a WebSocket upgrade is a GET over HTTP/1.1"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade is a GET over HTTP/1.1",
+        ));
     }
     if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
-        return Err(refuse(StatusCode::BAD_REQUEST, "not a WebSocket upgrade request"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket upgrade request",
+        ));
     }
-    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
         let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 only");
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return Err(r);
     }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY);
     // The key is 16 bytes in base64: 24 characters.
     let Some(key) = key.filter(|k| k.len() == 24) else {
-        return Err(refuse(StatusCode::BAD_REQUEST, "no valid Sec-WebSocket-Key"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "no valid Sec-WebSocket-Key",
+        ));
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     HeaderValue::from_str(&accept).map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad key"))
@@ -703,7 +723,9 @@ mod tests {
         ] {
             assert_eq!(decode(bad), None, "{bad:?}");
         }
-        assert!(encode(&[0; MAX_PAYLOAD], &[0; socket::MAX_READ_AHEAD]).len() <= migrate::MAX_PAYLOAD);
+        assert!(
+            encode(&[0; MAX_PAYLOAD], &[0; socket::MAX_READ_AHEAD]).len() <= migrate::MAX_PAYLOAD
+        );
     }
 
     #[test]
@@ -718,10 +740,7 @@ mod tests {
             f(b).body(()).unwrap()
         };
         // RFC 6455's example key and answer.
-        assert_eq!(
-            check(&req(&|b| b)).unwrap(),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(check(&req(&|b| b)).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(
             check(&req(&|b| b.method("POST"))).unwrap_err().status(),
             400

@@ -712,9 +712,8 @@ where
                 tokio::task::yield_now().await;
             }
             let result = inner.await;
-            let hand_over = || {
-                !upgrading.load(Ordering::Acquire) && handover.as_ref().is_some_and(moves)
-            };
+            let hand_over =
+                || !upgrading.load(Ordering::Acquire) && handover.as_ref().is_some_and(moves);
             let draining = drain.is_draining();
             let pause = draining && hand_over();
             let result = result.map(|response| {

@@ -480,7 +480,9 @@ mod tests {
             let mut s = Socket::before_handshake(Io::Tcp(server), None);
             let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
             let f = frame(0x81, 2);
-            c.write_all(&[head.clone(), f.clone()].concat()).await.unwrap();
+            c.write_all(&[head.clone(), f.clone()].concat())
+                .await
+                .unwrap();
             let mut got = Vec::new();
             while got.len() < head.len() {
                 got.extend(one_read(&mut s, 4096).await);
