@@ -624,7 +624,7 @@ impl Handover {
     /// `serve::Server` takes `kinds` of connections (none: not migrating).
     #[cfg(feature = "http")]
     pub(crate) fn declare_server(&self, kinds: Vec<&'static str>) {
-        crate::migrate::declare_server(&self.g, &self.migrate, kinds);
+        crate::migrate::declare_server(&self.migrate, kinds);
     }
 
     /// Whether the committed successor takes connections of `kind`.

@@ -52,10 +52,13 @@
 //!             .upgrade_on(SignalKind::hangup())
 //!             .stop_on(SignalKind::terminate())
 //!             .spawn()?; // before ready(): SIGHUP must not kill a new generation
+//!         // Before ready() too: the ready message tells the predecessor that
+//!         // this generation takes its keep-alive connections.
+//!         let server = Server::new(&handover).listener(listener);
 //!         handover.ready()?;
 //!         let app = Router::new().route("/", get(|| async { "hello\n" }));
 //!         // Serves until the drain after an upgrade or a stop is done.
-//!         let report = Server::new(&handover).listener(listener).serve(app).await?;
+//!         let report = server.serve(app).await?;
 //!         eprintln!("drained: {report:?}");
 //!         Ok(())
 //!     })
@@ -84,6 +87,12 @@
 //! HTTP/2 a graceful GOAWAY, and ends as soon as nothing is left (at most
 //! the drain timeout). `axum::serve`'s graceful shutdown instead closes idle
 //! and unread connections, failing requests already on the wire.
+//!
+//! By default it hands HTTP/1.1 keep-alive connections to a successor that
+//! takes them instead (its ready message says so), so an idle client does
+//! not hold the old generation ([`serve::Server::migrate`]). With feature
+//! `websocket`, WebSocket connections move too, between two messages
+//! ([`websocket`]).
 //!
 //! # The protocol
 //!

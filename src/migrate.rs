@@ -404,9 +404,11 @@ pub(crate) fn announce(slot: &Mutex<Slot>) -> Vec<&'static str> {
 /// that does not read what its successor takes (an older build) offers
 /// anything.
 #[cfg_attr(not(feature = "http"), allow(dead_code))]
-pub(crate) fn declare_server(g: &Generation, slot: &Mutex<Slot>, kinds: Vec<&'static str>) {
+pub(crate) fn declare_server(slot: &Mutex<Slot>, kinds: Vec<&'static str>) {
     let mut slot = lock(slot);
-    if slot.announced && slot.server_takes != kinds && g.from_predecessor && !kinds.is_empty() {
+    // Said in every generation, the first too: the next one would be made
+    // the same way.
+    if slot.announced && slot.server_takes != kinds && !kinds.is_empty() {
         tracing::warn!(
             ?kinds,
             "serve::Server made after ready(): the predecessor was told that this generation \

@@ -18,7 +18,7 @@
 //! ([`Server::websocket`](crate::serve::Server::websocket)):
 //!
 //! ```no_run
-//! use axum::{Router, extract::Request, response::Response, routing::get};
+//! use axum::{Router, extract::Request, routing::get};
 //! use futures_util::{SinkExt, StreamExt};
 //! use handover::websocket::{self, WebSocket};
 //!
@@ -99,7 +99,8 @@
 //!   (an older build, migration off: known at the commit, so there is no
 //!   wait), or gives it back;
 //! - a WebSocket over TLS, or one another server upgraded: its stream is
-//!   not a socket of this process alone.
+//!   not a socket of this process alone; and one over a Unix socket (as
+//!   for HTTP/1.1, only TCP connections move).
 //!
 //! At a stop ([`Handover::stop`](crate::Handover::stop)) there is no
 //! successor: [`hand_over`] closes with 1001 (Going Away).

@@ -134,6 +134,8 @@ impl Socket {
     pub(super) fn cannot_move(&self) -> Option<&'static str> {
         if matches!(self.io, Io::Other(_)) {
             Some("a stream the serving layer does not know (TLS, or another server)")
+        } else if matches!(self.io, Io::Unix(_)) {
+            Some("a Unix-socket connection (only TCP connections move, as for HTTP/1.1)")
         } else if self.head.is_some() {
             Some("the handshake is not over")
         } else if self.messages.extension {
@@ -173,6 +175,36 @@ impl Socket {
         if boundary && self.flags.pause.load(Ordering::Acquire) {
             self.flags.changed.notify_waiters();
         }
+    }
+
+    /// How many bytes of `data` (which starts a frame) to hand tungstenite:
+    /// whole frames — after leaving began, none past the end of the message
+    /// being finished — or, first in line, a frame longer than
+    /// [`WHOLE_MAX`] or than `room` (what tungstenite takes in one read)
+    /// as far as it goes (passed through). Takes note of every frame
+    /// handed.
+    fn whole_frames(&mut self, data: &[u8], room: usize) -> usize {
+        let paused = self.flags.pause.load(Ordering::Acquire);
+        let mut end = 0usize;
+        while let Some(h) = frames::header(&data[end..]) {
+            let left = (data.len() - end) as u64;
+            if h.len <= left {
+                self.messages.handed(&h);
+                end += h.len as usize; // at most `data.len()`
+                if paused && !self.messages.fragmented {
+                    break; // the message ended: nothing after it
+                }
+                continue;
+            }
+            if h.len > WHOLE_MAX as u64 || (end == 0 && h.len > room as u64) {
+                // Too long to hand whole: through, as it arrives.
+                self.messages.handed(&h);
+                self.pass = h.len - left;
+                end = data.len();
+            }
+            break;
+        }
+        end
     }
 
     /// Reads from the socket into `buf`: `Ok(0)` at its end.
@@ -264,42 +296,56 @@ impl AsyncRead for Socket {
             }
             // At a frame boundary of what tungstenite was given, so it
             // holds no partial frame. Leaving: no new message.
-            if this.flags.pause.load(Ordering::Acquire) && !this.messages.fragmented {
+            let paused = this.flags.pause.load(Ordering::Acquire);
+            if paused && !this.messages.fragmented {
                 this.wait_here();
                 return Poll::Pending; // woken by nothing: the socket leaves
             }
-            // Whole frames from `buf`, as many as `out` takes.
-            let (mut end, room) = (0usize, out.remaining());
-            while let Some(h) = frames::header(&this.buf[end..]) {
-                let paused = this.flags.pause.load(Ordering::Acquire);
-                if end == 0 && (h.len > WHOLE_MAX as u64 || h.len > room as u64) {
-                    // Too long to hand whole: through, as it arrives.
-                    this.messages.handed(&h);
-                    this.pass = h.len;
-                    break;
-                }
-                let Some(next) = usize::try_from(h.len).ok().and_then(|l| end.checked_add(l))
-                else {
-                    break;
+            // The bytes read ahead (they start a frame), then what the
+            // socket has, straight into tungstenite's buffer; what does not
+            // end a whole frame is taken back.
+            let (start, room) = (out.filled().len(), out.remaining());
+            let prefix = this.buf.len().min(room);
+            out.put_slice(&this.buf[..prefix]);
+            let mut read = Poll::Ready(Ok(false)); // (whether the socket ended)
+            if prefix == this.buf.len() && out.remaining() > 0 {
+                // Leaving (the message is finished first): a small read, so
+                // that what is read past the message stays small.
+                let limit = if paused { READ_CHUNK } else { usize::MAX };
+                let before = out.filled().len();
+                let dst = out.initialize_unfilled_to(out.remaining().min(limit));
+                let mut rb = ReadBuf::new(dst);
+                read = match each!(&mut this.io, s => Pin::new(s).poll_read(cx, &mut rb)) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        out.set_filled(before + n);
+                        Poll::Ready(Ok(n == 0))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 };
-                if next > this.buf.len() || next > room {
-                    break;
-                }
-                this.messages.handed(&h);
-                end = next;
-                if paused && !this.messages.fragmented {
-                    break; // the message ended: nothing after it
-                }
             }
-            if end > 0 {
-                this.hand(out, end);
+            let handed = this.whole_frames(&out.filled()[start..], room);
+            if prefix < this.buf.len() {
+                this.buf.advance(handed); // nothing read: `buf` holds the rest
+            } else {
+                this.buf.clear();
+                this.buf.extend_from_slice(&out.filled()[start + handed..]);
+            }
+            out.set_filled(start + handed);
+            if handed > 0 {
+                this.flags.at_boundary.store(false, Ordering::Release);
                 return Poll::Ready(Ok(()));
             }
-            if this.pass > 0 {
-                continue;
+            if prefix < this.buf.len() {
+                // Not even a frame header fits: tungstenite always has room
+                // for one (14 bytes); another reader must give it.
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a WebSocket socket read with room for less than a frame header",
+                )));
             }
-            // A partial frame (or nothing): read on.
-            match this.fill(cx) {
+            match read {
                 Poll::Pending => {
                     this.wait_here();
                     return Poll::Pending;
@@ -307,8 +353,8 @@ impl AsyncRead for Socket {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // The end: tungstenite sees it; a partial frame is lost
                 // with the connection.
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(true)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(false)) => {}
             }
             debug_assert!(this.buf.len() <= MAX_READ_AHEAD + frames::MAX_HEADER);
         }
@@ -401,20 +447,57 @@ mod tests {
             let tail = frame(0x81, 100);
             wire.extend_from_slice(&tail[..50]);
             c.write_all(&wire).await.unwrap();
-            // Both small frames whole, in one read; then the big one alone.
-            let got = one_read(&mut s, 128 * 1024).await;
-            assert_eq!(got, [a.clone(), b].concat());
+            // Whole frames (the big one as it comes, if it comes in parts),
+            // and not a byte of the partial one behind them.
+            let upto_big = [a.clone(), b, big, a].concat();
             let mut through = Vec::new();
-            while through.len() < big.len() {
+            while through.len() < upto_big.len() {
                 let got = one_read(&mut s, 128 * 1024).await;
                 assert!(!got.is_empty());
                 through.extend(got);
             }
-            assert_eq!(through, big, "not a byte past the big frame");
-            assert_eq!(one_read(&mut s, 128 * 1024).await, a);
+            let diff = through.iter().zip(&upto_big).position(|(x, y)| x != y);
+            assert!(
+                through == upto_big,
+                "not a byte past the big frame: {} bytes for {}, first difference at {diff:?}",
+                through.len(),
+                upto_big.len()
+            );
             // Only the partial frame is left, read ahead; its rest comes.
             c.write_all(&tail[50..]).await.unwrap();
             assert_eq!(one_read(&mut s, 128 * 1024).await, tail);
+        });
+    }
+
+    #[test]
+    fn a_long_frame_in_parts_is_passed_through_up_to_its_end() {
+        rt().block_on(async {
+            let (mut s, mut c) = pair().await;
+            let (a, big) = (frame(0x81, 5), frame(0x82, 100_000));
+            c.write_all(&[&a[..], &big[..30_000]].concat())
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            while got.len() < a.len() + 30_000 {
+                got.extend(one_read(&mut s, 128 * 1024).await);
+            }
+            assert!(got == [&a[..], &big[..30_000]].concat());
+            let mut v = [0u8; 64];
+            assert!(futures_poll(&mut s, &mut v).is_pending());
+            assert_eq!(s.cannot_move(), Some("in the middle of a message"));
+            // The rest, and a frame behind it: each read stops at the end
+            // of the long frame.
+            c.write_all(&[&big[30_000..], &a[..]].concat())
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            while rest.len() < big.len() - 30_000 {
+                rest.extend(one_read(&mut s, 128 * 1024).await);
+            }
+            assert!(rest == big[30_000..], "{} bytes", rest.len());
+            assert_eq!(one_read(&mut s, 128 * 1024).await, a);
+            assert!(futures_poll(&mut s, &mut v).is_pending());
+            assert_eq!(s.cannot_move(), None);
         });
     }
 
