@@ -967,7 +967,11 @@ mod ws {
             let mut child = Command::new(&server)
                 .args(&args)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(if std::env::var_os("RUST_LOG").is_some() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
                 .spawn()
                 .expect("spawn");
             let lines = procs::line_channel(child.stdout.take().unwrap());
@@ -1020,13 +1024,12 @@ mod ws {
                 .parse()
                 .unwrap();
             let committed = Instant::now();
-            if moved {
-                ask.send(2).unwrap(); // asked over the moved connections
-            }
-            let exit = next(&format!("exit pid={old} "));
+            next(&format!("exit pid={old} "));
             procs::reap(old, Duration::from_secs(drain_timeout + 30)).expect("reap");
             let gone = committed.elapsed();
-            let _ = exit;
+            // Asked once the old generation is gone: over the moved
+            // connections, or the new ones (a reconnected client asks too).
+            ask.send(2).unwrap();
             let deadline = Instant::now() + Duration::from_secs(300);
             while !all(new) {
                 assert!(

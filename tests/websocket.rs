@@ -386,6 +386,45 @@ fn a_thousand_clients_through_10_upgrades_lose_nothing_and_repeat_nothing() {
     chain.stop();
 }
 
+#[test]
+fn upgrades_are_served_with_migration_on() {
+    let _serial = serial();
+    let mut chain = Chain::start(&[]);
+    let old = chain.pid();
+    let rt = runtime();
+    // axum's own WebSocketUpgrade (hyper's upgrade): served as before.
+    let url = format!("ws://{}/axum-ws", chain.addr);
+    rt.block_on(async {
+        let mut ws = connect(&url).await;
+        ws.send(Message::text("axum")).await.unwrap();
+        assert_eq!(next(&mut ws).await.unwrap(), Message::text("axum"));
+        ws.close(None).await.unwrap();
+    });
+    // `websocket::upgrade` on a keep-alive connection that served a request
+    // first (the migrating connection becomes hyper's upgradeable one).
+    let mut http = Http::open(chain.addr);
+    assert_eq!(http.get(), (old, false));
+    let stream = http.0.into_inner();
+    stream.set_nonblocking(true).unwrap();
+    let mut ws = rt.block_on(async {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let url = chain.url("after-http");
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next(&mut ws).await.unwrap(), Message::text("hi"));
+        assert_eq!(pid_of(&mut ws).await, old);
+        ws
+    });
+    // It moves like any other.
+    let up = chain.upgrade();
+    rt.block_on(async {
+        assert_eq!(pid_of(&mut ws).await, up.new);
+        ws.close(None).await.unwrap();
+    });
+    chain.stop();
+}
+
 /// A message of `len` bytes, text or binary, recognisable by `tag`.
 fn sized(len: usize, text: bool, tag: u8) -> Message {
     let body: Vec<u8> = (0..len)
