@@ -102,7 +102,8 @@
 //! therefore serves a process started by its old generation, by systemd, or
 //! by `systemd-socket-activate`. `HANDOVER_CHANNEL_FD` names the readiness
 //! channel and `HANDOVER_GENERATION` the generation. Over the channel the
-//! successor sends `R` (ready), `E<reason>` (state rejected) or, during a
+//! successor sends `T<kinds>` (the connections it takes, right before
+//! `R`), `R` (ready), `E<reason>` (state rejected) or, during a
 //! probation window, `U<reason>` (unhealthy); the old generation answers `A`
 //! (taken back), or `C<counters>` once the handover is final and later
 //! `D<drain time>`, and its end closes when it exits. Stale `LISTEN_*`,

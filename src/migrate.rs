@@ -7,10 +7,11 @@
 //!
 //! The old generation, after `upgrade()` returned `Ok`, hands each idle
 //! connection over with the bytes it read but did not process; the
-//! successor, right after `ready()`, serves what arrives:
+//! successor takes its incoming connections before `ready()` (the ready
+//! message says that it takes them) and serves what arrives:
 //!
 //! ```no_run
-//! use handover::{Handover, Migrated};
+//! use handover::{Handover, IncomingConnections, Migrated};
 //! use handover::migrate::SendError;
 //!
 //! # async fn serve(_: tokio::net::TcpStream, _: Vec<u8>) {}
@@ -31,9 +32,9 @@
 //!     }
 //! }
 //!
-//! // Successor: after `ready()`.
-//! async fn take_over(handover: Handover) -> Result<(), Box<dyn std::error::Error>> {
-//!     let mut incoming = handover.incoming_connections()?;
+//! // Successor: `let incoming = handover.incoming_connections()?;` before
+//! // `handover.ready()?`, then, in a task of its own:
+//! async fn take_over(mut incoming: IncomingConnections) -> Result<(), Box<dyn std::error::Error>> {
 //!     while let Some(item) = incoming.recv().await {
 //!         match item {
 //!             Ok(Migrated::Connection(c)) => {
@@ -67,7 +68,12 @@
 //!   generation never hands a connection to a build that cannot take it
 //!   (an older successor, or one that does not call
 //!   [`Handover::incoming_connections`](crate::Handover::incoming_connections)): its sends fail with
-//!   [`MigrateError::NotOffered`] and the connection comes back.
+//!   [`MigrateError::NotTaken`] (or [`MigrateError::NotOffered`]) and the
+//!   connection comes back.
+//! - Whether an offer will come is known at the commit: right before its
+//!   ready message the successor says which connections it takes (the
+//!   channel's `T` line; see `channel`), and one that takes none, or says
+//!   nothing (an older build), is not waited for.
 //! - After the commit the successor sends nothing else on the channel and
 //!   the old generation reads it nowhere else, so the offer changes neither
 //!   the upgrade's readers (ready, probation) nor the successor's, and needs
@@ -87,8 +93,10 @@
 //!
 //! `<version>` is the highest record version the successor reads (now 1);
 //! the old generation writes records of that version or lower. An old
-//! generation waits for the offer at most 5 s (and never past its
-//! deadline); a successor whose predecessor is gone offers nothing.
+//! generation whose successor said it takes connections waits for the
+//! offer at most 5 s (and never past its deadline); one whose successor
+//! takes none waits for nothing; a successor whose predecessor is gone
+//! offers nothing.
 //!
 //! ## Records (migration socket)
 //!
@@ -186,9 +194,7 @@ pub enum MigrateError {
     /// at the commit: nothing is waited for.
     NotTaken,
     /// The successor said it takes connections but did not offer to take
-    /// them in time (it did not read its
-    /// [`IncomingConnections`](crate::IncomingConnections)), or is a build
-    /// without migration that does not say what it takes.
+    /// them in time (5 s): it did not read its [`IncomingConnections`].
     NotOffered {
         /// How long the old generation waited.
         waited: Duration,

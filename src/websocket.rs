@@ -596,7 +596,14 @@ where
 {
     let accept = match check(&req) {
         Ok(accept) => accept,
-        Err(response) => return response,
+        Err((status, why)) => {
+            let mut r = refuse(status, why);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                let v = HeaderValue::from_static("13");
+                r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, v);
+            }
+            return r;
+        }
     };
     if req
         .extensions()
@@ -661,50 +668,33 @@ fn served_socket<T>(
     Socket::after_handshake(io(stream), &read_ahead, ctx)
 }
 
-/// The `Sec-WebSocket-Accept` of a valid upgrade request, or the answer to
-/// an invalid one.
-fn check<B>(req: &Request<B>) -> Result<HeaderValue, Response<String>> {
+/// The `Sec-WebSocket-Accept` of a valid upgrade request, or the status and
+/// reason of the answer to an invalid one.
+fn check<B>(req: &Request<B>) -> Result<HeaderValue, (StatusCode, &'static str)> {
     let has = |name: header::HeaderName, token: &str| {
         req.headers().get_all(name).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
+    let bad = StatusCode::BAD_REQUEST;
     if req.method() != hyper::Method::GET || req.version() < hyper::Version::HTTP_11 {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "a WebSocket upgrade is a GET over HTTP/1.1",
-        ));
+        return Err((bad, "a WebSocket upgrade is a GET over HTTP/1.1"));
     }
     if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "not a WebSocket upgrade request",
-        ));
+        return Err((bad, "not a WebSocket upgrade request"));
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 only");
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return Err(r);
+    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION);
+    if version.map(|v| v.as_bytes()) != Some(b"13") {
+        return Err((StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 only"));
     }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY);
     // The key is 16 bytes in base64: 24 characters.
     let Some(key) = key.filter(|k| k.len() == 24) else {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "no valid Sec-WebSocket-Key",
-        ));
+        return Err((bad, "no valid Sec-WebSocket-Key"));
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    HeaderValue::from_str(&accept).map_err(|_| refuse(StatusCode::BAD_REQUEST, "bad key"))
+    HeaderValue::from_str(&accept).map_err(|_| (bad, "bad key"))
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response<String> {
@@ -754,15 +744,12 @@ mod tests {
         };
         // RFC 6455's example key and answer.
         assert_eq!(check(&req(&|b| b)).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        assert_eq!(
-            check(&req(&|b| b.method("POST"))).unwrap_err().status(),
-            400
-        );
+        assert_eq!(check(&req(&|b| b.method("POST"))).unwrap_err().0, 400);
         let mut old = req(&|b| b);
         old.headers_mut()
             .insert("sec-websocket-version", HeaderValue::from_static("8"));
-        assert_eq!(check(&old).unwrap_err().status(), 426);
+        assert_eq!(check(&old).unwrap_err().0, 426);
         let no_upgrade = Request::builder().uri("/ws").body(()).unwrap();
-        assert_eq!(check(&no_upgrade).unwrap_err().status(), 400);
+        assert_eq!(check(&no_upgrade).unwrap_err().0, 400);
     }
 }

@@ -613,23 +613,21 @@ enum End {
     Cut,
 }
 
-/// Waits for the end of `ws`, answering nothing (bounded).
+/// Waits for the end of `ws`, which receives nothing more (bounded).
 async fn end_of(ws: &mut Client) -> Result<End, String> {
-    loop {
-        match tokio::time::timeout(EVENT_TIMEOUT, ws.next()).await {
-            Err(_) => return Err("hangs".into()),
-            Ok(Some(Ok(Message::Close(f)))) => {
-                let code = f.map_or(1005, |f| f.code.into());
-                // tungstenite answers the close; then the server ends the
-                // connection, without a reset.
-                return match tokio::time::timeout(EVENT_TIMEOUT, ws.next()).await {
-                    Ok(None) => Ok(End::Closed(code)),
-                    other => Err(format!("after close {code}: {other:?}")),
-                };
+    match tokio::time::timeout(EVENT_TIMEOUT, ws.next()).await {
+        Err(_) => Err("hangs".into()),
+        Ok(Some(Ok(Message::Close(f)))) => {
+            let code = f.map_or(1005, |f| f.code.into());
+            // tungstenite answers the close; then the server ends the
+            // connection, without a reset.
+            match tokio::time::timeout(EVENT_TIMEOUT, ws.next()).await {
+                Ok(None) => Ok(End::Closed(code)),
+                other => Err(format!("after close {code}: {other:?}")),
             }
-            Ok(Some(Ok(m))) => return Err(format!("unexpected {m:?}")),
-            Ok(Some(Err(_)) | None) => return Ok(End::Cut),
         }
+        Ok(Some(Ok(m))) => Err(format!("unexpected {m:?}")),
+        Ok(Some(Err(_)) | None) => Ok(End::Cut),
     }
 }
 

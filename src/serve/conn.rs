@@ -83,7 +83,8 @@ use crate::lifecycle::State;
 #[cfg(feature = "websocket")]
 pub(crate) type WsContext = Option<crate::websocket::Served>;
 #[cfg(not(feature = "websocket"))]
-pub(crate) type WsContext = ();
+#[derive(Clone)]
+pub(crate) struct WsContext;
 
 /// Puts the serving layer's context into an upgrade request.
 #[cfg(feature = "websocket")]

@@ -348,7 +348,7 @@ impl Server {
             self.websocket.clone(),
         ));
         #[cfg(not(feature = "websocket"))]
-        let ws = ();
+        let ws = conn::WsContext;
         let shared = Arc::new(Shared {
             drain: self.drain.clone(),
             deadline,
