@@ -2,7 +2,11 @@
 //! (tests/fixture/websocket.rs: examples/chat.rs on the serving layer, or
 //! with `--plain` a tokio-tungstenite server of its own through the
 //! migration API), loopback, kernel-chosen ports, tokio-tungstenite
-//! clients in one single-threaded runtime.
+//! clients in one runtime with one worker thread.
+//!
+//! `cargo test --features websocket --test websocket` does not build the
+//! fixture: run `cargo build --features websocket --examples` first (as
+//! .ci/run does).
 
 mod common;
 
@@ -32,7 +36,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn fixture() -> PathBuf {
-    common::server_bin().with_file_name("fixture_websocket")
+    let bin = common::server_bin().with_file_name("fixture_websocket");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --features websocket --examples` first",
+        bin.display()
+    );
+    bin
 }
 
 /// The clients' runtime: one worker thread, which runs the clients' tasks
@@ -600,8 +610,16 @@ fn rooms_survive_an_upgrade() {
         }
     });
     check(&rt, &mut a, &mut b, "after");
-    drop((a, b));
+    // A stop: no successor; each connection is closed with 1001 (Going
+    // Away), and the process exits at once.
+    let ends = watch_ends(&rt, a.into_iter().chain(b).collect());
+    let t = Instant::now();
     chain.stop();
+    let stopped = t.elapsed();
+    for (end, _) in rt.block_on(ends).unwrap() {
+        assert_eq!(end, Ok(End::Closed(1001)));
+    }
+    assert!(stopped < Duration::from_secs(2), "stopped after {stopped:?}");
 }
 
 /// How a client's connection ended when the service went away under it.
