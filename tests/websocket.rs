@@ -70,6 +70,10 @@ fn raise_nofile() {
 struct Chain {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Lines read but not waited for yet: the generations print at once,
+    /// in any order (an old generation's exit may come before its
+    /// successor's `listening` line).
+    pending: Vec<String>,
     addr: SocketAddr,
     /// Every generation's pid, and whether it was reaped.
     pids: Vec<(u32, bool)>,
@@ -104,6 +108,7 @@ impl Chain {
         let mut c = Chain {
             child,
             lines,
+            pending: Vec::new(),
             addr: "0.0.0.0:0".parse().unwrap(),
             pids: Vec::new(),
         };
@@ -113,22 +118,27 @@ impl Chain {
         c
     }
 
-    /// The next line that starts with `prefix`, within EVENT_TIMEOUT.
-    fn wait_line(&self, prefix: &str) -> String {
+    /// The first line that starts with `prefix`, within EVENT_TIMEOUT;
+    /// other lines stay for later waits.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        if let Some(i) = self.pending.iter().position(|l| l.starts_with(prefix)) {
+            return self.pending.remove(i);
+        }
         let deadline = Instant::now() + EVENT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self
                 .lines
                 .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no `{prefix}` line in time"));
+                .unwrap_or_else(|_| panic!("no `{prefix}` line in time: {:?}", self.pending));
             if line.starts_with(prefix) {
                 return line;
             }
+            self.pending.push(line);
         }
     }
 
-    fn wait_listening(&self) -> (SocketAddr, u32) {
+    fn wait_listening(&mut self) -> (SocketAddr, u32) {
         let line = self.wait_line("listening on ");
         let words: Vec<&str> = line.split_whitespace().collect();
         (words[2].parse().unwrap(), words[4].parse().unwrap())
@@ -619,7 +629,10 @@ fn rooms_survive_an_upgrade() {
     for (end, _) in rt.block_on(ends).unwrap() {
         assert_eq!(end, Ok(End::Closed(1001)));
     }
-    assert!(stopped < Duration::from_secs(2), "stopped after {stopped:?}");
+    assert!(
+        stopped < Duration::from_secs(2),
+        "stopped after {stopped:?}"
+    );
 }
 
 /// How a client's connection ended when the service went away under it.
@@ -700,22 +713,8 @@ fn a_successor_that_crashes_after_taking_half_loses_those_the_rest_close_with_10
     let t = Instant::now();
     procs::signal(old, libc::SIGHUP).unwrap();
     // The successor's crash and the old generation's exit, in any order.
-    let (mut crash, mut exit) = (None, None);
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    while crash.is_none() || exit.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = chain
-            .lines
-            .recv_timeout(left)
-            .expect("crash and exit lines");
-        eprintln!("{line}");
-        if line.starts_with("crash pid=") {
-            crash = Some(line);
-        } else if line.starts_with(&format!("exit pid={old} ")) {
-            exit = Some(line);
-        }
-    }
-    let (crash, exit) = (crash.unwrap(), exit.unwrap());
+    let crash = chain.wait_line("crash pid=");
+    let exit = chain.wait_line(&format!("exit pid={old} "));
     let new = field(&crash, "pid") as u32;
     chain.pids.push((new, false));
     let status = procs::reap(new, EVENT_TIMEOUT).expect("reap the successor");
