@@ -1,8 +1,9 @@
 //! A zero-downtime axum service:
-//! `axum --listen ADDR [--pid-file PATH] [--control PATH [--allow-program PATH]] [--migrate]
+//! `axum --listen ADDR [--pid-file PATH] [--control PATH [--allow-program PATH]] [--no-migrate]
 //! [--take-over PATH] [--probation SECS [--canary-share FRACTION]]` (`--take-over`: take the
-//! service over from the one at that control socket; `--probation`: a canary window, in which the
-//! new build is judged against this one on live traffic and rolled back if it does worse).
+//! service over from the one at that control socket; `--no-migrate`: keep-alive connections get
+//! the lame-duck drain instead of moving on; `--probation`: a canary window, in which the new
+//! build is judged against this one on live traffic and rolled back if it does worse).
 //! SIGHUP or `axum reload --control PATH [--binary PATH]` upgrades it in place (`--binary`: a
 //! rollback, allowed from `--allow-program`), `axum status --control PATH` tells, SIGTERM stops.
 use axum::{Router, http::HeaderValue, middleware::map_response, response::Response, routing::get};
@@ -39,6 +40,7 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let (pid, addr) = (std::process::id(), flag("--listen"));
         let listener = handover.tcp_listener("http", addr.unwrap_or("127.0.0.1:8080".into()))?;
+        let addr = listener.local_addr()?;
         let mut triggers = Triggers::new(&handover).upgrade_on(SignalKind::hangup());
         if let Some(path) = flag("--control") {
             let socket = control::bind(&handover, path)?.allow_takeover(true); // same uid only
@@ -46,14 +48,14 @@ fn main() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
             triggers = triggers.control(allowed.fold(socket, |s, p| s.allow_program(p)));
         }
         triggers.stop_on(SignalKind::terminate()).spawn()?; // own task: accepting never waits
+        let server = Server::new(&handover).listener(listener); // before ready(): it takes connections
+        let server = server.migrate(!std::env::args().any(|a| a == "--no-migrate")); // on by default
         handover.ready()?;
-        println!("listening on {} pid {pid}", listener.local_addr()?); // inherited, or bound now
+        println!("listening on {addr} pid {pid}"); // inherited, or bound now
         let app = Router::new().route("/", get(|| async { "hello\n" }));
         let app = app.layer(map_response(move |mut r: Response| async move {
             (r.headers_mut().insert("x-pid", HeaderValue::from(pid)), r).1
         }));
-        let server = Server::new(&handover).listener(listener); // --migrate: keep-alive moves on
-        let server = server.migrate(std::env::args().any(|a| a == "--migrate"));
         eprintln!("drained: {:?}", server.serve(app).await?); // all done, or the drain timeout passed
         Ok(std::process::ExitCode::SUCCESS)
     })

@@ -12,6 +12,9 @@
 //! cargo run --release --example bench -- axum [--secs 10] [--rounds 3] [--upgrades 20]
 //! cargo run --release --example bench -- migrate [--conns 10000] [--drain-timeout 5]
 //! cargo run --release --features tls --example bench -- tls [--clients 1000] [--runs 5]
+//! cargo build --release --examples --features websocket
+//! cargo run --release --features websocket --example bench -- websocket [--conns 10000] [--drain-timeout 5]
+//! cargo run --release --features websocket --example bench -- ws-throughput [--secs 3] [--rounds 5]
 //! ```
 //!
 //! - `ready`: trigger → successor ready for examples/http_server, against the
@@ -39,6 +42,16 @@
 //!   generation reconnect at once after an upgrade: CPU time of the new
 //!   generation in the first second, with the session-ticket key handoff
 //!   and with keys per process (examples/support/tls_bench.rs).
+//! - `websocket`: N idle WebSocket clients of tests/fixture/websocket.rs (the
+//!   chat of examples/chat.rs), one upgrade: moved to the successor, against
+//!   the lame duck of WebSocket (a successor that takes none: each closed
+//!   with 1012, and the client reconnects): how long the old generation
+//!   lives after the commit, and until every client is served by the
+//!   successor again.
+//! - `ws-throughput`: messages per second through tokio-tungstenite over a
+//!   bare `TcpStream` and over `handover::websocket::Socket` (one client
+//!   sending flat out, the server echoing), 16 B to 64 KiB, rounds
+//!   interleaved, medians.
 
 #[path = "support/procs.rs"]
 mod procs;
@@ -888,6 +901,288 @@ fn migrate(conns: usize, drain_timeout: u64) {
     }
 }
 
+/// The WebSocket figures (feature `websocket`).
+#[cfg(feature = "websocket")]
+mod ws {
+    use super::*;
+
+    /// One client of the `websocket` figure: idle until the server closes it
+    /// (then it reconnects, and counts it) or the bench asks its pid.
+    async fn idle_ws_client(
+        url: String,
+        mut ask: tokio::sync::watch::Receiver<u32>,
+        answered: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        reconnects: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    ) {
+        use futures_util::{SinkExt, StreamExt};
+        use std::sync::atomic::Ordering;
+        use tokio_tungstenite::tungstenite::Message;
+        let connect = || async {
+            loop {
+                match tokio_tungstenite::connect_async(url.as_str()).await {
+                    Ok((ws, _)) => return ws,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        let mut ws = connect().await;
+        answered.fetch_add(1, Ordering::SeqCst); // connected
+        loop {
+            tokio::select! {
+                changed = ask.changed() => {
+                    if changed.is_err() { return }
+                    if ws.send(Message::text("pid?")).await.is_err() { continue }
+                }
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) if t.starts_with("pid=") => {
+                        answered.store(t[4..].parse().unwrap_or(0), Ordering::SeqCst);
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                        // Closed (1012): the client reconnects, to the successor.
+                        while ws.next().await.is_some() {}
+                        reconnects.fetch_add(1, Ordering::SeqCst);
+                        ws = connect().await;
+                        if ws.send(Message::text("pid?")).await.is_err() { continue }
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    /// N idle WebSocket connections, one upgrade: moved, against the lame duck
+    /// (closed with 1012, reconnected).
+    pub fn websocket(conns: usize, drain_timeout: u64) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        raise_nofile();
+        procs::become_subreaper();
+        let server = sibling("fixture_websocket");
+        println!(
+            "{conns} idle WebSocket connections (tests/fixture/websocket.rs, a room each), one upgrade, drain timeout {drain_timeout} s (release)"
+        );
+        println!();
+        println!(
+            "| WebSocket connections | old generation gone after the commit | every client served by the successor after the commit | reconnects |"
+        );
+        println!("| --- | --- | --- | --- |");
+        for moved in [true, false] {
+            let dt = drain_timeout.to_string();
+            let mut args = vec!["--listen", "127.0.0.1:0", "--drain-timeout", &dt];
+            if !moved {
+                args.extend(["--no-migrate-from", "2"]);
+            }
+            let mut child = Command::new(&server)
+                .args(&args)
+                .stdout(Stdio::piped())
+                .stderr(if std::env::var_os("RUST_LOG").is_some() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
+                .spawn()
+                .expect("spawn");
+            let lines = procs::line_channel(child.stdout.take().unwrap());
+            let next = |prefix: &str| loop {
+                let line = lines
+                    .recv_timeout(Duration::from_secs(120))
+                    .expect("a line from the server");
+                if line.starts_with(prefix) {
+                    return line;
+                }
+            };
+            let listening = next("listening on ");
+            let words: Vec<&str> = listening.split_whitespace().collect();
+            let (addr, old): (std::net::SocketAddr, u32) =
+                (words[2].parse().unwrap(), words[4].parse().unwrap());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let (ask, ask_rx) = tokio::sync::watch::channel(0u32);
+            let reconnects = Arc::new(AtomicU32::new(0));
+            let answered: Vec<Arc<AtomicU32>> =
+                (0..conns).map(|_| Arc::new(AtomicU32::new(0))).collect();
+            for (i, a) in answered.iter().enumerate() {
+                let url = format!("ws://{addr}/ws?room=c{i}");
+                rt.spawn(idle_ws_client(
+                    url,
+                    ask_rx.clone(),
+                    a.clone(),
+                    reconnects.clone(),
+                ));
+            }
+            let all = |pid: u32| answered.iter().all(|a| a.load(Ordering::SeqCst) == pid);
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !all(1) {
+                assert!(Instant::now() < deadline, "clients did not connect");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ask.send(1).unwrap();
+            while !all(old) {
+                assert!(Instant::now() < deadline, "clients not answered");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            procs::signal(old, libc::SIGHUP).unwrap();
+            let new: u32 = next("listening on ")
+                .split_whitespace()
+                .nth(4)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let committed = Instant::now();
+            next(&format!("exit pid={old} "));
+            procs::reap(old, Duration::from_secs(drain_timeout + 30)).expect("reap");
+            let gone = committed.elapsed();
+            // Asked once the old generation is gone: over the moved
+            // connections, or the new ones (a reconnected client asks too).
+            ask.send(2).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !all(new) {
+                assert!(
+                    Instant::now() < deadline,
+                    "clients not served by the successor"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let served = committed.elapsed();
+            println!(
+                "| {} | {:.0} ms | {:.0} ms | {} |",
+                if moved {
+                    "moved (`websocket::hand_over`)"
+                } else {
+                    "closed with 1012, reconnected"
+                },
+                ms(gone),
+                ms(served),
+                reconnects.load(Ordering::SeqCst)
+            );
+            drop(ask);
+            rt.shutdown_timeout(Duration::from_secs(5));
+            procs::signal(new, libc::SIGTERM).unwrap();
+            procs::reap(new, Duration::from_secs(drain_timeout + 30)).expect("reap");
+            let _ = child.wait();
+        }
+    }
+
+    /// An echo server for `ws-throughput`: each connection's messages back.
+    async fn ws_echo<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use futures_util::{FutureExt, SinkExt, StreamExt};
+        while let Some(Ok(m)) = ws.next().await {
+            if ws.feed(m).await.is_err() {
+                return;
+            }
+            // What is read at once is echoed in one write.
+            while let Some(Some(Ok(m))) = ws.next().now_or_never() {
+                if ws.feed(m).await.is_err() {
+                    return;
+                }
+            }
+            if ws.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Messages per second of `size` bytes, one client sending flat out and
+    /// reading the echoes, for `secs`: plain tokio-tungstenite on the server,
+    /// or over `handover::websocket::Socket`.
+    fn ws_round(size: usize, secs: f64, wrapped: bool) -> f64 {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let h = Handover::builder().build().expect("build");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                s.set_nodelay(true).unwrap();
+                if wrapped {
+                    let sock = handover::websocket::Socket::new(s, &h);
+                    if let Ok(ws) = tokio_tungstenite::accept_async(sock).await {
+                        ws_echo(ws).await;
+                    }
+                } else if let Ok(ws) = tokio_tungstenite::accept_async(s).await {
+                    ws_echo(ws).await;
+                }
+            });
+            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                .await
+                .unwrap();
+            let (mut tx, mut rx) = ws.split();
+            let payload = vec![b'x'; size];
+            let until = Instant::now() + Duration::from_secs_f64(secs);
+            let sender = tokio::spawn(async move {
+                let mut sent = 0u64;
+                while Instant::now() < until {
+                    for _ in 0..100 {
+                        if tx.feed(Message::binary(payload.clone())).await.is_err() {
+                            return sent;
+                        }
+                    }
+                    if tx.flush().await.is_err() {
+                        return sent;
+                    }
+                    sent += 100;
+                    tokio::task::yield_now().await;
+                }
+                sent
+            });
+            let t = Instant::now();
+            let mut got = 0u64;
+            let counting = async {
+                while let Some(Ok(_)) = rx.next().await {
+                    got += 1;
+                    if Instant::now() >= until {
+                        break;
+                    }
+                }
+            };
+            counting.await;
+            let took = t.elapsed().as_secs_f64();
+            sender.abort();
+            server.abort();
+            got as f64 / took
+        })
+    }
+
+    /// tokio-tungstenite's message rate over a bare `TcpStream` and over
+    /// `websocket::Socket`, rounds interleaved, medians.
+    pub fn ws_throughput(secs: u64, rounds: usize) {
+        println!(
+            "echoed messages/s, one client sending flat out, {secs} s rounds, {rounds} rounds interleaved (release)"
+        );
+        println!();
+        println!("| message | plain tokio-tungstenite | over `websocket::Socket` | ratio |");
+        println!("| --- | --- | --- | --- |");
+        for size in [16, 1024, 16 * 1024, 64 * 1024] {
+            let (mut plain, mut ours, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let p = ws_round(size, secs as f64, false);
+                let o = ws_round(size, secs as f64, true);
+                plain.push(p);
+                ours.push(o);
+                ratio.push(o / p);
+            }
+            println!(
+                "| {size} B | {:.0} | {:.0} | {:.3} |",
+                median(&mut plain),
+                median(&mut ours),
+                median(&mut ratio)
+            );
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -933,9 +1228,20 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
+        #[cfg(feature = "websocket")]
+        Some("websocket") => {
+            ws::websocket(num("--conns", 10_000), num("--drain-timeout", 5) as u64)
+        }
+        #[cfg(feature = "websocket")]
+        Some("ws-throughput") => ws::ws_throughput(num("--secs", 3) as u64, num("--rounds", 5)),
+        #[cfg(not(feature = "websocket"))]
+        Some("websocket" | "ws-throughput") => {
+            eprintln!("bench: the WebSocket figures need `--features websocket`");
+            return ExitCode::from(2);
+        }
         _ => {
             eprintln!(
-                "usage: bench tls [--clients N] [--runs N] | migrate [--conns N] [--drain-timeout S] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
+                "usage: bench migrate [--conns N] [--drain-timeout S] | websocket [--conns N] [--drain-timeout S] | ws-throughput [--secs N] [--rounds N] | tls [--clients N] [--runs N] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

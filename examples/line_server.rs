@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use handover::{Drain, DrainGuard, Handover, Migrated};
+use handover::{Drain, DrainGuard, Handover, IncomingConnections, Migrated};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
@@ -124,11 +124,12 @@ async fn serve(
 /// Serves the connections the old generation hands over, as they come,
 /// until it is done. Holds `_guard` meanwhile: should this generation drain
 /// before that, the late ones are handed on, not dropped.
-async fn take_over(h: Handover, drain: Drain, _guard: DrainGuard) {
-    let mut incoming = match h.incoming_connections() {
-        Ok(incoming) => incoming,
-        Err(e) => return eprintln!("line_server: {e}"),
-    };
+async fn take_over(
+    h: Handover,
+    mut incoming: IncomingConnections,
+    drain: Drain,
+    _guard: DrainGuard,
+) {
     while let Some(item) = incoming.recv().await {
         let Ok(Migrated::Connection(c)) = item else {
             continue;
@@ -152,14 +153,17 @@ async fn run(h: Handover, listen: SocketAddr) -> io::Result<()> {
     // Handlers before ready(): from then on SIGHUP is an upgrade, not death.
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
+    // Before ready(): the ready message tells the old generation that this
+    // one takes its connections.
+    let incoming = h.incoming_connections().map_err(io::Error::other)?;
     h.ready()?;
     println!(
         "ready pid={pid} generation={generation} addr={}",
         listener.local_addr()?
     );
     let drain = h.drain();
-    // Right after ready(): the old generation waits for this at most 5 s.
-    tokio::spawn(take_over(h.clone(), drain.clone(), drain.guard()));
+    // Read from ready() on: the old generation waits for the offer at most 5 s.
+    tokio::spawn(take_over(h.clone(), incoming, drain.clone(), drain.guard()));
     // Upgrades in a task of their own: accepting goes on meanwhile.
     let (upgraded_tx, mut upgraded) = tokio::sync::oneshot::channel();
     tokio::spawn({

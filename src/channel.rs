@@ -24,6 +24,7 @@
 //! | message | direction | when | the receiver |
 //! | --- | --- | --- | --- |
 //! | state stream: `HOST`, version (u32 LE), chunks `[u32 LE length][bytes]`, a chunk of length 0 | old → new | from just before the spawn (what fits in the socket buffer waits there), only with `HANDOVER_STATE=1` | reads it through `take_state` (checks the magic, chunks of at most [`MAX_CHUNK`]); `ready()` discards what is left |
+//! | `T<kinds>\n` | new → old | once, right before `R`, only to a predecessor of version 2 or later | what connections the successor takes (see below); kept for the commit |
 //! | `R` (one byte, no newline) | new → old | once, at `ready()` | starts the probation window, or commits |
 //! | `F<reason>\n` | new → old | before `R`, when the successor cannot start | fails the upgrade with the reason (`UpgradeError::Failed`), reaps the successor |
 //! | `E<reason>\n` | new → old | before `R`, the state's version is refused | fails the upgrade (`UpgradeError::StateRejected`), kills and reaps the successor |
@@ -36,6 +37,15 @@
 //! | `P<fields>\n` | new → old | after `R`, every 100 ms until the commit (or a taking back), only to a predecessor of version 2 or later | during probation: the canary's counts, judged against the old generation's own (see [`canary`](crate::canary)); a judged rollback is answered `A`, as `U` is |
 //! | `S<fields>\n` | old → new | during probation with a share of the traffic ([`canary::Policy::share`](crate::canary::Policy::share)): at the start and every 100 ms | the canary paces its accepts to its share |
 //! | EOF | old → new | the old generation exited | the successor serves alone (committed, unless it was taken back) |
+//!
+//! `<kinds>` are space-separated words: `connections` (the application
+//! reads them itself, through `Handover::incoming_connections`), `http1`
+//! (`serve::Server` takes HTTP/1.1 keep-alive connections), `websocket`
+//! (`serve::Server` takes WebSocket connections); an empty list takes
+//! nothing. Words the old generation does not know are kept and ignored.
+//! A successor that sends no `T` (an older build) takes nothing: the old
+//! generation then knows at the commit that no migration offer (`M`) will
+//! come, and does not wait for one.
 //!
 //! The fields of `C` and `D` are space-separated `key=value` pairs:
 //! `succeeded=N failed=N <phase>_us=N …`, and last, running to the end of the
@@ -91,6 +101,9 @@ pub(crate) const CALLED_OFF: u8 = b'X';
 /// Successor to old generation, after the commit: the migration socket
 /// (attached) and the highest record version the successor reads.
 pub(crate) const MIGRATION_OFFER: u8 = b'M';
+/// Successor to old generation, right before ready (version 2 or later):
+/// the kinds of connections it takes.
+pub(crate) const TAKES: u8 = b'T';
 
 /// Successor to old generation, during probation: the canary's counts.
 pub(crate) const CANARY_COUNTS: u8 = b'P';
@@ -110,6 +123,7 @@ pub(crate) const KNOWN: &[u8] = &[
     CALLED_OFF,
     CANARY_COUNTS,
     PACING,
+    TAKES,
 ];
 
 /// The protocol version this build speaks, announced to a successor
@@ -119,6 +133,11 @@ pub(crate) const KNOWN: &[u8] = &[
 /// sends a kind that version 1 does not know only to a predecessor that
 /// announced version 2 or later.
 pub(crate) const VERSION: u32 = 2;
+
+/// The most kinds a `T` line names (more are dropped), and the longest
+/// kind (a longer word is dropped).
+pub(crate) const MAX_KINDS: usize = 16;
+const MAX_KIND_LEN: usize = 32;
 
 /// The longest reason a message carries; longer ones are cut.
 pub(crate) const MAX_REASON: usize = 4000;
@@ -156,6 +175,8 @@ pub(crate) enum Message {
     /// `S<fields>`: the canary's share (ppm) and the connections the old
     /// generation accepted.
     Pacing(u32, u64),
+    /// `T<kinds>`
+    Takes(Vec<String>),
 }
 
 impl Message {
@@ -182,6 +203,7 @@ impl Message {
             Message::Pacing(share, accepted) => {
                 line(PACING, &crate::canary::encode_pacing(*share, *accepted))
             }
+            Message::Takes(kinds) => line(TAKES, &kinds.join(" ")),
         }
     }
 }
@@ -307,6 +329,13 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<Option<Message>, BadMessage> {
                 crate::canary::decode_pacing(text).map_err(|e| BadMessage(format!("S: {e}")))?;
             Message::Pacing(share, accepted)
         }
+        TAKES => Message::Takes(
+            text.split_ascii_whitespace()
+                .filter(|w| w.len() <= MAX_KIND_LEN)
+                .take(MAX_KINDS)
+                .map(str::to_owned)
+                .collect(),
+        ),
         k if k.is_ascii_uppercase() => return Ok(None),
         other => return Err(BadMessage(format!("unknown message {other:#04x}"))),
     };
@@ -462,6 +491,8 @@ mod tests {
             Message::CalledOff("not ready within 60s".into()),
             Message::CanaryCounts(counts),
             Message::Pacing(100_000, 42),
+            Message::Takes(vec!["http1".into(), "websocket".into()]),
+            Message::Takes(Vec::new()),
         ];
         let mut wire = Vec::new();
         for m in &all {
@@ -535,6 +566,24 @@ mod tests {
         inbox.push(&vec![b'C'; MAX_LINE + 1]);
         assert!(matches!(inbox.next(), Next::Bad(_)));
         assert_eq!(inbox.next(), Next::Incomplete);
+    }
+
+    #[test]
+    fn takes_keeps_at_most_16_short_words() {
+        let mut line = b"T".to_vec();
+        line.extend_from_slice(&b" w".repeat(40));
+        line.extend_from_slice(b" ");
+        line.extend_from_slice(&[b'x'; 40]);
+        line.push(b'\n');
+        let Next::Message(Message::Takes(kinds)) = &decode_all(&line)[0] else {
+            panic!("{:?}", decode_all(&line));
+        };
+        assert_eq!(kinds.len(), MAX_KINDS);
+        assert!(kinds.iter().all(|k| k == "w"));
+        assert_eq!(
+            decode_all(b"T  http1\t websocket \n")[0],
+            Next::Message(Message::Takes(vec!["http1".into(), "websocket".into()]))
+        );
     }
 
     #[test]

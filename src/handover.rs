@@ -407,10 +407,22 @@ impl Handover {
     /// upgrades need (the channel, pipes, the lock file, spare fds), so that
     /// an upgrade works later at the fd limit: call it before accepting.
     ///
+    /// The ready message also says which connections this generation takes
+    /// from its predecessor (feature `tokio`): those of a
+    /// [`serve::Server`](crate::serve::Server) made before this call (it
+    /// migrates by default), and those of an
+    /// [`incoming_connections`](Self::incoming_connections) called before
+    /// it. A predecessor told nothing keeps its connections (lame duck)
+    /// without waiting for an offer.
+    ///
     /// Until this is called, [`upgrade`](Self::upgrade) refuses to run.
     /// Calling it again is a no-op.
     pub fn ready(&self) -> Result<(), Error> {
-        if !self.g.ready()? {
+        #[cfg(feature = "tokio")]
+        let takes = crate::migrate::announce(&self.migrate);
+        #[cfg(not(feature = "tokio"))]
+        let takes: Vec<&str> = Vec::new();
+        if !self.g.ready(&takes)? {
             return Ok(());
         }
         // What an upgrade needs is opened now: after the ready message (not
@@ -580,16 +592,43 @@ impl Handover {
     }
 
     /// The connections and state the old generation hands to this one, once
-    /// per process. Start reading it right after [`ready`](Self::ready): the
-    /// old generation waits for this generation's offer (made by the first
+    /// per process. Call it **before** [`ready`](Self::ready): the ready
+    /// message tells the old generation that this one takes connections
+    /// (called later, only an older predecessor, which does not read that,
+    /// offers them). Read it from `ready()` on: the old generation waits
+    /// for this generation's offer (made by the first
     /// [`IncomingConnections::recv`](crate::IncomingConnections::recv), after
     /// the commit) at most 5 s before it keeps its connections. For a
     /// process without predecessor it yields nothing.
+    ///
+    /// A [`serve::Server`](crate::serve::Server) that migrates reads them
+    /// itself: it takes this (do not call it then).
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub fn incoming_connections(
         &self,
     ) -> Result<crate::IncomingConnections, crate::migrate::MigrateError> {
-        crate::migrate::incoming(self.g.clone(), &self.migrate)
+        crate::migrate::incoming(self.g.clone(), &self.migrate, false)
+    }
+
+    /// [`incoming_connections`](Self::incoming_connections) for
+    /// `serve::Server`, which declared what it takes when it was made.
+    #[cfg(feature = "http")]
+    pub(crate) fn incoming_for_server(
+        &self,
+    ) -> Result<crate::IncomingConnections, crate::migrate::MigrateError> {
+        crate::migrate::incoming(self.g.clone(), &self.migrate, true)
+    }
+
+    /// `serve::Server` takes `kinds` of connections (none: not migrating).
+    #[cfg(feature = "http")]
+    pub(crate) fn declare_server(&self, kinds: Vec<&'static str>) {
+        crate::migrate::declare_server(&self.migrate, kinds);
+    }
+
+    /// Whether the committed successor takes connections of `kind`.
+    #[cfg(feature = "http")]
+    pub(crate) fn successor_takes(&self, kind: &str) -> bool {
+        crate::migrate::successor_takes(&self.g, kind)
     }
 }

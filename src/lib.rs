@@ -52,10 +52,13 @@
 //!             .upgrade_on(SignalKind::hangup())
 //!             .stop_on(SignalKind::terminate())
 //!             .spawn()?; // before ready(): SIGHUP must not kill a new generation
+//!         // Before ready() too: the ready message tells the predecessor that
+//!         // this generation takes its keep-alive connections.
+//!         let server = Server::new(&handover).listener(listener);
 //!         handover.ready()?;
 //!         let app = Router::new().route("/", get(|| async { "hello\n" }));
 //!         // Serves until the drain after an upgrade or a stop is done.
-//!         let report = Server::new(&handover).listener(listener).serve(app).await?;
+//!         let report = server.serve(app).await?;
 //!         eprintln!("drained: {report:?}");
 //!         Ok(())
 //!     })
@@ -85,6 +88,12 @@
 //! the drain timeout). `axum::serve`'s graceful shutdown instead closes idle
 //! and unread connections, failing requests already on the wire.
 //!
+//! By default it hands HTTP/1.1 keep-alive connections to a successor that
+//! takes them instead (its ready message says so), so an idle client does
+//! not hold the old generation ([`serve::Server::migrate`]). With feature
+//! `websocket`, WebSocket connections move too, between two messages
+//! ([`websocket`]).
+//!
 //! # TLS
 //!
 //! With feature `tls` (rustls, the `ring` provider), `serve::Server::tls`
@@ -110,7 +119,8 @@
 //! by `build()` (a build that does not know it closes it at `ready()`, with
 //! a warning). `HANDOVER_CHANNEL_FD` names the readiness
 //! channel and `HANDOVER_GENERATION` the generation. Over the channel the
-//! successor sends `R` (ready), `E<reason>` (state rejected) or, during a
+//! successor sends `T<kinds>` (the connections it takes, right before
+//! `R`), `R` (ready), `E<reason>` (state rejected) or, during a
 //! probation window, `U<reason>` (unhealthy) and `P<counts>` (its canary
 //! counts); the old generation answers `A` (taken back), `S<pacing>` (a
 //! canary's share of new connections), or `C<counters>` once the handover
@@ -292,6 +302,9 @@ pub mod migrate;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod serve;
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket;
 
 /// The README's examples, compiled as doctests.
 #[cfg(all(doctest, feature = "http"))]

@@ -112,6 +112,9 @@ pub(crate) struct Life {
     /// After a handover: the channel to the successor, open until this
     /// process exits (its EOF tells the successor that we are gone).
     pub(crate) successor: Option<OwnedFd>,
+    /// The kinds of connections the successor said it takes (`T` before
+    /// its ready message; none if it said nothing).
+    pub(crate) successor_takes: Vec<String>,
     /// Upgrade counters, inherited from the predecessor at its commit.
     pub(crate) counters: Counters,
     /// This generation's own last attempt.
@@ -236,7 +239,6 @@ pub(crate) struct Generation {
     pub(crate) took_over: Option<TookOver>,
     /// The predecessor's channel protocol version: a message version 1 does
     /// not know goes only to a predecessor of version 2 or later.
-    #[allow(dead_code)] // read by the messages that need it
     pub(crate) predecessor_protocol: u32,
     pub(crate) started: Instant,
     /// When this generation's binary and configuration were chosen, in
@@ -349,6 +351,7 @@ impl Generation {
                 committed_at: None,
                 rolled_back: false,
                 successor: None,
+                successor_takes: Vec::new(),
                 counters: b.counters,
                 last: None,
                 upgrading: None,
@@ -517,6 +520,7 @@ mod tests {
             committed_at: None,
             rolled_back: false,
             successor: None,
+            successor_takes: Vec::new(),
             counters: Counters::default(),
             last: None,
             upgrading: None,

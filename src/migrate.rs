@@ -7,10 +7,11 @@
 //!
 //! The old generation, after `upgrade()` returned `Ok`, hands each idle
 //! connection over with the bytes it read but did not process; the
-//! successor, right after `ready()`, serves what arrives:
+//! successor takes its incoming connections before `ready()` (the ready
+//! message says that it takes them) and serves what arrives:
 //!
 //! ```no_run
-//! use handover::{Handover, Migrated};
+//! use handover::{Handover, IncomingConnections, Migrated};
 //! use handover::migrate::SendError;
 //!
 //! # async fn serve(_: tokio::net::TcpStream, _: Vec<u8>) {}
@@ -31,9 +32,9 @@
 //!     }
 //! }
 //!
-//! // Successor: after `ready()`.
-//! async fn take_over(handover: Handover) -> Result<(), Box<dyn std::error::Error>> {
-//!     let mut incoming = handover.incoming_connections()?;
+//! // Successor: `let incoming = handover.incoming_connections()?;` before
+//! // `handover.ready()?`, then, in a task of its own:
+//! async fn take_over(mut incoming: IncomingConnections) -> Result<(), Box<dyn std::error::Error>> {
 //!     while let Some(item) = incoming.recv().await {
 //!         match item {
 //!             Ok(Migrated::Connection(c)) => {
@@ -67,7 +68,12 @@
 //!   generation never hands a connection to a build that cannot take it
 //!   (an older successor, or one that does not call
 //!   [`Handover::incoming_connections`](crate::Handover::incoming_connections)): its sends fail with
-//!   [`MigrateError::NotOffered`] and the connection comes back.
+//!   [`MigrateError::NotTaken`] (or [`MigrateError::NotOffered`]) and the
+//!   connection comes back.
+//! - Whether an offer will come is known at the commit: right before its
+//!   ready message the successor says which connections it takes (the
+//!   channel's `T` line; see `channel`), and one that takes none, or says
+//!   nothing (an older build), is not waited for.
 //! - After the commit the successor sends nothing else on the channel and
 //!   the old generation reads it nowhere else, so the offer changes neither
 //!   the upgrade's readers (ready, probation) nor the successor's, and needs
@@ -87,8 +93,10 @@
 //!
 //! `<version>` is the highest record version the successor reads (now 1);
 //! the old generation writes records of that version or lower. An old
-//! generation waits for the offer at most 5 s (and never past its
-//! deadline); a successor whose predecessor is gone offers nothing.
+//! generation whose successor said it takes connections waits for the
+//! offer at most 5 s (and never past its deadline); one whose successor
+//! takes none waits for nothing; a successor whose predecessor is gone
+//! offers nothing.
 //!
 //! ## Records (migration socket)
 //!
@@ -181,9 +189,12 @@ pub enum MigrateError {
     AlreadyTaken,
     /// No tokio runtime to run the sender on.
     NoRuntime,
-    /// The successor did not offer to take connections in time: it does
-    /// not call [`Handover::incoming_connections`](crate::Handover::incoming_connections), or is a build without
-    /// migration.
+    /// The successor takes no connections of this kind: it said so at its
+    /// ready message, or is a build that says nothing (an older one). Known
+    /// at the commit: nothing is waited for.
+    NotTaken,
+    /// The successor said it takes connections but did not offer to take
+    /// them in time (5 s): it did not read its [`IncomingConnections`].
     NotOffered {
         /// How long the old generation waited.
         waited: Duration,
@@ -241,6 +252,9 @@ impl fmt::Display for MigrateError {
                 f.write_str("the incoming connections were already taken")
             }
             MigrateError::NoRuntime => f.write_str("connection migration needs a tokio runtime"),
+            MigrateError::NotTaken => {
+                f.write_str("the successor takes no connections of this kind")
+            }
             MigrateError::NotOffered { waited } => write!(
                 f,
                 "the successor did not offer to take connections within {} ms",
@@ -355,11 +369,67 @@ pub(crate) fn fuzz_decode(record: &[u8], fds: usize) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// The kinds of connections a successor may take (its `T` line, see
+/// `channel`): the application's own, through [`IncomingConnections`].
+pub(crate) const CONNECTIONS: &str = "connections";
+/// `serve::Server`'s HTTP/1.1 keep-alive connections.
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) const HTTP1: &str = "http1";
+/// `serve::Server`'s WebSocket connections (`websocket`).
+#[cfg_attr(not(feature = "websocket"), allow(dead_code))]
+pub(crate) const WEBSOCKET: &str = "websocket";
+
 /// What one process did with connection migration.
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     sender: Option<ConnectionSender>,
     incoming_taken: bool,
+    /// The application reads its incoming connections itself: it called
+    /// [`Handover::incoming_connections`](crate::Handover::incoming_connections) before `ready()`.
+    app_takes: bool,
+    /// What `serve::Server` takes (declared when it is made).
+    server_takes: Vec<&'static str>,
+    /// `ready()` said what this generation takes: later declarations come
+    /// too late for the predecessor.
+    announced: bool,
+}
+
+/// What this generation takes, said by `ready()` (once).
+pub(crate) fn announce(slot: &Mutex<Slot>) -> Vec<&'static str> {
+    let mut slot = lock(slot);
+    slot.announced = true;
+    let mut kinds = slot.server_takes.clone();
+    if slot.app_takes {
+        kinds.push(CONNECTIONS);
+    }
+    kinds
+}
+
+/// `serve::Server` takes `kinds` (none: it does not migrate). Declared
+/// before `ready()`, the predecessor hears it; later, only a predecessor
+/// that does not read what its successor takes (an older build) offers
+/// anything.
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) fn declare_server(slot: &Mutex<Slot>, kinds: Vec<&'static str>) {
+    let mut slot = lock(slot);
+    // Said in every generation, the first too: the next one would be made
+    // the same way.
+    if slot.announced && slot.server_takes != kinds && !kinds.is_empty() {
+        tracing::warn!(
+            ?kinds,
+            "serve::Server made after ready(): the predecessor was told that this generation \
+             takes no such connections (make the Server before ready())"
+        );
+    }
+    slot.server_takes = kinds;
+}
+
+/// Whether this generation's committed successor takes connections of
+/// `kind` (said right before its ready message).
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) fn successor_takes(g: &Generation, kind: &str) -> bool {
+    let life = g.life();
+    life.state == State::HandedOver && life.successor_takes.iter().any(|k| k == kind)
 }
 
 /// The sender of this generation (see `Handover::connection_sender`).
@@ -371,20 +441,25 @@ pub(crate) fn connection_sender(
     if let Some(sender) = &lock(slot).sender {
         return Ok(sender.clone());
     }
-    let channel = {
+    let (channel, taken) = {
         let life = g.life();
         match (life.state, life.successor.as_ref()) {
-            (State::HandedOver, Some(ch)) => ch.try_clone(),
+            (State::HandedOver, Some(ch)) => (ch.try_clone(), !life.successor_takes.is_empty()),
             _ => return Err(MigrateError::NotHandedOver),
         }
     };
     let channel = channel.map_err(|e| MigrateError::io("duplicating the channel", e))?;
+    // A successor that said it takes nothing makes no offer: fail at once.
+    let source = match taken {
+        true => Source::Channel(channel),
+        false => Source::NotTaken,
+    };
     let mut slot = lock(slot);
     if let Some(sender) = &slot.sender {
         return Ok(sender.clone()); // another task was first
     }
     let deadline = Instant::now() + g.config.drain_timeout;
-    let sender = ConnectionSender::spawn(Source::Channel(channel), deadline)?;
+    let sender = ConnectionSender::spawn(source, deadline)?;
     slot.sender = Some(sender.clone());
     Ok(sender)
 }
@@ -394,10 +469,20 @@ pub(crate) fn connection_sender(
 pub(crate) fn incoming(
     g: Arc<Generation>,
     slot: &Mutex<Slot>,
+    for_server: bool,
 ) -> Result<IncomingConnections, MigrateError> {
     let mut slot = lock(slot);
     if std::mem::replace(&mut slot.incoming_taken, true) {
         return Err(MigrateError::AlreadyTaken);
+    }
+    if !for_server {
+        if slot.announced && g.from_predecessor {
+            tracing::debug!(
+                "incoming_connections() after ready(): the predecessor was told that this \
+                 generation takes no connections (an older one offers them all the same)"
+            );
+        }
+        slot.app_takes = true;
     }
     Ok(IncomingConnections::new(Phase::Commit(g)))
 }

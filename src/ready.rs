@@ -134,22 +134,30 @@ fn hear(channel: BorrowedFd<'_>, inbox: &mut Inbox, allowed: &[u8]) -> io::Resul
     }
 }
 
-/// Waits until the successor reports ready. On any failure the successor is
-/// killed (if still running) and reaped before this returns. Bytes received
-/// after the ready message stay in `inbox`.
+/// Waits until the successor reports ready; returns the kinds of connections
+/// it said it takes (`T`, right before `R`; none from a build that says
+/// nothing). On any failure the successor is killed (if still running) and
+/// reaped before this returns. Bytes received after the ready message stay
+/// in `inbox`.
 pub(crate) fn wait_ready(
     channel: BorrowedFd<'_>,
     inbox: &mut Inbox,
     child: &mut Started,
     deadline: Instant,
     timeout: Duration,
-) -> Result<(), UpgradeError> {
+) -> Result<Vec<String>, UpgradeError> {
     let pid = child.pid();
     let fail = |child: &mut Started, e: UpgradeError| {
         child.give_up(&e);
         Err(e)
     };
-    let allowed = [channel::READY, channel::FAILED, channel::STATE_REJECTED];
+    let allowed = [
+        channel::READY,
+        channel::FAILED,
+        channel::STATE_REJECTED,
+        channel::TAKES,
+    ];
+    let mut takes = Vec::new();
     loop {
         let heard = match hear(channel, inbox, &allowed) {
             Ok(h) => h,
@@ -159,12 +167,17 @@ pub(crate) fn wait_ready(
             Heard::Message(Message::Ready) => {
                 // Ready, unless it died right after saying so.
                 return match child.exited() {
-                    Exit::Running => Ok(()),
+                    Exit::Running => Ok(takes),
                     exit => Err(UpgradeError::Exited {
                         pid,
                         status: exit.status(),
                     }),
                 };
+            }
+            Heard::Message(Message::Takes(kinds)) => {
+                tracing::debug!(pid, ?kinds, "the successor takes these connections");
+                takes = kinds;
+                continue;
             }
             Heard::Message(Message::Failed(reason)) => {
                 // It exits next; give it a moment to, for its status.

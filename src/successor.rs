@@ -131,8 +131,10 @@ pub(crate) fn send_failure(channel: BorrowedFd<'_>, reason: &str) {
 const WATCH_SLICE: Duration = Duration::from_secs(5);
 
 impl Generation {
-    /// `ready()`'s work; `Ok(false)` if it ran before.
-    pub(crate) fn ready(self: &Arc<Self>) -> Result<bool, Error> {
+    /// `ready()`'s work; `Ok(false)` if it ran before. `takes`: the kinds
+    /// of connections this generation takes from its predecessor, said
+    /// right before the ready message (`T`) to a predecessor that reads it.
+    pub(crate) fn ready(self: &Arc<Self>, takes: &[&str]) -> Result<bool, Error> {
         let g = self;
         if g.state() != State::Starting
             || g.ready_called
@@ -160,7 +162,14 @@ impl Generation {
         }
         let mut alone = false;
         if let Some(ch) = g.channel_copy()? {
-            match sys::send_all(ch.as_fd(), &Message::Ready.encode()) {
+            // Version 1 fails an upgrade on a kind it does not know.
+            let mut msg = Vec::new();
+            if g.predecessor_protocol >= 2 {
+                let kinds = takes.iter().map(|k| (*k).to_owned()).collect();
+                msg = Message::Takes(kinds).encode();
+            }
+            msg.extend(Message::Ready.encode());
+            match sys::send_all(ch.as_fd(), &msg) {
                 Ok(()) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::EPIPE)
@@ -234,6 +243,7 @@ impl Generation {
             generation = g.generation,
             from_predecessor = g.from_predecessor,
             since_start_ms = g.started.elapsed().as_secs_f64() * 1e3,
+            takes = ?takes,
             "ready"
         );
         Ok(true)

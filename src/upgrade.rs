@@ -395,7 +395,7 @@ impl Generation {
         if let Some(w) = writer {
             join_state_writer(w, phases);
         }
-        ready?;
+        let takes = ready?;
         let ready_after = start.elapsed();
         phase(phases, "ready", exec_done.elapsed());
         let mut judgement = None;
@@ -428,6 +428,8 @@ impl Generation {
                 tracing::info!(pid, judgement = %j, "canary judged; committing");
             }
         }
+        // Known at the commit: whether a migration offer will come.
+        self.life().successor_takes = takes;
         self.commit(ours, child, generation, phases, pid_file, judgement.clone());
         attempt.committed = true;
         tracing::info!(

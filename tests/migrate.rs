@@ -43,9 +43,10 @@ fn successor(limit: Option<usize>) {
     }
     let h = Handover::builder().build().unwrap();
     let _listener = h.tcp_listener("http", "127.0.0.1:0").unwrap();
+    // Before ready(): the ready message says that it takes connections.
+    let mut incoming = h.incoming_connections().unwrap();
     h.ready().unwrap();
     runtime().block_on(async {
-        let mut incoming = h.incoming_connections().unwrap();
         let mut state = String::new();
         let mut taken = 0;
         while let Some(item) = tokio::time::timeout(BOUND, incoming.recv()).await.unwrap() {

@@ -409,8 +409,8 @@ fn a_connection_the_successor_does_not_take_gets_the_lame_duck_drain() {
     let (_, new) = chain.wait_listening();
     chain.pids.push((new, false));
     // Until its drain starts (after the commit) the old generation answers
-    // as usual; then it waits for an offer (at most 5 s), gets the
-    // connection back, and answers its next request as a lame duck.
+    // as usual; then, told at the successor's ready message that it takes
+    // no connections, it answers the next request as a lame duck at once.
     let deadline = Instant::now() + EVENT_TIMEOUT;
     loop {
         conn.send(&["/"]).unwrap();
@@ -428,7 +428,8 @@ fn a_connection_the_successor_does_not_take_gets_the_lame_duck_drain() {
     chain.pids.iter_mut().for_each(|p| p.1 |= p.0 == old);
     assert!(exit.ends_with(" remaining=0"), "{exit}");
     let drain_ms = field(&exit, "drain_ms");
-    assert!(drain_ms < 29_000, "waited for the drain deadline: {exit}");
+    // Neither the drain deadline nor an offer (waited for 5 s) held it.
+    assert!(drain_ms < 4_000, "waited: {exit}");
     // The successor serves new connections.
     assert_eq!(Conn::open(chain.addr).get("/").unwrap().1, new);
     chain.stop();

@@ -31,6 +31,7 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a sender's writer ended; every later request fails with it.
 #[derive(Debug, Clone)]
 enum Ended {
+    NotTaken,
     NotOffered(Duration),
     Gone,
     TimedOut,
@@ -42,6 +43,7 @@ enum Ended {
 impl Ended {
     fn error(&self) -> MigrateError {
         match self {
+            Ended::NotTaken => MigrateError::NotTaken,
             Ended::NotOffered(waited) => MigrateError::NotOffered { waited: *waited },
             Ended::Gone => MigrateError::SuccessorGone,
             Ended::TimedOut => MigrateError::TimedOut,
@@ -125,6 +127,8 @@ pub struct ConnectionSender {
 pub(super) enum Source {
     /// The channel to the successor: wait for its offer.
     Channel(OwnedFd),
+    /// A successor that takes no connections: nothing to wait for.
+    NotTaken,
     /// An already connected migration socket (tests).
     #[cfg(test)]
     Socket(OwnedFd),
@@ -260,6 +264,7 @@ async fn run_writer(
 ) {
     let socket = match source {
         Source::Channel(channel) => await_offer(channel, deadline).await,
+        Source::NotTaken => Err(Ended::NotTaken),
         #[cfg(test)]
         Source::Socket(fd) => Ok(fd),
     };
@@ -283,7 +288,7 @@ async fn run_writer(
     let records = writer.counts.records.load(Ordering::Relaxed);
     let connections = writer.counts.connections.load(Ordering::Relaxed);
     match &ended {
-        Ended::Finished => {
+        Ended::Finished | Ended::NotTaken => {
             tracing::debug!(records, connections, "connection migration finished")
         }
         other => {

@@ -11,7 +11,7 @@
 //!   socket (inside [`Rewind`]) and the bytes hyper read ahead, which is what
 //!   handing a connection to the successor needs.
 //!
-//! # Migration (HTTP/1.1, TCP, opt-in)
+//! # Migration (HTTP/1.1, TCP, on by default)
 //!
 //! With [`Server::migrate`](super::Server::migrate) on, an HTTP/1.1
 //! connection is served by `http1::Connection` driven with
@@ -28,7 +28,16 @@
 //! a partial head; `Parts::read_buf`, then what [`Rewind`] still held) go
 //! to the successor ([`Handover::send_connection`]), which serves them
 //! first. A connection the successor does not take comes back and is
-//! served as a lame duck.
+//! served as a lame duck; so is every connection, at once, when the
+//! successor said at its ready message that it takes no HTTP/1.1
+//! connections.
+//!
+//! An HTTP/1 upgrade request (WebSocket) makes the connection hyper's
+//! `UpgradeableConnection` before its response is written (its service
+//! future yields once, so that the connection task converts it first):
+//! hyper hands the upgraded socket to the service as usual, and the
+//! connection no longer migrates as HTTP (a WebSocket moves by its own
+//! means, `websocket::hand_over`).
 //!
 //! # A stop
 //!
@@ -69,6 +78,37 @@ use super::canary::Counted;
 use crate::drain::{Drain, DrainGuard};
 use crate::handover::Handover;
 use crate::lifecycle::State;
+
+/// What an upgrade request carries to `websocket::upgrade`: the serving
+/// layer's drain, handover and deadline.
+#[cfg(feature = "websocket")]
+pub(crate) type WsContext = Option<crate::websocket::Served>;
+#[cfg(not(feature = "websocket"))]
+#[derive(Clone)]
+pub(crate) struct WsContext;
+
+/// Puts the serving layer's context into an upgrade request.
+#[cfg(feature = "websocket")]
+fn tag(req: &mut Request<Incoming>, ws: &WsContext) {
+    if let Some(ws) = ws {
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(ws.clone());
+        }
+    }
+}
+#[cfg(not(feature = "websocket"))]
+fn tag(_: &mut Request<Incoming>, _: &WsContext) {}
+
+/// A request that asks to switch protocols (WebSocket, say).
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(hyper::header::UPGRADE) || req.method() == hyper::Method::CONNECT
+}
+
+/// Whether a connection of the migrating kind goes to the successor now:
+/// the upgrade committed, and the successor takes HTTP/1.1 connections.
+fn moves(h: &Handover) -> bool {
+    h.state() == State::HandedOver && h.successor_takes(crate::migrate::HTTP1)
+}
 
 /// A stream the server serves: whether it can be handed to a successor.
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
@@ -135,6 +175,8 @@ pub(crate) struct Shared {
     /// TLS on every connection (see `tls`).
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What upgrade requests carry (feature `websocket`).
+    pub(crate) ws: WsContext,
 }
 
 impl Shared {
@@ -455,6 +497,7 @@ where
         inner: service,
         drain: shared.drain.clone(),
         activity: activity.clone(),
+        ws: shared.ws.clone(),
     };
     // `with_upgrades()` keeps WebSocket and other upgrades working.
     let connection = shared
@@ -485,9 +528,9 @@ where
 /// module documentation): finished as for a handover, it is dropped if
 /// nothing was read ahead, and served on as a lame duck if something was.
 ///
-/// HTTP/1 upgrades (WebSocket) are not served on such a connection: the
-/// socket must stay hyper's to hand back, so hyper answers the upgrade but
-/// the service's `on_upgrade` fails.
+/// An HTTP/1 upgrade request (WebSocket) turns the connection into hyper's
+/// `UpgradeableConnection` before its response (see the module
+/// documentation): it is served as [`http1`] serves, and no longer moves.
 async fn http1_migrating<T, S, B>(
     io: Rewind<T>,
     service: S,
@@ -504,12 +547,15 @@ async fn http1_migrating<T, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let busy = Arc::new(AtomicBool::new(false));
+    let upgrading = Arc::new(AtomicBool::new(false));
     let service = Handing {
         inner: Box::new(service),
         drain: shared.drain.clone(),
         handover: Some(handover.clone()),
         busy: busy.clone(),
         activity: activity.clone(),
+        upgrading: upgrading.clone(),
+        ws: shared.ws.clone(),
     };
     let mut connection = shared.http1.serve_connection(TokioIo::new(io), service);
     let draining = shared.drain.draining();
@@ -522,7 +568,7 @@ async fn http1_migrating<T, S, B>(
     // response is written in the same poll that resolves its future); or
     // idle at a stop.
     let ready_to_finish = |drained: bool, stopped: bool| {
-        stopped || drained && !busy.load(Ordering::Acquire) && handover.state() == State::HandedOver
+        stopped || drained && !busy.load(Ordering::Acquire) && moves(handover)
     };
     let result = std::future::poll_fn(|cx| {
         if !drained && draining.as_mut().poll(cx).is_ready() {
@@ -539,13 +585,33 @@ async fn http1_migrating<T, S, B>(
                 finishing = true;
             }
             let polled = connection.poll_without_shutdown(cx);
+            if polled.is_pending() && !finishing && upgrading.load(Ordering::Acquire) {
+                // Before the upgrade's response is written (its future
+                // yields once): hyper hands the socket over from now on.
+                return Poll::Ready(None);
+            }
             if polled.is_ready() || finishing || !ready_to_finish(drained, stopped) {
-                return polled;
+                return polled.map(Some);
             }
         }
         Poll::Pending // unreachable: the second round finished or returned
     })
     .await;
+    let Some(result) = result else {
+        let connection = connection.with_upgrades();
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = activity.idle_at_stop(&shared.drain) => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "HTTP/1 connection failed");
+        }
+        return;
+    };
     if let Err(e) = result {
         shared.failed(&e);
         tracing::debug!(error = %e, "HTTP/1 connection failed");
@@ -627,6 +693,10 @@ struct Handing<S> {
     handover: Option<Handover>,
     busy: Arc<AtomicBool>,
     activity: Arc<Activity>,
+    /// An upgrade request was called: the connection becomes hyper's
+    /// upgradeable one, and is served as a lame duck from then on.
+    upgrading: Arc<AtomicBool>,
+    ws: WsContext,
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<PauseOnce<B>>, E>> + Send>>;
@@ -642,19 +712,27 @@ where
     type Error = S::Error;
     type Future = BoxedResponse<B, S::Error>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.busy.store(true, Ordering::Release);
         let open = self.activity.open();
+        let upgrade = is_upgrade(&req);
+        if upgrade {
+            self.upgrading.store(true, Ordering::Release);
+        }
+        tag(&mut req, &self.ws);
         let inner = self.inner.call(req);
         let (drain, busy) = (self.drain.clone(), self.busy.clone());
         let handover = self.handover.clone();
+        let upgrading = self.upgrading.clone();
         Box::pin(async move {
+            if upgrade {
+                // The connection task gets control before hyper writes the
+                // response, to make the connection an upgradeable one.
+                tokio::task::yield_now().await;
+            }
             let result = inner.await;
-            let hand_over = || {
-                handover
-                    .as_ref()
-                    .is_some_and(|h| h.state() == State::HandedOver)
-            };
+            let hand_over =
+                || !upgrading.load(Ordering::Acquire) && handover.as_ref().is_some_and(moves);
             let draining = drain.is_draining();
             let pause = draining && hand_over();
             let result = result.map(|response| {
@@ -663,7 +741,7 @@ where
                     pause,
                     _open: Some(open),
                 });
-                if draining && !pause {
+                if draining && !pause && !switching(&response) {
                     response
                         .headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -744,14 +822,20 @@ where
     }
 }
 
+/// A `101 Switching Protocols`: its `Connection: upgrade` must stay.
+fn switching<B>(response: &Response<B>) -> bool {
+    response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS
+}
+
 /// Adds `Connection: close` to HTTP/1 responses made while draining, and
 /// counts each request as open in the connection's [`Activity`] until its
 /// response body is done.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct LameDuck<S> {
     inner: S,
     drain: Drain,
     activity: Arc<Activity>,
+    ws: WsContext,
 }
 
 impl<S, B> Service<Request<Incoming>> for LameDuck<S>
@@ -762,8 +846,9 @@ where
     type Error = S::Error;
     type Future = LameDuckFuture<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let open = self.activity.open();
+        tag(&mut req, &self.ws);
         LameDuckFuture {
             inner: self.inner.call(req),
             drain: self.drain.clone(),
@@ -797,7 +882,7 @@ where
                 pause: false,
                 _open: open,
             });
-            if this.drain.is_draining() {
+            if this.drain.is_draining() && !switching(&response) {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -115,13 +115,17 @@ impl Listener {
 /// `Connection: close`), and so is a connection that sent nothing; what
 /// keeps a stopping process alive is its requests in flight.
 ///
-/// With [`migrate`](Self::migrate) on, HTTP/1.1 keep-alive connections are
-/// handed to the successor after a committed upgrade instead: the old
-/// generation waits only for its responses in flight.
+/// By default ([`migrate`](Self::migrate)) HTTP/1.1 keep-alive connections
+/// are handed to a successor that takes them after a committed upgrade
+/// instead: the old generation waits only for its responses in flight.
+/// Make the server before [`Handover::ready`]: the ready message tells
+/// the predecessor what this generation takes.
 ///
-/// HTTP/1 upgrades (WebSocket) are supported (not with
-/// [`migrate`](Self::migrate)); an upgraded connection leaves the drain's
-/// count when hyper hands it to the service. TLS: `Server::tls`
+/// HTTP/1 upgrades are served. A WebSocket answered with
+/// [`websocket::upgrade`](crate::websocket::upgrade) (feature `websocket`)
+/// counts in the drain until it moved to the successor or ended;
+/// one upgraded any other way (axum's `WebSocketUpgrade`) leaves the
+/// drain's count when hyper hands it to the service. TLS: `Server::tls`
 /// (feature `tls`), with the same drain; a TLS connection is never handed
 /// over.
 ///
@@ -157,6 +161,9 @@ pub struct Server {
     /// TLS on every listener (`Server::tls`, in `tls`).
     #[cfg(feature = "tls")]
     pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What serves the WebSocket connections handed over.
+    #[cfg(feature = "websocket")]
+    websocket: Option<crate::websocket::Resume>,
 }
 
 impl std::fmt::Debug for Server {
@@ -171,11 +178,31 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// A server for `handover`'s generation: its [`Drain`] and its drain
-    /// timeout.
+    /// timeout. Make it before [`Handover::ready`]: with
+    /// [`migrate`](Self::migrate) on (the default) it takes the connections
+    /// the predecessor hands over, and the ready message says so.
     pub fn new(handover: &Handover) -> Self {
         let mut server = Self::with_drain(handover.drain(), handover.drain_timeout());
         server.handover = Some(handover.clone());
+        server.declare();
         server
+    }
+
+    /// Tells the handover which connections this server takes from the
+    /// predecessor.
+    fn declare(&self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let mut kinds = Vec::new();
+        if self.migrate {
+            kinds.push(crate::migrate::HTTP1);
+            #[cfg(feature = "websocket")]
+            if self.websocket.is_some() {
+                kinds.push(crate::migrate::WEBSOCKET);
+            }
+        }
+        handover.declare_server(kinds);
     }
 
     /// A server that follows `drain`, with `timeout` as its deadline
@@ -190,13 +217,15 @@ impl Server {
         Server {
             drain,
             handover: None,
-            migrate: false,
+            migrate: true,
             drain_timeout: timeout,
             listeners: Vec::new(),
             http1,
             http2,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "websocket")]
+            websocket: None,
         }
     }
 
@@ -207,11 +236,12 @@ impl Server {
         self
     }
 
-    /// Hands HTTP/1.1 keep-alive connections to the successor when the
-    /// drain starts after a committed upgrade, instead of the lame-duck
-    /// drain; and takes the connections the predecessor hands over.
-    /// Default: off. Needs [`Server::new`] (a server made
-    /// [`with_drain`](Self::with_drain) ignores it).
+    /// Hands HTTP/1.1 keep-alive connections (and WebSocket connections,
+    /// feature `websocket`) to the successor when the drain starts after a
+    /// committed upgrade, instead of the lame-duck drain; and takes the
+    /// connections the predecessor hands over. Default: on. Needs
+    /// [`Server::new`] (a server made [`with_drain`](Self::with_drain)
+    /// never migrates), made before [`Handover::ready`].
     ///
     /// Each HTTP/1.1 connection over TCP finishes its response in flight
     /// (without `Connection: close`) and then moves, with the bytes hyper
@@ -228,16 +258,45 @@ impl Server {
     ///   library; the successor could not continue the session from the
     ///   socket alone.
     /// - **Unix-socket** connections keep the lame-duck drain.
-    /// - A connection the successor does not take (an older build, one
-    ///   without migration, a refusal, a successor gone) comes back and
-    ///   gets the lame-duck drain; a successor that does not offer to take
-    ///   connections is waited for at most 5 s.
+    /// - A connection the successor does not take comes back and gets the
+    ///   lame-duck drain. A successor says at its ready message what it
+    ///   takes: when it takes no HTTP/1.1 connections (an older build, one
+    ///   with migration off, a server made after `ready()`), every
+    ///   connection gets the lame-duck drain at once, with no wait for an
+    ///   offer. One that said it takes them but offers nothing is waited
+    ///   for at most 5 s.
+    /// - An HTTP/1 upgrade (WebSocket) is served as usual; its connection
+    ///   no longer moves as HTTP. A WebSocket made with
+    ///   [`websocket::upgrade`](crate::websocket::upgrade) moves by its
+    ///   own means ([`websocket`](Self::websocket)).
     ///
-    /// With migration on, HTTP/1 upgrades (WebSocket) are not served: a
-    /// connection must stay hyper's to be handed over. Why it is opt-in:
-    /// that, and BENCHMARKS.md.
+    /// Off, this generation neither hands nor takes connections: every
+    /// connection gets the lame-duck drain, and a WebSocket is closed with
+    /// 1012 (Service Restart) when the drain starts.
     pub fn migrate(mut self, on: bool) -> Self {
         self.migrate = on;
+        self.declare();
+        self
+    }
+
+    /// Serves the WebSocket connections the predecessor hands over
+    /// ([`websocket::hand_over`](crate::websocket::hand_over)) with
+    /// `handler`, given the connection and its payload; and says, at the
+    /// ready message, that this generation takes them. Without it, the
+    /// predecessor closes its WebSocket connections with 1012 (Service
+    /// Restart) and their clients reconnect.
+    ///
+    /// The handler serves the connection as the one that accepted it does
+    /// (typically the same function, with the state the payload carries).
+    #[cfg(feature = "websocket")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+    pub fn websocket<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(crate::websocket::WebSocket, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.websocket = Some(Arc::new(move |ws, payload| Box::pin(handler(ws, payload))));
+        self.declare();
         self
     }
 
@@ -292,16 +351,27 @@ impl Server {
             .map(Listener::into_tokio)
             .collect::<io::Result<Vec<_>>>()?;
         let (passed, deadline) = watch::channel(false);
+        let migrate = self.handover.clone().filter(|_| self.migrate);
+        #[cfg(feature = "websocket")]
+        let ws = Some(crate::websocket::Served::new(
+            self.drain.clone(),
+            migrate.clone(),
+            deadline.clone(),
+            self.websocket.clone(),
+        ));
+        #[cfg(not(feature = "websocket"))]
+        let ws = conn::WsContext;
         let shared = Arc::new(Shared {
             drain: self.drain.clone(),
             deadline,
             http1: self.http1,
             http2: self.http2,
-            migrate: self.handover.clone().filter(|_| self.migrate),
+            migrate,
             canary: self.handover.as_ref().map(Handover::canary),
             handover: self.handover.clone(),
             #[cfg(feature = "tls")]
             tls: self.tls,
+            ws,
         });
         let mut loops = tokio::task::JoinSet::new();
         if let Some(handover) = &shared.migrate {
@@ -456,7 +526,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut incoming = match handover.incoming_connections() {
+    let mut incoming = match handover.incoming_for_server() {
         Ok(incoming) => incoming,
         Err(e) => return tracing::warn!(error = %e, "not taking connections"),
     };
@@ -469,6 +539,15 @@ where
                 continue;
             }
         };
+        #[cfg(feature = "websocket")]
+        if crate::websocket::is_websocket(connection.payload()) {
+            if let Some(ws) = &shared.ws {
+                let guard = shared.drain.guard();
+                let served = crate::websocket::serve_resumed(connection, ws.clone(), guard);
+                tokio::spawn(served);
+            }
+            continue;
+        }
         let stream = connection
             .into_tcp()
             .map_err(io::Error::other)

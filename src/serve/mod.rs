@@ -43,3 +43,8 @@ pub use http::{Listener, Server};
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tls::tls_config;
+
+/// The stream of a connection the server upgraded (what `hyper`'s
+/// `Upgraded` downcasts to).
+#[cfg(feature = "websocket")]
+pub(crate) type Upgraded<T> = hyper_util::rt::TokioIo<conn::Rewind<T>>;
