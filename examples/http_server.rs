@@ -280,7 +280,7 @@ pub fn metrics(stats: &handover::Stats) -> String {
         let _ = writeln!(
             out,
             "handover_last_canary_verdict{{verdict=\"{}\",rolled_back=\"{}\"}} 1",
-            j.verdict.name(),
+            j.verdict,
             j.rolled_back()
         );
         for (name, kind) in [
@@ -407,7 +407,7 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         Some(u) => u.local_addr()?.to_string(),
         None => String::new(),
     };
-    if handover.from_predecessor() {
+    if handover.generation() > 1 {
         // Spawned before ready() on purpose: it waits for ready() itself,
         // and leaves the state stream alone meanwhile.
         let h = handover.clone();

@@ -39,6 +39,7 @@ pub struct Builder {
     fd_store: bool,
     defaults: UpgradeOptions,
     take_over: Option<PathBuf>,
+    listen: crate::fds::ListenOptions,
 }
 
 impl Default for Builder {
@@ -50,6 +51,7 @@ impl Default for Builder {
             fd_store: false,
             defaults: UpgradeOptions::new(),
             take_over: None,
+            listen: crate::fds::ListenOptions::default(),
         }
     }
 }
@@ -108,6 +110,15 @@ impl Builder {
     /// `NOTIFY_SOCKET` it does nothing. Default: off.
     pub fn fd_store(mut self, on: bool) -> Self {
         self.fd_store = on;
+        self
+    }
+
+    /// The options of every socket this generation binds itself
+    /// ([`Handover::tcp_listener`], `udp_socket`, `unix_listener`,
+    /// `unix_datagram`): the backlog, `SO_REUSEPORT`, `IPV6_V6ONLY`. An
+    /// inherited socket keeps its own. Default: [`ListenOptions::default`](crate::ListenOptions).
+    pub fn listen_options(mut self, options: crate::ListenOptions) -> Self {
+        self.listen = options;
         self
     }
 
@@ -269,6 +280,7 @@ impl Builder {
                 probation,
                 canary,
                 fd_store: self.fd_store,
+                listen: self.listen,
             },
             generation,
             notifier,

@@ -34,7 +34,7 @@
 //!   [`Policy::max_error_increase`] (default 1 percentage point), and the
 //!   difference is clear: a two-proportion z-test gives z ≥ 3;
 //! - or its **p99 latency** exceeds the old generation's p99 ×
-//!   [`Policy::max_p99_ratio`] + [`Policy::p99_slack`] (default × 1.5 + 10
+//!   [`Policy::max_p99`] (default × 1.5 + 10
 //!   ms), and the share of its requests slower than that bound exceeds the
 //!   old generation's share clearly (z ≥ 3);
 //! - or the application's own [`Policy::check`] says so (at any time).
@@ -165,7 +165,7 @@ impl Counts {
     }
 
     /// Responses with a latency recorded.
-    pub fn timed(&self) -> u64 {
+    pub(crate) fn timed(&self) -> u64 {
         self.latency.iter().fold(0u64, |a, c| a.saturating_add(*c))
     }
 
@@ -189,18 +189,18 @@ impl Counts {
     }
 
     /// The median latency; see [`quantile`](Self::quantile).
-    pub fn p50(&self) -> Option<Duration> {
+    pub(crate) fn p50(&self) -> Option<Duration> {
         self.quantile(0.5)
     }
 
     /// The 99th percentile latency; see [`quantile`](Self::quantile).
-    pub fn p99(&self) -> Option<Duration> {
+    pub(crate) fn p99(&self) -> Option<Duration> {
         self.quantile(0.99)
     }
 
     /// Timed responses slower than `bound` (those in buckets wholly above
     /// it).
-    pub fn slower_than(&self, bound: Duration) -> u64 {
+    pub(crate) fn slower_than(&self, bound: Duration) -> u64 {
         let us = bound.as_micros().min(u64::MAX as u128) as u64;
         self.latency
             .iter()
@@ -210,7 +210,7 @@ impl Counts {
     }
 
     /// The numbers a [`Judgement`] shows.
-    pub fn summary(&self) -> Summary {
+    pub(crate) fn summary(&self) -> Summary {
         Summary {
             requests: self.requests,
             errors: self.errors,
@@ -282,7 +282,7 @@ impl Recorder {
     }
 
     /// Whether a probation window is being counted now.
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.0.active.load(Ordering::Relaxed)
     }
 
@@ -504,18 +504,12 @@ impl Policy {
         self
     }
 
-    /// How many times the old generation's p99 the canary's may be (at
-    /// least 1), before [`p99_slack`](Self::p99_slack) is added. Default:
-    /// 1.5.
-    pub fn max_p99_ratio(mut self, ratio: f64) -> Self {
+    /// The p99 bound: the canary's p99 may be at most `ratio` times the old
+    /// generation's (at least 1) plus `slack` (which keeps the noise of a
+    /// fast service's tail from rolling back a good build). Default: 1.5
+    /// and 10 ms.
+    pub fn max_p99(mut self, ratio: f64, slack: Duration) -> Self {
         self.max_p99_ratio = ratio;
-        self
-    }
-
-    /// Added to the p99 bound: how much slower in absolute terms the
-    /// canary's p99 may be (it keeps the noise of a fast service's tail
-    /// from rolling back a good build). Default: 10 ms.
-    pub fn p99_slack(mut self, slack: Duration) -> Self {
         self.p99_slack = slack;
         self
     }
@@ -651,7 +645,7 @@ pub struct Summary {
 
 impl Summary {
     /// `errors / requests` (0 without requests).
-    pub fn error_rate(&self) -> f64 {
+    pub(crate) fn error_rate(&self) -> f64 {
         ratio(self.errors, self.requests)
     }
 }
@@ -682,7 +676,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// Whether the canary was rolled back.
-    pub fn rolled_back(&self) -> bool {
+    pub(crate) fn rolled_back(&self) -> bool {
         matches!(
             self,
             Verdict::ErrorRate | Verdict::Latency | Verdict::Check(_)
@@ -690,8 +684,9 @@ impl Verdict {
     }
 
     /// A short name: `passed`, `too-few-requests`, `no-counts`,
-    /// `error-rate`, `latency`, `check` (for metrics labels).
-    pub fn name(&self) -> &'static str {
+    /// `error-rate`, `latency`, `check` (for metrics labels): its
+    /// `Display`.
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Verdict::Passed => "passed",
             Verdict::TooFewRequests { .. } => "too-few-requests",
@@ -700,6 +695,14 @@ impl Verdict {
             Verdict::Latency => "latency",
             Verdict::Check(_) => "check",
         }
+    }
+}
+
+impl fmt::Display for Verdict {
+    /// The short name: `passed`, `too-few-requests`, `no-counts`,
+    /// `error-rate`, `latency`, `check` (for metrics labels).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -1292,7 +1295,12 @@ mod tests {
         assert_eq!(latency(Some(Duration::from_micros(1200))), "1.2 ms");
         assert_eq!(latency(Some(Duration::from_millis(250))), "250 ms");
         assert!(Policy::new().share(1.0).validate().is_err());
-        assert!(Policy::new().max_p99_ratio(0.5).validate().is_err());
+        assert!(
+            Policy::new()
+                .max_p99(0.5, Duration::ZERO)
+                .validate()
+                .is_err()
+        );
         assert!(Policy::new().share(0.1).validate().is_ok());
         assert_eq!(Policy::new().share(0.1).share_ppm(), Some(100_000));
     }

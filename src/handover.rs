@@ -14,7 +14,7 @@ use std::time::Duration;
 use socket2::Type;
 
 use crate::error::{Error, UpgradeError};
-use crate::fds::{self, ListenOptions, Want};
+use crate::fds::{self, Want};
 use crate::lifecycle::{Generation, State, StateFn, Stats, lock};
 use crate::sys;
 use crate::systemd::Notifier;
@@ -77,12 +77,6 @@ impl Handover {
         self.g.generation
     }
 
-    /// Whether this process was started by an old generation (and so reports
-    /// readiness to it).
-    pub fn from_predecessor(&self) -> bool {
-        self.g.from_predecessor
-    }
-
     /// The drain timeout configured with
     /// [`Builder::drain_timeout`](crate::Builder::drain_timeout).
     pub fn drain_timeout(&self) -> Duration {
@@ -122,7 +116,7 @@ impl Handover {
     }
 
     /// The state every upgrade streams to its successor, whatever triggers
-    /// it — a signal task, [`control::serve`](crate::control::serve), or a
+    /// it — a signal task, the control socket, or a
     /// call of [`upgrade`](Self::upgrade): `source` is called at each
     /// upgrade and its bytes go out with format `version` (see
     /// [`UpgradeOptions::state`], which overrides it for one upgrade).
@@ -276,7 +270,9 @@ impl Handover {
     }
 
     /// A TCP listener named `name`: the inherited one, or a new one bound to
-    /// `addr` (close-on-exec, `SO_REUSEADDR`, backlog 1024).
+    /// `addr` (close-on-exec, `SO_REUSEADDR`, and the options of
+    /// [`Builder::listen_options`](crate::Builder::listen_options): backlog
+    /// 1024 by default).
     ///
     /// An inherited listener must be a listening TCP socket of `addr`'s
     /// family bound to `addr`; when `addr`'s port is 0, any port matches, so
@@ -290,17 +286,8 @@ impl Handover {
         name: &str,
         addr: impl ToSocketAddrs,
     ) -> Result<std::net::TcpListener, Error> {
-        self.tcp_listener_with(name, addr, &ListenOptions::default())
-    }
-
-    /// [`tcp_listener`](Self::tcp_listener) with options for a new socket.
-    pub fn tcp_listener_with(
-        &self,
-        name: &str,
-        addr: impl ToSocketAddrs,
-        opts: &ListenOptions,
-    ) -> Result<std::net::TcpListener, Error> {
         let addr = one_addr(addr)?;
+        let opts = &self.g.config.listen;
         let fd = self.claim(name, Want::TcpListener(addr), || fds::bind_tcp(addr, opts))?;
         Ok(fd.into())
     }
@@ -313,17 +300,8 @@ impl Handover {
         name: &str,
         addr: impl ToSocketAddrs,
     ) -> Result<std::net::UdpSocket, Error> {
-        self.udp_socket_with(name, addr, &ListenOptions::default())
-    }
-
-    /// [`udp_socket`](Self::udp_socket) with options for a new socket.
-    pub fn udp_socket_with(
-        &self,
-        name: &str,
-        addr: impl ToSocketAddrs,
-        opts: &ListenOptions,
-    ) -> Result<std::net::UdpSocket, Error> {
         let addr = one_addr(addr)?;
+        let opts = &self.g.config.listen;
         let fd = self.claim(name, Want::Udp(addr), || fds::bind_udp(addr, opts))?;
         Ok(fd.into())
     }
@@ -343,9 +321,9 @@ impl Handover {
         path: impl AsRef<Path>,
     ) -> Result<std::os::unix::net::UnixListener, Error> {
         let path = path.as_ref();
-        let opts = ListenOptions::default();
+        let opts = &self.g.config.listen;
         let fd = self.claim(name, Want::UnixListener(path.to_owned()), || {
-            fds::bind_unix(path, Type::STREAM, &opts)
+            fds::bind_unix(path, Type::STREAM, opts)
         })?;
         Ok(fd.into())
     }
@@ -358,9 +336,9 @@ impl Handover {
         path: impl AsRef<Path>,
     ) -> Result<std::os::unix::net::UnixDatagram, Error> {
         let path = path.as_ref();
-        let opts = ListenOptions::default();
+        let opts = &self.g.config.listen;
         let fd = self.claim(name, Want::UnixDatagram(path.to_owned()), || {
-            fds::bind_unix(path, Type::DGRAM, &opts)
+            fds::bind_unix(path, Type::DGRAM, opts)
         })?;
         Ok(fd.into())
     }
@@ -463,7 +441,7 @@ impl Handover {
     /// first generation; for a successor when its predecessor committed (at
     /// once without probation, else after the window) or exited. Until then
     /// the successor should not act as the only generation;
-    /// [`control::serve`](crate::control::serve), for one, accepts only
+    /// the control socket's server, for one, accepts only
     /// after it. Called before [`ready`](Self::ready), it waits for
     /// `ready()` first.
     #[cfg(feature = "tokio")]
@@ -545,12 +523,8 @@ impl Handover {
         })
     }
 
-    /// The blocking form of [`upgrade`](Self::upgrade).
-    pub fn upgrade_blocking(&self) -> Result<Upgraded, UpgradeError> {
-        self.upgrade_blocking_with(UpgradeOptions::new())
-    }
-
-    /// The blocking form of [`upgrade_with`](Self::upgrade_with).
+    /// The blocking form of [`upgrade_with`](Self::upgrade_with) (and of
+    /// [`upgrade`](Self::upgrade), with `UpgradeOptions::new()`).
     pub fn upgrade_blocking_with(&self, opts: UpgradeOptions) -> Result<Upgraded, UpgradeError> {
         self.g.upgrade(opts)
     }

@@ -92,6 +92,8 @@ pub(crate) struct Config {
     pub(crate) probation: Duration,
     pub(crate) canary: crate::canary::Policy,
     pub(crate) fd_store: bool,
+    /// Options of the sockets this generation binds.
+    pub(crate) listen: crate::fds::ListenOptions,
 }
 
 /// Everything that changes as a generation lives, under one lock.

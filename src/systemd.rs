@@ -229,11 +229,6 @@ impl Notifier {
         Ok(())
     }
 
-    /// Removes the fds stored under `name` (`FDSTOREREMOVE=1`).
-    pub fn fd_store_remove(&self, name: &str) -> io::Result<()> {
-        self.notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"))
-    }
-
     /// `BARRIER=1`: returns once the manager has processed every message sent
     /// before it (it closes the pipe end sent along), or fails after `timeout`.
     pub(crate) fn barrier(&self, timeout: Duration) -> io::Result<()> {

@@ -43,7 +43,6 @@ fn upgrade_before_ready_is_refused_without_spawning() {
     let _g = serial();
     let h = Handover::builder().build().unwrap();
     assert_eq!(h.generation(), 1);
-    assert!(!h.from_predecessor());
     assert_eq!(h.state(), State::Starting);
     let before = child_count();
     let e = h.upgrade_blocking_with(sh("exit 0")).unwrap_err();
@@ -179,7 +178,7 @@ fn fifty_connections_in_the_backlog_are_answered_by_the_successor() {
         assert_eq!(r.pid, done.pid);
     }
     // After a handover, no second one.
-    let e = h.upgrade_blocking().unwrap_err();
+    let e = h.upgrade_blocking_with(UpgradeOptions::new()).unwrap_err();
     assert!(matches!(e, UpgradeError::HandedOver), "{e}");
     stop_successor(done.pid);
 }
@@ -229,11 +228,12 @@ fn names_are_validated_and_unique() {
     let e = h.udp_socket("one", "127.0.0.1:0").unwrap_err();
     assert!(e.to_string().contains("already registered"), "{e}");
     // Two listeners on one address under different names (SO_REUSEPORT).
-    let opts = handover::ListenOptions::new().reuse_port(true);
-    let x = h.tcp_listener_with("x", "127.0.0.1:0", &opts).unwrap();
-    let y = h
-        .tcp_listener_with("y", x.local_addr().unwrap(), &opts)
+    let h = Handover::builder()
+        .listen_options(handover::ListenOptions::new().reuse_port(true))
+        .build()
         .unwrap();
+    let x = h.tcp_listener("x", "127.0.0.1:0").unwrap();
+    let y = h.tcp_listener("y", x.local_addr().unwrap()).unwrap();
     assert_eq!(x.local_addr().unwrap(), y.local_addr().unwrap());
 }
 

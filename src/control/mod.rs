@@ -84,8 +84,6 @@ mod server;
 
 pub use client::{ControlError, command, reload, status};
 #[cfg(feature = "tokio")]
-pub use server::serve;
-#[cfg(feature = "tokio")]
 pub(crate) use server::serve_checked;
 
 /// The registry name of the control socket.
@@ -138,8 +136,7 @@ impl Policy {
 }
 
 /// A bound (or inherited) control socket and what it allows, for
-/// [`serve::Triggers::control`](crate::serve::Triggers::control) or
-/// [`serve`]. By default: only the service's own uid, only the deploy path,
+/// [`serve::Triggers::control`](crate::serve::Triggers::control). By default: only the service's own uid, only the deploy path,
 /// no takeover, only a private socket.
 #[derive(Debug)]
 #[must_use]
@@ -190,8 +187,8 @@ impl ControlSocket {
     /// abstract one, or a file whose mode lets group or others write (that
     /// is, connect) or that another user owns. The uid check still applies
     /// to every request. Default: such a socket is refused when serving
-    /// starts ([`Triggers::spawn`](crate::serve::Triggers::spawn) and
-    /// [`serve`] fail with [`Error::InvalidFd`]).
+    /// starts ([`Triggers::spawn`](crate::serve::Triggers::spawn) fails with
+    /// [`Error::InvalidFd`]).
     pub fn allow_open_socket(mut self, on: bool) -> Self {
         self.policy.open_socket = on;
         self

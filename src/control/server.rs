@@ -9,8 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::{ControlSocket, Json, MAX_REQUEST, Policy, Request};
-use crate::error::Error;
+use super::{Json, MAX_REQUEST, Policy, Request};
 use crate::handover::Handover;
 use crate::lifecycle::lock;
 use crate::serve::AcceptBackoff;
@@ -84,45 +83,17 @@ struct Runner {
     spare: std::sync::Mutex<Option<OwnedFd>>,
 }
 
-/// Serves the control socket until an upgrade requested through it
-/// succeeds, and returns that upgrade: the caller then stops accepting,
-/// drains and exits, like after any other upgrade. When an upgrade made
-/// otherwise (a signal) hands over, it stops accepting control connections
-/// (the successor answers them) and never returns.
+/// Serves the control socket (checked and registered) until an upgrade
+/// requested through it succeeds, and returns that upgrade: the caller then
+/// stops accepting, drains and exits, like after any other upgrade. When an
+/// upgrade made otherwise (a signal) hands over, it stops accepting control
+/// connections (the successor answers them) and never returns.
 ///
-/// Every upgrade runs with the handover's options, state included (see
-/// [`Handover::set_state_source`]). Who may ask for what, and the bounds on
-/// every connection, are in the [module documentation](super).
-///
-/// Accept errors back off like the serving layer's
-/// ([`AcceptBackoff`]); at the fd limit one fd kept in reserve is freed to
-/// accept a control connection, so that a `reload` is answered — the
-/// upgrade itself works at the limit too — instead of waiting for a free
-/// slot.
-///
-/// A successor accepts only once its handover is final
-/// ([`Handover::committed`]): during a probation window the old
-/// generation, which still accepts on the same socket, answers.
-///
-/// Fails at once, before serving anything, if the socket is refused (see
-/// [`ControlSocket::allow_open_socket`]) or cannot be registered with tokio.
-#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub async fn serve(handover: Handover, socket: ControlSocket) -> Result<Upgraded, Error> {
-    socket.check()?;
-    let ControlSocket {
-        listener,
-        policy: options,
-        spare,
-        ..
-    } = socket;
-    let listener = listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixListener::from_std(listener))
-        .map_err(|e| Error::io("cannot serve the control socket", e))?;
-    Ok(serve_checked(handover, listener, options, spare).await)
-}
-
-/// [`serve`], once the socket was checked and registered.
+/// Accept errors back off like the serving layer's ([`AcceptBackoff`]); at
+/// the fd limit one fd kept in reserve is freed to accept a control
+/// connection. A successor accepts only once its handover is final: during
+/// a probation window the old generation, which still accepts on the same
+/// socket, answers.
 pub(crate) async fn serve_checked(
     handover: Handover,
     listener: tokio::net::UnixListener,
@@ -534,7 +505,7 @@ fn judgement_json(j: &crate::canary::Judgement) -> String {
             .finish()
     };
     Json::new()
-        .str("verdict", j.verdict.name())
+        .str("verdict", &j.verdict.to_string())
         .raw("rolled_back", j.rolled_back())
         .str("summary", &j.to_string())
         .raw("canary", side(&j.canary))

@@ -98,9 +98,12 @@ impl Triggers {
         self
     }
 
-    /// Serves upgrade and status requests on the control socket `socket`
-    /// (from [`control::bind`](crate::control::bind)), as
-    /// [`control::serve`](crate::control::serve) does.
+    /// Serves upgrade, status and takeover requests on the control socket
+    /// `socket` (from [`control::bind`](crate::control::bind)); see the
+    /// [`control`](crate::control) module for who may ask for what. The
+    /// triggers' task ends (and the drain starts) when an upgrade requested
+    /// through it succeeds; an application that handles its signals itself
+    /// uses `Triggers::new(&handover).control(socket).spawn()`.
     ///
     /// Every upgrade, signalled or requested, takes the options of
     /// [`Builder::upgrade_options`](crate::Builder::upgrade_options) and the
@@ -185,7 +188,7 @@ async fn run(
 ) -> Ending {
     let drain = handover.drain();
     // The control socket is served by a task of its own, as
-    // `control::serve` expects: its requests are answered while an upgrade
+    // the control server expects: its requests are answered while an upgrade
     // triggered by a signal runs. It stops when this task ends.
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     let _control = control.map(|(listener, policy, spare)| {
