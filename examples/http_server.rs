@@ -69,7 +69,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use handover::serve::{Ending, Server, Triggers};
+use handover::serve::{Server, Triggers};
 use handover::{Drain, Handover};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -514,9 +514,10 @@ async fn run(config: Config, handover: Handover) -> Result<(), Box<dyn std::erro
         hyper::service::service_fn(move |req| handle(app.clone(), req))
     };
     let report = server.serve_hyper(service).await?;
-    let reason = match triggered.await {
-        Ok(Ending::Upgraded(_)) => "upgrade",
-        Ok(Ending::Stop(_)) => "stop",
+    let _ = triggered.await;
+    let reason = match handover.state() {
+        handover::State::HandedOver => "upgrade",
+        handover::State::Stopping => "stop",
         _ => "drained",
     };
     if let Some(t) = udp_task {

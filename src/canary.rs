@@ -41,7 +41,7 @@
 //!
 //! The judgement is made at the end of the window; it stops the window
 //! early, rolling back at once, when the evidence is already clear (z ≥ 5,
-//! every time a report arrives; [`Policy::early_stop`]). A canary is never
+//! every time a report arrives). A canary is never
 //! committed early: the window also watches for crashes and
 //! [`Handover::report_unhealthy`](crate::Handover::report_unhealthy).
 //!
@@ -511,13 +511,6 @@ impl Policy {
     pub fn max_p99(mut self, ratio: f64, slack: Duration) -> Self {
         self.max_p99_ratio = ratio;
         self.p99_slack = slack;
-        self
-    }
-
-    /// Whether to roll back before the end of the window when the evidence
-    /// is already clear (z ≥ 5). Default: on.
-    pub fn early_stop(mut self, on: bool) -> Self {
-        self.early_stop = on;
         self
     }
 

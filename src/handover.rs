@@ -429,14 +429,6 @@ impl Handover {
         self.g.wait_channel(|_, closed| closed).await
     }
 
-    /// The blocking form of [`predecessor_exited`](Self::predecessor_exited),
-    /// at most `timeout`: `true` if the predecessor is gone (or there never
-    /// was one). Call it after [`ready`](Self::ready).
-    pub fn predecessor_exited_blocking(&self, timeout: Duration) -> Result<bool, Error> {
-        self.g
-            .wait_channel_blocking(crate::clock::after(timeout), |_, closed| closed)
-    }
-
     /// Resolves once this generation's handover is final: at once for a
     /// first generation; for a successor when its predecessor committed (at
     /// once without probation, else after the window) or exited. Until then
@@ -450,16 +442,6 @@ impl Handover {
         self.g
             .wait_channel(|g, closed| closed || g.life().committed)
             .await
-    }
-
-    /// The blocking form of [`committed`](Self::committed), at most
-    /// `timeout`: `true` once the handover is final. Call it after
-    /// [`ready`](Self::ready).
-    pub fn committed_blocking(&self, timeout: Duration) -> Result<bool, Error> {
-        self.g
-            .wait_channel_blocking(crate::clock::after(timeout), |g, closed| {
-                closed || g.life().committed
-            })
     }
 
     /// Upgrades with this generation's options (its builder's, and the

@@ -338,7 +338,7 @@ pub use drain::{Drain, DrainGuard, DrainReport};
 pub use error::{Error, UpgradeError};
 pub use fds::ListenOptions;
 pub use handover::Handover;
-pub use lifecycle::{LastUpgrade, State, Stats};
+pub use lifecycle::{State, Stats};
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use migrate::{ConnectionSender, IncomingConnections, Migrated, MigratedConnection};

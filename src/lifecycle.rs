@@ -63,7 +63,7 @@ pub enum State {
 /// This generation's own last upgrade attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct LastUpgrade {
+pub(crate) struct LastUpgrade {
     /// The successor's pid, if it took over.
     pub successor: Option<u32>,
     /// Why it failed, if it did.
@@ -461,7 +461,7 @@ pub struct Stats {
     /// or a later attempt of this process, whichever came last.
     pub last_phases: Option<Phases>,
     /// This generation's own last upgrade attempt, if it made one.
-    pub last_upgrade: Option<LastUpgrade>,
+    pub(crate) last_upgrade: Option<LastUpgrade>,
     /// Connections still in flight while this generation drains (0 before
     /// its drain starts); counted by the [`Drain`](crate::Drain) from
     /// [`Handover::drain`](crate::Handover::drain).

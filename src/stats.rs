@@ -30,7 +30,6 @@ pub struct Phases {
     pub drain: Option<Duration>,
     /// From the commit until the old generation exited, as seen by the
     /// successor (when [`Handover::predecessor_exited`](crate::Handover::predecessor_exited),
-    /// [`Handover::predecessor_exited_blocking`](crate::Handover::predecessor_exited_blocking)
     /// or [`Handover::stats`](crate::Handover::stats) noticed it).
     pub exit: Option<Duration>,
 }

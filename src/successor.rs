@@ -574,37 +574,6 @@ impl Generation {
         }
     }
 
-    /// Waits until `done` holds or `deadline` passes, taking in the
-    /// predecessor's messages; `done` is given whether the channel closed.
-    pub(crate) fn wait_channel_blocking(
-        &self,
-        deadline: Instant,
-        done: impl Fn(&Self, bool) -> bool,
-    ) -> Result<bool, Error> {
-        let Some(ch) = self.channel_copy()? else {
-            return Ok(true);
-        };
-        loop {
-            let closed = self
-                .pump()
-                .map_err(|e| Error::io("reading the channel", e))?;
-            if done(self, closed) {
-                return Ok(true);
-            }
-            // Another thread (the one watching the predecessor) may take in
-            // the message first: look again at least every 50 ms.
-            let slice = deadline.min(Instant::now() + Duration::from_millis(50));
-            sys::poll_until(&[(ch.as_fd(), libc::POLLIN)], slice)
-                .map_err(|e| Error::io("poll on the channel", e))?;
-            if Instant::now() >= deadline {
-                let closed = self
-                    .pump()
-                    .map_err(|e| Error::io("reading the channel", e))?;
-                return Ok(done(self, closed));
-            }
-        }
-    }
-
     /// Takes in the predecessor's messages as they come until `done` (given
     /// whether the channel closed) holds.
     #[cfg(feature = "tokio")]

@@ -35,7 +35,7 @@ mod tickets;
 mod tls;
 
 pub use backoff::AcceptBackoff;
-pub use triggers::{Ending, Triggers};
+pub use triggers::Triggers;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -37,7 +37,9 @@ use crate::upgrade::Upgraded;
 /// control socket) is acted on when the upgrade has ended (within the ready
 /// timeout and any probation window): if it failed, this generation stops;
 /// if it succeeded, the successor serves and this generation drains as
-/// after any upgrade (the task ends with [`Ending::Stop`] all the same).
+/// after any upgrade. When the task has ended, [`Handover::state`] tells
+/// why: [`State::HandedOver`](crate::State::HandedOver) after an upgrade,
+/// [`State::Stopping`](crate::State::Stopping) after a stop.
 ///
 /// Signals: `handover` installs no handler of its own accord. `spawn`
 /// installs tokio's handlers for exactly the signals named here, and they
@@ -60,18 +62,6 @@ impl std::fmt::Debug for Triggers {
             .field("control", &self.control)
             .finish_non_exhaustive()
     }
-}
-
-/// Why the triggers task ended (and the drain started).
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Ending {
-    /// An upgrade succeeded: the successor serves.
-    Upgraded(Upgraded),
-    /// A stop signal arrived.
-    Stop(SignalKind),
-    /// The drain was started by someone else.
-    Drain,
 }
 
 impl Triggers {
@@ -130,12 +120,12 @@ impl Triggers {
     /// Installs the signal handlers now and starts the task. Must be called
     /// within a tokio runtime.
     ///
-    /// The task ends with the [`Ending`] once the drain started; abort it
+    /// The task ends once the drain started; abort it
     /// (`JoinHandle::abort`) to act on no trigger any more and leave the
     /// control socket. Fails if a signal handler cannot be installed, or the
     /// control socket is refused (see
     /// [`ControlSocket::allow_open_socket`](crate::control::ControlSocket::allow_open_socket)).
-    pub fn spawn(self) -> io::Result<JoinHandle<Ending>> {
+    pub fn spawn(self) -> io::Result<JoinHandle<()>> {
         let listen = |kinds: &[SignalKind]| -> io::Result<Vec<(SignalKind, Signal)>> {
             kinds.iter().map(|&k| Ok((k, signal(k)?))).collect()
         };
@@ -185,7 +175,7 @@ async fn run(
     mut upgrade: Vec<(SignalKind, Signal)>,
     mut stop: Vec<(SignalKind, Signal)>,
     control: Option<Control>,
-) -> Ending {
+) {
     let drain = handover.drain();
     // The control socket is served by a task of its own, as
     // the control server expects: its requests are answered while an upgrade
@@ -205,25 +195,25 @@ async fn run(
         }
     };
     tokio::pin!(control);
-    let ending = loop {
+    loop {
         tokio::select! {
             _ = any(&mut upgrade) => {
                 match handover.upgrade().await {
-                    Ok(done) => break Ending::Upgraded(done),
+                    Ok(_) => break,
                     // Logged (and counted) by the upgrade itself.
                     Err(e) => tracing::debug!(error = %e, "signalled upgrade did not hand over"),
                 }
             }
-            done = &mut control => break Ending::Upgraded(done),
+            _ = &mut control => break,
             kind = any(&mut stop) => {
+                tracing::debug!(signal = ?kind, "stop signal");
                 stop_after_upgrades(&handover).await;
-                break Ending::Stop(kind);
+                break;
             }
-            _ = drain.draining() => return Ending::Drain,
+            _ = drain.draining() => return,
         }
-    };
+    }
     drain.start();
-    ending
 }
 
 /// Stops this generation ([`Handover::stop`]) once no upgrade runs: an
