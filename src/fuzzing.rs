@@ -45,6 +45,14 @@ pub fn control_request(data: &[u8]) {
     }
 }
 
+/// A takeover offer's line, as the process taking over reads it: when it
+/// parses, it encodes back to what decodes the same.
+pub fn takeover_offer(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        crate::takeover::fuzz_offer(s);
+    }
+}
+
 /// The state stream as a successor reads it (at most 64 KiB of input).
 pub fn state_stream(data: &[u8]) {
     let data = &data[..data.len().min(64 * 1024)];
