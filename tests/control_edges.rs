@@ -209,6 +209,8 @@ fn a_reload_that_times_out_is_unknown_and_status_follows_it_to_the_end() {
     let st = status(&ctl);
     assert_eq!(common::json(&st, "pid"), succ.to_string(), "{st}");
     assert_eq!(common::json(&st, "generation"), "2", "{st}");
+    // Its last upgrade is the one that made it.
+    assert!(st.contains("\"last_upgrade\":{\"ok\":true"), "{st}");
     let stats = load.stop();
     assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
     assert!(srv.stop().success());

@@ -48,7 +48,8 @@
 //! generation, its pid, the program it runs (resolved, symlinks followed)
 //! and `started_us`, when the upgrade that made it started
 //! (`CLOCK_MONOTONIC`, µs). `status` names the serving generation, its
-//! counters, its last upgrade, and the upgrade in progress, if any (since
+//! counters, its last upgrade (its own last attempt, or the upgrade that
+//! made it), and the upgrade in progress, if any (since
 //! when, which program, the successor's pid).
 //!
 //! Which upgrade answers a request follows systemd's rule for reload jobs:

@@ -519,6 +519,25 @@ fn status_json(h: &Handover) -> String {
     let state = format!("{:?}", h.state()).to_lowercase();
     let stats = h.stats();
     let last = match &stats.last_upgrade {
+        // No attempt of its own: the upgrade that made this generation
+        // succeeded (its phases came with the commit).
+        None if h.generation() > 1 => {
+            let to_commit: std::time::Duration = stats
+                .last_phases
+                .map(|p| {
+                    [p.spawn, p.state, p.ready, p.probation]
+                        .into_iter()
+                        .flatten()
+                        .sum()
+                })
+                .unwrap_or_default();
+            Json::new()
+                .raw("ok", true)
+                .raw("successor", std::process::id())
+                .raw("error", "null")
+                .raw("ms", format_args!("{:.3}", to_commit.as_secs_f64() * 1e3))
+                .finish()
+        }
         None => "null".to_owned(),
         Some(r) => Json::new()
             .raw("ok", r.error.is_none())
