@@ -53,6 +53,8 @@
 //!   sending flat out, the server echoing), 16 B to 64 KiB, rounds
 //!   interleaved, medians.
 
+#[path = "support/floors.rs"]
+mod floors;
 #[path = "support/procs.rs"]
 mod procs;
 #[cfg(feature = "tls")]
@@ -307,56 +309,6 @@ fn eventfd() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The successor of the `fds` benchmark: claims every fd by name, reports
-/// ready, then waits to be killed.
-fn fds_child(n: usize) -> ExitCode {
-    let h = Handover::builder().build().expect("build");
-    for i in 0..n {
-        // The registry keeps its copy for the next generation; ours goes.
-        drop(
-            h.fd(&format!("f{i}"), || {
-                Err(std::io::Error::other("not inherited"))
-            })
-            .expect("claim"),
-        );
-    }
-    h.ready().expect("ready");
-    loop {
-        std::thread::park();
-    }
-}
-
-fn fds(runs: usize) {
-    raise_nofile();
-    procs::become_subreaper();
-    let me = std::env::current_exe().unwrap();
-    println!("| named fds | handoff (spawn → successor ready), median of {runs} | min | max |");
-    println!("| --- | --- | --- | --- |");
-    for n in [4usize, 400, 4000, 10000] {
-        let mut times = Vec::new();
-        for _ in 0..runs {
-            let h = Handover::builder().build().expect("build");
-            for i in 0..n {
-                drop(h.fd(&format!("f{i}"), eventfd).expect("register"));
-            }
-            h.ready().unwrap();
-            let opts = UpgradeOptions::new()
-                .program(&me)
-                .args(["fds-child".to_owned(), n.to_string()]);
-            let done = h.upgrade_blocking_with(opts).expect("upgrade");
-            times.push(ms(done.ready_after));
-            procs::signal(done.pid, libc::SIGKILL).unwrap();
-            procs::reap(done.pid, Duration::from_secs(30)).expect("reap");
-        }
-        let m = median(&mut times);
-        println!(
-            "| {n} | {m:.3} ms | {:.3} ms | {:.3} ms |",
-            times[0],
-            times[runs - 1]
-        );
-    }
 }
 
 fn status_kb(pid: u32, key: &str) -> u64 {
@@ -1184,6 +1136,11 @@ mod ws {
 }
 
 fn main() -> ExitCode {
+    // The successor of `bench fds` starts bare, as `fds_floor`'s child does.
+    if std::env::args().nth(1).as_deref() == Some("fds-child") {
+        let n = std::env::args().nth(2).and_then(|n| n.parse().ok());
+        return floors::fds_child(n.expect("count"), std::env::args().nth(3).as_deref());
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -1201,10 +1158,35 @@ fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1)?.parse().ok())
             .unwrap_or(default)
     };
+    let floors_dir = args
+        .iter()
+        .position(|a| a == "--floors")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || PathBuf::from("target/bench-floor/release"),
+            PathBuf::from,
+        );
+    let shared_dir = args
+        .iter()
+        .position(|a| a == "--shared")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| PathBuf::from("../shared/bench"), PathBuf::from);
     match args.first().map(String::as_str) {
         Some("ready") => ready(num("--runs", 30)),
-        Some("fds") => fds(num("--runs", 5)),
-        Some("fds-child") => return fds_child(args[1].parse().expect("count")),
+        Some("fds") => {
+            floors::fds(num("--runs", 5), &floors_dir);
+        }
+        Some("takeover") => {
+            floors::print_takeover(&floors::takeover(num("--rounds", 10)));
+        }
+        Some("latency") => {
+            floors::print_latency(&floors::latency(
+                num("--rounds", 1),
+                &floors_dir,
+                &shared_dir,
+            ));
+        }
+        Some("all") => floors::all(num("--rounds", 1), &floors_dir, &shared_dir),
         Some("upgrades") => upgrades(num("--count", 1000)),
         Some("load") => load(num("--secs", 10) as u64),
         Some("state") => state(num("--runs", 5)),
@@ -1241,7 +1223,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: bench migrate [--conns N] [--drain-timeout S] | websocket [--conns N] [--drain-timeout S] | ws-throughput [--secs N] [--rounds N] | tls [--clients N] [--runs N] | ready [--runs N] | fds [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
+                "usage: bench all [--rounds N] [--floors DIR] [--shared DIR] | fds [--runs N] [--floors DIR] | takeover [--rounds N] | latency [--rounds N] [--floors DIR] [--shared DIR] | migrate [--conns N] [--drain-timeout S] | websocket [--conns N] [--drain-timeout S] | ws-throughput [--secs N] [--rounds N] | tls [--clients N] [--runs N] | ready [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

@@ -226,7 +226,7 @@ impl Builder {
                         Some(raw) => Some(adopt_channel(raw)?),
                         None => None,
                     };
-                    let fds = match fds::adopt(&inh.fds) {
+                    let fds = match fds::adopt(inh.fds) {
                         Ok(fds) => fds,
                         Err(e) => {
                             if let Some(ch) = &channel {

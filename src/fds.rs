@@ -1,7 +1,9 @@
 //! The named fd registry: inherit-or-bind, validation of inherited fds, and
 //! the list of fds handed to a successor.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -92,33 +94,178 @@ impl Want {
     }
 }
 
+/// The end of a chain of indices (see [`Registry`]).
+const NONE: u32 = u32::MAX;
+
+/// A registered fd: claimed from the inherited ones, or made by this
+/// generation.
 struct Entry {
-    name: String,
+    /// Its name: an index into [`Names::named`].
+    name: u32,
     want: Want,
     fd: OwnedFd,
+    /// The next registered fd of the same name, or [`NONE`].
+    next: u32,
+}
+
+/// An inherited fd, until it is claimed.
+struct Slot {
+    /// Its name: an index into [`Names::named`].
+    name: u32,
+    /// `None` once claimed.
+    fd: Option<OwnedFd>,
+    /// The next inherited fd of the same name, in the order they came, or
+    /// [`NONE`].
+    next: u32,
+}
+
+/// One name, and the chains of the fds under it (indices into
+/// `Registry::inherited` and `Registry::registered`).
+struct Named {
+    /// Where the name is in [`Names::buf`].
+    start: u32,
+    len: u32,
+    /// The next name with the same hash, or [`NONE`].
+    same_hash: u32,
+    /// The first inherited fd of this name that may still be unclaimed,
+    /// and the last one (while the registry is built).
+    inherited: u32,
+    inherited_last: u32,
+    /// The first and last registered fds of this name.
+    registered: u32,
+    registered_last: u32,
+}
+
+/// Every name the registry knows, each stored once in one buffer: no
+/// allocation (and no reference count) per name.
+struct Names {
+    buf: String,
+    named: Vec<Named>,
+    /// The first name of each hash (SipHash with a random key, as a
+    /// `HashMap` of strings would use), the others chained by `same_hash`.
+    index: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    hasher: RandomState,
+}
+
+/// A `Hasher` for keys that are already hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the key is a `u64`); fold anything else.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Names {
+    fn with_capacity(n: usize) -> Names {
+        Names {
+            buf: String::with_capacity(n * 8),
+            named: Vec::with_capacity(n),
+            index: HashMap::with_capacity_and_hasher(n, Default::default()),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn str(&self, i: u32) -> &str {
+        let n = &self.named[i as usize];
+        &self.buf[n.start as usize..(n.start + n.len) as usize]
+    }
+
+    /// The index of `name`, if the registry knows it.
+    fn find(&self, name: &str) -> Option<u32> {
+        let mut i = *self.index.get(&self.hasher.hash_one(name))?;
+        while i != NONE {
+            if self.str(i) == name {
+                return Some(i);
+            }
+            i = self.named[i as usize].same_hash;
+        }
+        None
+    }
+
+    /// The index of `name`, added if new.
+    fn find_or_add(&mut self, name: &str) -> u32 {
+        let hash = self.hasher.hash_one(name);
+        let mut i = self.index.get(&hash).copied().unwrap_or(NONE);
+        let head = i;
+        while i != NONE {
+            if self.str(i) == name {
+                return i;
+            }
+            i = self.named[i as usize].same_hash;
+        }
+        let i = self.named.len() as u32;
+        self.named.push(Named {
+            start: self.buf.len() as u32,
+            len: name.len() as u32,
+            same_hash: head,
+            inherited: NONE,
+            inherited_last: NONE,
+            registered: NONE,
+            registered_last: NONE,
+        });
+        self.buf.push_str(name);
+        self.index.insert(hash, i);
+        i
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.named.clear();
+        self.index.clear();
+    }
 }
 
 /// The fds of this generation: those inherited and not yet claimed, and
-/// those registered (claimed or bound) that a successor will get. Look-ups
-/// by name are hashed, so registering thousands of fds stays linear.
+/// those registered (claimed or bound) that a successor will get.
+///
+/// Built for thousands of fds: one hashed look-up of the name per claim
+/// (every name is kept once, the fds of a name are chained by index), no
+/// allocation per fd but the vectors' growth, and the fds of a generation
+/// closed a range at a time (`close_range`).
 pub(crate) struct Registry {
-    /// Unclaimed inherited fds by name, in the order they came.
-    inherited: HashMap<String, VecDeque<OwnedFd>>,
+    /// Inherited fds, in the order they came.
+    inherited: Vec<Slot>,
     registered: Vec<Entry>,
-    /// Indices into `registered` by name.
-    by_name: HashMap<String, Vec<usize>>,
+    names: Names,
 }
 
 impl Registry {
     pub(crate) fn new(inherited: Vec<(String, OwnedFd)>) -> Self {
-        let mut map: HashMap<String, VecDeque<OwnedFd>> = HashMap::new();
+        let mut names = Names::with_capacity(inherited.len());
+        let mut slots: Vec<Slot> = Vec::with_capacity(inherited.len());
         for (name, fd) in inherited {
-            map.entry(name).or_default().push_back(fd);
+            let i = slots.len() as u32;
+            let n = names.find_or_add(&name);
+            let named = &mut names.named[n as usize];
+            if named.inherited_last == NONE {
+                named.inherited = i;
+            } else {
+                slots[named.inherited_last as usize].next = i;
+            }
+            named.inherited_last = i;
+            slots.push(Slot {
+                name: n,
+                fd: Some(fd),
+                next: NONE,
+            });
         }
         Registry {
-            inherited: map,
+            inherited: slots,
             registered: Vec::new(),
-            by_name: HashMap::new(),
+            names,
         }
     }
 
@@ -148,17 +295,26 @@ impl Registry {
                 || std::mem::discriminant(&e.want) != std::mem::discriminant(&want)
                 || want == Want::Any
         };
-        if let Some(idx) = self.by_name.get(name) {
-            if idx.iter().any(|&i| conflict(&self.registered[i])) {
+        let n = self.names.find_or_add(name);
+        let named = &mut self.names.named[n as usize];
+        let mut i = named.registered;
+        while i != NONE {
+            let e = &self.registered[i as usize];
+            if conflict(e) {
                 return Err(Error::AlreadyRegistered {
                     name: name.to_owned(),
                 });
             }
+            i = e.next;
         }
+        // The first inherited fd of this name, in the order they came, that
+        // passes the checks.
         let mut first_err = None;
         let mut found = None;
-        if let Some(candidates) = self.inherited.get(name) {
-            for (i, fd) in candidates.iter().enumerate() {
+        let mut i = named.inherited;
+        while i != NONE {
+            let slot = &self.inherited[i as usize];
+            if let Some(fd) = &slot.fd {
                 match check(fd.as_fd(), name, &want) {
                     Ok(()) => {
                         found = Some(i);
@@ -168,16 +324,19 @@ impl Registry {
                         first_err.get_or_insert(e);
                     }
                 }
+            } else if i == named.inherited {
+                // Claimed: the chain starts after it from now on.
+                named.inherited = slot.next;
             }
+            i = slot.next;
         }
         let (fd, inherited) = match (found, first_err) {
             (Some(i), _) => {
-                let list = self.inherited.get_mut(name).expect("found above");
-                let fd = list.remove(i).expect("index from the scan");
-                if list.is_empty() {
-                    self.inherited.remove(name);
+                let slot = &mut self.inherited[i as usize];
+                if i == named.inherited {
+                    named.inherited = slot.next;
                 }
-                (fd, true)
+                (slot.fd.take().expect("found unclaimed"), true)
             }
             (None, Some(e)) => return Err(e),
             (None, None) => {
@@ -193,25 +352,37 @@ impl Registry {
         let copy = fd
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate fd {name:?}"), e))?;
-        self.by_name
-            .entry(name.to_owned())
-            .or_default()
-            .push(self.registered.len());
+        let idx = self.registered.len() as u32;
+        if named.registered_last == NONE {
+            named.registered = idx;
+        } else {
+            self.registered[named.registered_last as usize].next = idx;
+        }
+        named.registered_last = idx;
         self.registered.push(Entry {
-            name: name.to_owned(),
+            name: n,
             want,
             fd,
+            next: NONE,
         });
         Ok((copy, inherited))
     }
 
     /// Closes the inherited fds nobody claimed; returns their names.
     pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .inherited
-            .drain()
-            .flat_map(|(name, fds)| std::iter::repeat_n(name, fds.len()))
-            .collect();
+        let mut names = Vec::new();
+        let mut fds = Vec::new();
+        for slot in self.inherited.drain(..) {
+            if let Some(fd) = slot.fd {
+                names.push(self.names.str(slot.name).to_owned());
+                fds.push(fd);
+            }
+        }
+        sys::close_all(fds);
+        for named in &mut self.names.named {
+            named.inherited = NONE;
+            named.inherited_last = NONE;
+        }
         names.sort();
         names
     }
@@ -220,26 +391,30 @@ impl Registry {
     pub(crate) fn handed(&self) -> Vec<(&str, BorrowedFd<'_>)> {
         self.registered
             .iter()
-            .map(|e| (e.name.as_str(), e.fd.as_fd()))
+            .map(|e| (self.names.str(e.name), e.fd.as_fd()))
             .collect()
     }
 
     /// The registered fds named `name`, with what each stands for.
     pub(crate) fn find(&self, name: &str) -> Vec<(&Want, BorrowedFd<'_>)> {
-        self.by_name
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| (&self.registered[i].want, self.registered[i].fd.as_fd()))
-            .collect()
+        let mut out = Vec::new();
+        let n = self.names.find(name);
+        let mut i = n.map_or(NONE, |n| self.names.named[n as usize].registered);
+        while i != NONE {
+            let e = &self.registered[i as usize];
+            out.push((&e.want, e.fd.as_fd()));
+            i = e.next;
+        }
+        out
     }
 
     /// Drops this generation's copies of every fd (after a handover, and at
-    /// a stop).
+    /// a stop): a range at a time.
     pub(crate) fn clear(&mut self) {
-        self.inherited.clear();
-        self.registered.clear();
-        self.by_name.clear();
+        let inherited = self.inherited.drain(..).filter_map(|s| s.fd);
+        let registered = self.registered.drain(..).map(|e| e.fd);
+        sys::close_all(inherited.chain(registered));
+        self.names.clear();
     }
 }
 
@@ -505,24 +680,52 @@ fn remove_stale_socket(path: &Path, ty: Type) -> io::Result<()> {
 }
 
 /// Takes ownership of the fds listed in the environment, making each
-/// close-on-exec so that no other child inherits it. One `fcntl(F_SETFD)`
-/// per fd both sets the flag and proves the fd open (`EBADF` otherwise).
-pub(crate) fn adopt(list: &[(String, RawFd)]) -> Result<Vec<(String, OwnedFd)>, Error> {
+/// close-on-exec so that no other child inherits it, and checking that each
+/// is open. For thousands of fds this is two system calls, not one per fd:
+/// `close_range(CLOSE_RANGE_CLOEXEC)` over the listed range (`3 .. 3 + n`),
+/// then a `poll` that reports a number that is not open (see
+/// [`sys::mark_cloexec_all`], [`sys::first_not_open`]). On an error nothing
+/// is adopted: the fds stay open, close-on-exec, and the process is not
+/// going to serve.
+pub(crate) fn adopt(list: Vec<(String, RawFd)>) -> Result<Vec<(String, OwnedFd)>, Error> {
     use std::os::fd::FromRawFd;
-    let mut out = Vec::with_capacity(list.len());
-    for (name, raw) in list {
-        if let Err(e) = sys::mark_cloexec_raw(*raw) {
-            return Err(Error::InvalidFd {
-                fd: *raw,
-                name: name.clone(),
-                reason: format!("LISTEN_FDS lists it, but it is not open ({e})"),
-            });
-        }
-        // SAFETY: the fd is open (F_SETFD succeeded on it), and the LISTEN_*
-        // protocol, whose LISTEN_PID names this process, hands its ownership
-        // to us. The caller guarantees this runs once per process (see
-        // `TAKEN` in builder.rs), so no other owner exists.
-        out.push((name.clone(), unsafe { OwnedFd::from_raw_fd(*raw) }));
+    let mut raw: Vec<RawFd> = list.iter().map(|(_, fd)| *fd).collect();
+    raw.sort_unstable();
+    raw.dedup();
+    sys::mark_cloexec_all(&raw);
+    let not_open = match sys::first_not_open(&raw) {
+        Ok(found) => found.map(|fd| (fd, io::Error::from_raw_os_error(libc::EBADF))),
+        // poll itself failed (out of memory): one fcntl per fd, which also
+        // tells whether it is open.
+        Err(_) => raw
+            .iter()
+            .find_map(|&fd| sys::mark_cloexec_raw(fd).err().map(|e| (fd, e))),
+    };
+    if let Some((fd, e)) = not_open {
+        let name = list.iter().find(|(_, f)| *f == fd).map(|(n, _)| n.clone());
+        return Err(Error::InvalidFd {
+            fd,
+            name: name.unwrap_or_default(),
+            reason: format!("LISTEN_FDS lists it, but it is not open ({e})"),
+        });
     }
-    Ok(out)
+    if raw.len() != list.len() {
+        // `env::decode` lists each fd once; anything else would be two
+        // owners of one fd.
+        return Err(Error::InvalidFd {
+            fd: raw.first().copied().unwrap_or(-1),
+            name: String::new(),
+            reason: "listed twice".to_owned(),
+        });
+    }
+    Ok(list
+        .into_iter()
+        .map(|(name, raw)| {
+            // SAFETY: the fd is open (checked above), listed once, and the
+            // LISTEN_* protocol, whose LISTEN_PID names this process, hands
+            // its ownership to us. The caller guarantees this runs once per
+            // process (see `TAKEN` in builder.rs), so no other owner exists.
+            (name, unsafe { OwnedFd::from_raw_fd(raw) })
+        })
+        .collect())
 }

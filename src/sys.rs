@@ -40,6 +40,108 @@ pub(crate) fn mark_cloexec_raw(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs of consecutive numbers in `fds` (sorted, no duplicates), as
+/// `(first, last)`.
+fn runs(fds: &[RawFd]) -> impl Iterator<Item = (RawFd, RawFd)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *fds.get(i)?;
+        let mut last = first;
+        i += 1;
+        while fds.get(i) == Some(&(last + 1)) {
+            last += 1;
+            i += 1;
+        }
+        Some((first, last))
+    })
+}
+
+/// `close_range(first, last, flags)`.
+fn close_range(first: RawFd, last: RawFd, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: close_range takes plain integers and touches no memory of
+    // ours; which fds it may close or mark is the caller's business.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            flags as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets `FD_CLOEXEC` on each fd number in `fds` (sorted, no duplicates),
+/// which need not be owned yet (inherited fds about to be adopted; numbers
+/// that are not open are left alone): one `close_range(CLOSE_RANGE_CLOEXEC)`
+/// per run of consecutive numbers — one for the usual `3 .. 3 + n` — where
+/// the kernel has it (Linux 5.11), else one `fcntl(F_SETFD)` each.
+pub(crate) fn mark_cloexec_all(fds: &[RawFd]) {
+    for (first, last) in runs(fds) {
+        if first == last || close_range(first, last, libc::CLOSE_RANGE_CLOEXEC as _).is_err() {
+            for fd in first..=last {
+                let _ = mark_cloexec_raw(fd);
+            }
+        }
+    }
+}
+
+/// The first of the fd numbers `fds` that is not open in this process, if
+/// any: one `poll(2)` (timeout 0, no events asked: it only reports
+/// `POLLNVAL` for a number that is not open) per 1,024 fds, instead of a
+/// system call per fd.
+pub(crate) fn first_not_open(fds: &[RawFd]) -> io::Result<Option<RawFd>> {
+    const CHUNK: usize = 1024;
+    let mut set: Vec<libc::pollfd> = Vec::with_capacity(fds.len().min(CHUNK));
+    for chunk in fds.chunks(CHUNK) {
+        set.clear();
+        set.extend(chunk.iter().map(|&fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        }));
+        loop {
+            // SAFETY: poll reads and writes `set.len()` pollfd structs of a
+            // live buffer; it does not look at the fds beyond their numbers.
+            let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, 0) };
+            if r >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        if let Some(p) = set.iter().find(|p| p.revents & libc::POLLNVAL != 0) {
+            return Ok(Some(p.fd));
+        }
+    }
+    Ok(None)
+}
+
+/// Closes every fd of `fds`: one `close_range` per run of consecutive
+/// numbers (the registry's fds of a generation that inherited them sit at
+/// `3 .. 3 + n`), else one `close` each. Errors are ignored, as when an
+/// `OwnedFd` is dropped.
+pub(crate) fn close_all(fds: impl IntoIterator<Item = OwnedFd>) {
+    use std::os::fd::IntoRawFd;
+    let mut raw: Vec<RawFd> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    raw.sort_unstable();
+    for (first, last) in runs(&raw) {
+        // Every number of the run is one of ours, given up by
+        // `into_raw_fd` above: closing them closes nothing else.
+        if first == last || close_range(first, last, 0).is_err() {
+            for fd in first..=last {
+                // SAFETY: an fd we owned (see above), closed once.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+}
+
 /// Whether `fd` has `FD_CLOEXEC` set.
 #[cfg(test)]
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
