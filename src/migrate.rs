@@ -484,7 +484,13 @@ pub(crate) fn incoming(
         }
         slot.app_takes = true;
     }
-    Ok(IncomingConnections::new(Phase::Commit(g)))
+    // The serving layer takes every connection as it comes: it may read
+    // ahead, so that the old generation is done sooner.
+    let read_ahead = match for_server {
+        true => receive::READ_AHEAD,
+        false => 1,
+    };
+    Ok(IncomingConnections::new(Phase::Commit(g), read_ahead))
 }
 
 #[cfg(test)]

@@ -1,11 +1,22 @@
 //! The successor's side: [`IncomingConnections`] offers the migration
-//! socket once this generation's handover is committed, then reads one
-//! record at a time, answers it, and yields what it carried.
+//! socket once this generation's handover is committed, then reads the
+//! records, answers each as soon as it is read, and yields what they
+//! carried.
+//!
+//! How far it reads ahead of the application is set when it is made: the
+//! application's own reads one record at a time — the next only once every
+//! connection of the last was taken — so that one it drops (it stops taking
+//! connections) holds at most one record that was answered and not taken;
+//! the serving layer's reads whatever has arrived, up to [`READ_AHEAD`]
+//! records not yet taken, so that the old generation hears that its
+//! connections were taken, and can exit, without waiting for each to be set
+//! up here (the serving layer takes them all, until the stream ends).
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::task::Poll;
 
 use tokio::io::unix::AsyncFd;
 
@@ -15,12 +26,19 @@ use crate::lifecycle::Generation;
 use crate::lifecycle::State;
 use std::sync::Arc;
 
+/// Records the serving layer's [`IncomingConnections`] reads ahead at
+/// most: those read whose items were not all taken yet (at most 16,192
+/// connections and 8 MiB).
+pub(super) const READ_AHEAD: usize = 64;
+
 /// A connection handed over by the old generation: the very same socket,
 /// and the payload it was sent with.
 #[derive(Debug)]
 pub struct MigratedConnection {
     fd: OwnedFd,
     payload: Vec<u8>,
+    /// Its socket type, read when it arrived.
+    ty: socket2::Type,
 }
 
 impl MigratedConnection {
@@ -42,10 +60,11 @@ impl MigratedConnection {
     /// it is not a TCP stream socket; the socket is closed then.
     pub fn into_tcp(self) -> Result<(std::net::TcpStream, Vec<u8>), MigrateError> {
         let sock = socket2::SockRef::from(&self.fd);
-        let tcp = matches!(
-            sock.domain(),
-            Ok(socket2::Domain::IPV4 | socket2::Domain::IPV6)
-        ) && sock.r#type().ok() == Some(socket2::Type::STREAM);
+        let tcp = self.ty == socket2::Type::STREAM
+            && matches!(
+                sock.domain(),
+                Ok(socket2::Domain::IPV4 | socket2::Domain::IPV6)
+            );
         if !tcp {
             return Err(MigrateError::NotASocket {
                 found: "a socket that is not a TCP stream",
@@ -93,6 +112,12 @@ pub(super) enum Phase {
 pub struct IncomingConnections {
     phase: Phase,
     pending: VecDeque<Result<Migrated, MigrateError>>,
+    /// For each record read whose items are not all yielded yet, oldest
+    /// first: how many of its items are still in `pending`.
+    ahead: VecDeque<usize>,
+    /// How many such records there may be (1: the next record is read once
+    /// the last is all taken).
+    read_ahead: usize,
     /// Answers owed to the old generation, sent before anything of their
     /// records is yielded.
     owed: VecDeque<Vec<u8>>,
@@ -124,10 +149,14 @@ impl fmt::Debug for IncomingConnections {
 }
 
 impl IncomingConnections {
-    pub(super) fn new(phase: Phase) -> Self {
+    /// Reads up to `read_ahead` records ahead of the application (at least
+    /// one).
+    pub(super) fn new(phase: Phase, read_ahead: usize) -> Self {
         IncomingConnections {
             phase,
             pending: VecDeque::new(),
+            ahead: VecDeque::new(),
+            read_ahead: read_ahead.max(1),
             owed: VecDeque::new(),
             buf: vec![0; wire::MAX_RECORD],
             cmsg: sock::cmsg_buffer(),
@@ -148,10 +177,12 @@ impl IncomingConnections {
     /// handover is committed (see [`Handover::committed`](crate::Handover::committed)). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<Migrated, MigrateError>> {
         loop {
+            self.read_ahead().await;
             if let Err(e) = self.pay_answers().await {
                 self.pending.push_back(Err(e));
             }
             if let Some(item) = self.pending.pop_front() {
+                self.yielded();
                 return Some(item);
             }
             match &self.phase {
@@ -215,20 +246,83 @@ impl IncomingConnections {
                         }
                     };
                     let (buf, cmsg) = (&mut self.buf, &mut self.cmsg);
-                    match guard.try_io(|fd| sock::recv_with_fds(fd.as_fd(), buf, cmsg)) {
-                        Err(_would_block) => {}
-                        // The old generation closed with answers unread: the
-                        // kernel reports ECONNRESET once, before the records
-                        // still queued here, which are ours alone now.
-                        Ok(Err(e)) if is_gone(&e) && !self.reset => self.reset = true,
-                        Ok(Err(e)) if is_gone(&e) => self.phase = Phase::Done,
-                        Ok(Err(e)) => {
-                            self.phase = Phase::Done;
-                            return Some(Err(MigrateError::io("reading the migration socket", e)));
+                    if let Ok(read) = guard.try_io(|fd| sock::recv_with_fds(fd.as_fd(), buf, cmsg))
+                    {
+                        if let Some(e) = self.took(read) {
+                            return Some(Err(e));
                         }
-                        Ok(Ok(got)) => self.take_record(got),
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the records that have arrived, without waiting, while fewer
+    /// than `read_ahead` records read are not all yielded yet: tokio's
+    /// readiness says whether anything arrived, so this costs no system
+    /// call when nothing did.
+    async fn read_ahead(&mut self) {
+        while self.ahead.len() < self.read_ahead {
+            let Phase::Open(sock) = &self.phase else {
+                return;
+            };
+            let ready = std::future::poll_fn(|cx| match sock.poll_read_ready(cx) {
+                Poll::Ready(ready) => Poll::Ready(Some(ready)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await;
+            let mut guard = match ready {
+                None => return,
+                Some(Ok(g)) => g,
+                Some(Err(e)) => {
+                    self.phase = Phase::Done;
+                    let e = MigrateError::io("waiting on the migration socket", e);
+                    return self.pending.push_back(Err(e));
+                }
+            };
+            let (buf, cmsg) = (&mut self.buf, &mut self.cmsg);
+            match guard.try_io(|fd| sock::recv_with_fds(fd.as_fd(), buf, cmsg)) {
+                Err(_would_block) => return,
+                Ok(read) => {
+                    if let Some(e) = self.took(read) {
+                        self.pending.push_back(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles what one read of the migration socket brought; an error that
+    /// ends the reading.
+    fn took(&mut self, read: io::Result<sock::Received>) -> Option<MigrateError> {
+        match read {
+            // The old generation closed with answers unread: the kernel
+            // reports ECONNRESET once, before the records still queued here,
+            // which are ours alone now.
+            Err(e) if is_gone(&e) && !self.reset => self.reset = true,
+            Err(e) if is_gone(&e) => self.phase = Phase::Done,
+            Err(e) => {
+                self.phase = Phase::Done;
+                return Some(MigrateError::io("reading the migration socket", e));
+            }
+            Ok(got) => {
+                let before = self.pending.len();
+                self.take_record(got);
+                let items = self.pending.len() - before;
+                if items > 0 {
+                    self.ahead.push_back(items);
+                }
+            }
+        }
+        None
+    }
+
+    /// One item of `pending` was yielded: counts it off its record.
+    fn yielded(&mut self) {
+        if let Some(left) = self.ahead.front_mut() {
+            *left -= 1;
+            if *left == 0 {
+                self.ahead.pop_front();
             }
         }
     }
@@ -281,14 +375,14 @@ impl IncomingConnections {
         match decoded {
             Ok(wire::Record::Connections { seq, payloads }) => {
                 for (fd, payload) in got.fds.into_iter().zip(payloads) {
-                    self.pending
-                        .push_back(match sock::not_a_socket(fd.as_fd()) {
-                            None => Ok(Migrated::Connection(MigratedConnection {
-                                fd,
-                                payload: payload.to_vec(),
-                            })),
-                            Some(found) => Err(MigrateError::NotASocket { found }),
-                        });
+                    self.pending.push_back(match sock::socket_type(fd.as_fd()) {
+                        Ok(ty) => Ok(Migrated::Connection(MigratedConnection {
+                            fd,
+                            payload: payload.to_vec(),
+                            ty,
+                        })),
+                        Err(found) => Err(MigrateError::NotASocket { found }),
+                    });
                 }
                 self.owed.push_back(wire::encode_answer(seq, None));
             }

@@ -18,8 +18,15 @@ use super::{FrameError, MAX_PAYLOAD, MAX_STATE, MigrateError, SendError, is_gone
 use crate::channel::{Inbox, Message, Next};
 use crate::lifecycle::lock;
 
-/// Connection records waiting for an answer at a time.
-pub(super) const WINDOW: usize = 2;
+/// Connection records waiting for an answer at a time, at most (the
+/// kernel queues 11 records on a migration socket by default,
+/// `net.unix.max_dgram_qlen` + 1).
+pub(super) const WINDOW: usize = 8;
+/// Connections in the records waiting for an answer, at most (two full
+/// records): every fd in flight counts against the user's `RLIMIT_NOFILE`
+/// in the kernel (`ETOOMANYREFS` past it). Small records, sent while the
+/// queue is short, leave room for more records, not for more fds.
+pub(super) const WINDOW_FDS: usize = 2 * wire::MAX_FDS;
 /// Requests queued in a sender.
 const QUEUE: usize = 1024;
 /// How long state and the end record may still go after the deadline for
@@ -72,9 +79,31 @@ enum What {
     Finish,
 }
 
+/// What is done with a request's outcome.
+pub(crate) enum Done {
+    /// Sent to the task that awaits it ([`ConnectionSender::send`]).
+    Reply(oneshot::Sender<Result<(), SendError>>),
+    /// Called in the writer task, which must not block: the serving layer's
+    /// connections, whose tasks end once they are queued
+    /// ([`ConnectionSender::send_then`]).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    Then(Box<dyn FnOnce(Result<(), SendError>) + Send>),
+}
+
+impl Done {
+    fn send(self, result: Result<(), SendError>) {
+        match self {
+            Done::Reply(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Then(then) => then(result),
+        }
+    }
+}
+
 struct Job {
     what: What,
-    done: oneshot::Sender<Result<(), SendError>>,
+    done: Done,
 }
 
 impl Job {
@@ -84,11 +113,25 @@ impl Job {
             What::Connection(fd, payload) => Some((fd, payload)),
             What::State(_) | What::Finish => None,
         };
-        let _ = self.done.send(Err(SendError { error, connection }));
+        self.done.send(Err(SendError { error, connection }));
+    }
+
+    /// Answers the request with `error`, the connection shut down for
+    /// every holder (a copy may be in the successor's queue) and closed.
+    fn shut_down(self, error: MigrateError) {
+        if let Some(fd) = self.fd() {
+            sock::shutdown(fd);
+        }
+        self.done.send(Err(SendError {
+            error,
+            connection: None,
+        }));
     }
 
     fn succeed(self) {
-        let _ = self.done.send(Ok(()));
+        // The successor holds the connection: ours is closed first.
+        drop(self.what);
+        self.done.send(Ok(()));
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -198,6 +241,33 @@ impl ConnectionSender {
         self.request(What::Connection(fd, payload)).await
     }
 
+    /// Queues `connection` — a TCP socket of this process's serving layer,
+    /// off its reactor — with `payload` for the successor, and returns once
+    /// it is queued (waiting only while the queue is full); `then` gets the
+    /// outcome, as [`send`](Self::send) would return it, in the writer task:
+    /// it must not block. So a connection's task ends as soon as its
+    /// connection is on its way, and the writer settles a whole record at
+    /// once: no task is woken per connection when the successor took it.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) async fn send_then(
+        &self,
+        connection: OwnedFd,
+        payload: Vec<u8>,
+        then: Box<dyn FnOnce(Result<(), SendError>) + Send>,
+    ) {
+        let job = Job {
+            what: What::Connection(connection, payload),
+            done: Done::Then(then),
+        };
+        if payload_len(&job) > MAX_PAYLOAD {
+            let len = payload_len(&job);
+            return job.fail(MigrateError::PayloadTooLarge { len });
+        }
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job).await {
+            job.fail(self.ended_error());
+        }
+    }
+
     /// Sends `state` (at most [`MAX_STATE`] bytes) to the successor, in
     /// order with the connections sent before and after it, and resolves
     /// once the successor has taken all of it. For state that changed while
@@ -225,6 +295,7 @@ impl ConnectionSender {
 
     async fn request(&self, what: What) -> Result<(), SendError> {
         let (done, answer) = oneshot::channel();
+        let done = Done::Reply(done);
         if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { what, done }).await {
             job.fail(self.ended_error());
             return Err(match answer.await {
@@ -417,9 +488,31 @@ impl Writer {
         self.seq
     }
 
-    fn fd_records_waiting(&self) -> usize {
-        self.inflight.iter().filter(|s| s.has_fds).count()
-            + self.outbox.iter().filter(|o| o.has_fds).count()
+    /// Connection records and their connections sent or built but not
+    /// answered yet.
+    fn waiting(&self) -> (usize, usize) {
+        let sent = self
+            .inflight
+            .iter()
+            .filter(|s| s.has_fds)
+            .map(|s| s.jobs.len());
+        let built = self
+            .outbox
+            .iter()
+            .filter(|o| o.has_fds)
+            .map(|o| o.jobs.len());
+        sent.chain(built)
+            .fold((0, 0), |(records, fds), n| (records + 1, fds + n))
+    }
+
+    /// How many connections the next record may carry: none while the
+    /// window is full.
+    fn room(&self) -> usize {
+        let (records, fds) = self.waiting();
+        match records < WINDOW {
+            true => WINDOW_FDS.saturating_sub(fds).min(wire::MAX_FDS),
+            false => 0,
+        }
     }
 
     async fn run(
@@ -433,9 +526,7 @@ impl Writer {
         let mut cmsg = sock::cmsg_buffer();
         let hard = deadline + STATE_GRACE;
         loop {
-            let may_take = self.finish.is_none()
-                && self.outbox.is_empty()
-                && self.fd_records_waiting() < WINDOW;
+            let may_take = self.finish.is_none() && self.outbox.is_empty() && self.room() > 0;
             if may_take {
                 if let Some(job) = self.carry.take() {
                     self.take(job, rx);
@@ -553,9 +644,11 @@ impl Writer {
             }
             What::State(_) => self.take_state(first),
             What::Connection(..) => {
-                let mut jobs = vec![first];
+                let room = self.room().max(1);
+                let mut jobs = Vec::with_capacity(room.min(rx.len() + 1));
+                jobs.push(first);
                 let mut bytes = payload_len(&jobs[0]);
-                while jobs.len() < wire::MAX_FDS {
+                while jobs.len() < room {
                     let Ok(job) = rx.try_recv() else { break };
                     let len = payload_len(&job);
                     let fits = matches!(job.what, What::Connection(..))
@@ -681,13 +774,7 @@ impl Writer {
             self.inflight.drain(..).partition(|s| s.has_fds);
         self.inflight = kept;
         for job in sent.into_iter().flat_map(|s| s.jobs) {
-            if let Some(fd) = job.fd() {
-                sock::shutdown(fd);
-            }
-            let _ = job.done.send(Err(SendError {
-                error: MigrateError::TimedOut,
-                connection: None,
-            }));
+            job.shut_down(MigrateError::TimedOut);
         }
         let (unsent, kept): (VecDeque<Out>, VecDeque<Out>) =
             self.outbox.drain(..).partition(|o| o.has_fds);
@@ -706,16 +793,8 @@ impl Writer {
     /// The end of the grace: what the successor may hold a copy of is shut
     /// down for every holder; the rest goes back.
     fn time_out(&mut self) {
-        for sent in self.inflight.drain(..) {
-            for job in sent.jobs {
-                if let Some(fd) = job.fd() {
-                    sock::shutdown(fd);
-                }
-                let _ = job.done.send(Err(SendError {
-                    error: MigrateError::TimedOut,
-                    connection: None,
-                }));
-            }
+        for job in self.inflight.drain(..).flat_map(|s| s.jobs) {
+            job.shut_down(MigrateError::TimedOut);
         }
         self.fail_all(&Ended::TimedOut);
     }

@@ -6,7 +6,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
-use nix::sys::stat::{SFlag, fstat};
+use nix::sys::stat::fstat;
 
 use super::wire::{MAX_FDS, MAX_RECORD};
 
@@ -133,16 +133,26 @@ pub(crate) fn send_line_with_fd(
 
 /// The kind of file `fd` is, when it is not a socket.
 pub(crate) fn not_a_socket(fd: BorrowedFd<'_>) -> Option<&'static str> {
-    match fstat(fd) {
-        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK => {
-            // A socket whose type cannot be read is no socket to use.
-            match socket::getsockopt(&fd, socket::sockopt::SockType) {
-                Ok(_) => None,
-                Err(_) => Some("a socket of unknown type"),
-            }
-        }
-        Ok(st) => Some(crate::sys::describe_mode(st.st_mode)),
-        Err(_) => Some("not an open fd"),
+    socket_type(fd).err()
+}
+
+/// The type of the socket `fd` (`SO_TYPE`), or what `fd` is when it is
+/// not a socket whose type can be read. One `getsockopt` for a socket
+/// (which fails with `ENOTSOCK` for any other file); `fstat` only to say
+/// what a file that is not a socket is.
+pub(crate) fn socket_type(fd: BorrowedFd<'_>) -> Result<socket2::Type, &'static str> {
+    let e = match socket2::SockRef::from(&fd).r#type() {
+        Ok(ty) => return Ok(ty),
+        Err(e) => e,
+    };
+    match e.raw_os_error() {
+        Some(libc::ENOTSOCK) => match fstat(fd) {
+            Ok(st) => Err(crate::sys::describe_mode(st.st_mode)),
+            Err(_) => Err("not an open fd"),
+        },
+        Some(libc::EBADF) => Err("not an open fd"),
+        // A socket whose type cannot be read is no socket to use.
+        _ => Err("a socket of unknown type"),
     }
 }
 

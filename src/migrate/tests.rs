@@ -69,7 +69,7 @@ fn watched_pair(deadline: Duration) -> (ConnectionSender, IncomingConnections, H
     let (a, b) = sock::seqpacket_pair().unwrap();
     let inodes = [inode(a.as_fd()), inode(b.as_fd())].into_iter().collect();
     let sender = ConnectionSender::spawn(Source::Socket(a), Instant::now() + deadline).unwrap();
-    let incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()));
+    let incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()), 1);
     (sender, incoming, inodes)
 }
 
@@ -97,7 +97,7 @@ fn connections(n: usize) -> Vec<(TcpStream, TcpStream, Vec<u8>)> {
 fn pair(deadline: Duration) -> (ConnectionSender, IncomingConnections) {
     let (a, b) = sock::seqpacket_pair().unwrap();
     let sender = ConnectionSender::spawn(Source::Socket(a), Instant::now() + deadline).unwrap();
-    let incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()));
+    let incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()), 1);
     (sender, incoming)
 }
 
@@ -203,7 +203,8 @@ async fn many_connections(n: usize) {
 #[test]
 fn a_receiver_that_never_reads_gets_nothing_past_the_deadline() {
     run(async {
-        let conns = connections(6);
+        const N: usize = WINDOW + 4;
+        let conns = connections(N);
         let server_inodes: HashSet<u64> = conns.iter().map(|(_, s, _)| inode(s.as_fd())).collect();
         let (a, never_read) = sock::seqpacket_pair().unwrap();
         let mut mine = server_inodes.clone();
@@ -217,7 +218,7 @@ fn a_receiver_that_never_reads_gets_nothing_past_the_deadline() {
             clients.push(client);
             let sender = sender.clone();
             // 64 KiB payloads: one connection per record, so some wait in the
-            // queue while two records wait for an answer.
+            // queue while WINDOW records wait for an answer.
             sends.spawn(async move { sender.send(server, vec![b'x'; MAX_PAYLOAD]).await });
         }
         let (mut shut, mut given_back) = (0, 0);
@@ -238,7 +239,7 @@ fn a_receiver_that_never_reads_gets_nothing_past_the_deadline() {
             "{took:?}"
         );
         assert_eq!(shut, WINDOW, "the records in flight are shut down");
-        assert_eq!(given_back, 6 - WINDOW, "the rest comes back");
+        assert_eq!(given_back, N - WINDOW, "the rest comes back");
         // Later requests fail at once, with the connection given back.
         let (late, server, _) = connections(1).pop().unwrap();
         let e = sender.send(server, b"late".to_vec()).await.unwrap_err();
@@ -412,7 +413,7 @@ fn bad_input_gives_typed_errors_and_closes_the_fds() {
         // Raw records into a receiver, as a broken or hostile peer would send.
         let (raw, b) = sock::seqpacket_pair().unwrap();
         mine.extend([inode(raw.as_fd()), inode(b.as_fd())]);
-        let mut incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()));
+        let mut incoming = IncomingConnections::new(Phase::Open(sock::register(b).unwrap()), 1);
         let conns = connections(3);
         let socks: Vec<BorrowedFd<'_>> = conns.iter().map(|(_, s, _)| s.as_fd()).collect();
         let inodes: HashSet<u64> = socks.iter().map(|s| inode(*s)).collect();
@@ -544,7 +545,7 @@ fn the_offer_crosses_the_channel_after_a_stale_line() {
         crate::sys::send_all(theirs.as_fd(), b"Unot well\n").unwrap();
         let sender =
             ConnectionSender::spawn(Source::Channel(ours), Instant::now() + BOUND).unwrap();
-        let mut incoming = IncomingConnections::new(Phase::Offer(theirs));
+        let mut incoming = IncomingConnections::new(Phase::Offer(theirs), 1);
         let (mut client, server, payload) = connections(1).pop().unwrap();
         let send = tokio::spawn({
             let sender = sender.clone();

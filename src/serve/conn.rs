@@ -118,6 +118,11 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static
     fn into_fd(self) -> io::Result<OwnedFd>;
     /// A socket given back (not taken by the successor), on the reactor again.
     fn from_fd(fd: OwnedFd) -> io::Result<Self>;
+    /// Resolves once the socket may be read (tokio's readiness); at once
+    /// where that is not known.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        std::future::ready(Ok(()))
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -128,6 +133,9 @@ impl Socket for tokio::net::TcpStream {
     fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         tokio::net::TcpStream::from_std(fd.into())
     }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        tokio::net::TcpStream::readable(self)
+    }
 }
 
 impl Socket for tokio::net::UnixStream {
@@ -137,6 +145,9 @@ impl Socket for tokio::net::UnixStream {
     }
     fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         tokio::net::UnixStream::from_std(fd.into())
+    }
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        tokio::net::UnixStream::readable(self)
     }
 }
 
@@ -177,12 +188,28 @@ pub(crate) struct Shared {
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// What upgrade requests carry (feature `websocket`).
     pub(crate) ws: WsContext,
+    /// [`moves`] was once true: it stays so (a generation handed over
+    /// stays handed over), and 10,000 connections finishing at once need
+    /// not take the generation's lock twice each to learn it.
+    pub(crate) moving: AtomicBool,
 }
 
 impl Shared {
     /// Counts a failed connection for the canary judgement.
     fn failed(&self, e: &hyper::Error) {
         super::canary::connection_failed(self.canary.as_ref(), e);
+    }
+
+    /// [`moves`], remembered once true.
+    fn moves(&self, h: &Handover) -> bool {
+        if self.moving.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = moves(h);
+        if now {
+            self.moving.store(true, Ordering::Relaxed);
+        }
+        now
     }
 }
 
@@ -408,6 +435,9 @@ where
     let mut deadline = shared.deadline.clone();
     let activity = Activity::new();
     let service = Counted::new(service, shared.canary.clone());
+    // Taken by a connection handed over: it counts until the successor
+    // took it.
+    let mut guard = Some(guard);
     let connection = async {
         // A connection accepted before the drain started is served even if
         // nothing has been read from it yet: its request may be on the way.
@@ -433,7 +463,7 @@ where
             }
         };
         match protocol {
-            Protocol::Http1 => http1(io, service, &shared, &activity).await,
+            Protocol::Http1 => http1(io, service, &shared, &activity, &mut guard).await,
             Protocol::Http2 => http2(io, service, &shared).await,
         }
     };
@@ -462,11 +492,23 @@ pub(crate) async fn serve_migrated<T, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut deadline = shared.deadline.clone();
-    let activity = Activity::new();
-    let service = Counted::new(service, shared.canary.clone());
-    let io = Rewind::new(pre, io, Some(activity.clone()));
+    let mut guard = Some(guard);
+    let connection = async {
+        if pre.is_empty() {
+            // Idle: nothing is set up for it (hyper's buffers) until its
+            // next request arrives, or this generation drains.
+            tokio::select! {
+                _ = io.readable() => {}
+                _ = shared.drain.draining() => {}
+            }
+        }
+        let activity = Activity::new();
+        let service = Counted::new(service, shared.canary.clone());
+        let io = Rewind::new(pre, io, Some(activity.clone()));
+        http1(io, service, &shared, &activity, &mut guard).await
+    };
     tokio::select! {
-        _ = http1(io, service, &shared, &activity) => {}
+        _ = connection => {}
         _ = deadline.wait_for(|passed| *passed) => {}
     }
     drop(guard);
@@ -480,8 +522,13 @@ pub(crate) async fn serve_migrated<T, S, B>(
 /// deadline: closing it could race a request already on the wire — except
 /// at a stop, where there is nobody else to answer that request: an idle,
 /// quiet connection is closed then (see the module documentation).
-async fn http1<T, S, B>(io: Rewind<T>, service: S, shared: &Shared, activity: &Arc<Activity>)
-where
+async fn http1<T, S, B>(
+    io: Rewind<T>,
+    service: S,
+    shared: &Arc<Shared>,
+    activity: &Arc<Activity>,
+    guard: &mut Option<DrainGuard>,
+) where
     T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -491,7 +538,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if let (true, Some(handover)) = (T::MIGRATES, &shared.migrate) {
-        return http1_migrating(io, service, shared, handover, activity).await;
+        return http1_migrating(io, service, shared, handover, activity, guard).await;
     }
     let service = LameDuck {
         inner: service,
@@ -534,9 +581,10 @@ where
 async fn http1_migrating<T, S, B>(
     io: Rewind<T>,
     service: S,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     handover: &Handover,
     activity: &Arc<Activity>,
+    guard: &mut Option<DrainGuard>,
 ) where
     T: Socket,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -568,7 +616,7 @@ async fn http1_migrating<T, S, B>(
     // response is written in the same poll that resolves its future); or
     // idle at a stop.
     let ready_to_finish = |drained: bool, stopped: bool| {
-        stopped || drained && !busy.load(Ordering::Acquire) && moves(handover)
+        stopped || drained && !busy.load(Ordering::Acquire) && shared.moves(handover)
     };
     let result = std::future::poll_fn(|cx| {
         if !drained && draining.as_mut().poll(cx).is_ready() {
@@ -622,35 +670,76 @@ async fn http1_migrating<T, S, B>(
     }
     let parts = connection.into_parts();
     let (socket, pre) = parts.io.into_inner().into_inner();
-    let mut unread = BytesMut::from(parts.read_buf);
-    unread.extend_from_slice(&pre);
+    // What hyper read but did not parse, then what it had not read yet of
+    // the bytes put back (nothing, for an idle connection: no allocation).
+    let unread = [parts.read_buf, pre].concat();
     if stopped {
         if unread.is_empty() {
             return; // idle at a stop: closed
         }
         // Read ahead just then: answered, with `Connection: close`.
-        let io = Rewind::new(unread.freeze(), socket, Some(activity.clone()));
+        let io = Rewind::new(unread.into(), socket, Some(activity.clone()));
         return lame_duck(io, parts.service, shared).await;
     }
     let fd = match socket.into_fd() {
         Ok(fd) => fd,
         Err(e) => return tracing::debug!(error = %e, "taking a connection off the reactor"),
     };
-    let (fd, unread) = match handover.send_connection(fd, unread.to_vec()).await {
-        Ok(()) => return, // the successor serves it now
+    let sender = match handover.connection_sender() {
+        Ok(sender) => sender,
         Err(e) => {
             tracing::debug!(error = %e, "an HTTP/1 connection stays (lame duck)");
-            match e.into_connection() {
-                Some(back) => back,
-                None => return, // shut down at the deadline
-            }
+            return given_back::<T, S, B>(fd, unread, parts.service, shared, activity).await;
         }
     };
+    // This task ends once the connection is queued; the writer settles it
+    // when the successor answers: the drain counts it until then, and a
+    // connection given back is served on in a task of its own.
+    let guard = guard.take();
+    let (service, shared, activity) = (parts.service, shared.clone(), activity.clone());
+    let then = move |result: Result<(), crate::migrate::SendError>| {
+        let e = match result {
+            Ok(()) => return drop(guard), // the successor serves it now
+            Err(e) => e,
+        };
+        tracing::debug!(error = %e, "an HTTP/1 connection stays (lame duck)");
+        let Some((fd, unread)) = e.into_connection() else {
+            return drop(guard); // shut down at the deadline
+        };
+        tokio::spawn(async move {
+            let mut deadline = shared.deadline.clone();
+            tokio::select! {
+                _ = given_back::<T, S, B>(fd, unread, service, &shared, &activity) => {}
+                _ = deadline.wait_for(|passed| *passed) => {}
+            }
+            drop(guard);
+        });
+    };
+    sender.send_then(fd, unread, Box::new(then)).await;
+}
+
+/// Serves on, as a lame duck, a connection given back (not taken by the
+/// successor), with the bytes it had read ahead.
+async fn given_back<T, S, B>(
+    fd: OwnedFd,
+    unread: Vec<u8>,
+    service: Handing<S>,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+) where
+    T: Socket,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let io = match T::from_fd(fd) {
         Ok(io) => Rewind::new(Bytes::from(unread), io, Some(activity.clone())),
         Err(e) => return tracing::debug!(error = %e, "a connection given back"),
     };
-    lame_duck(io, parts.service, shared).await;
+    lame_duck(io, service, shared).await;
 }
 
 /// Serves on, as a lame duck, a connection that was not handed over.

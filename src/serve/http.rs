@@ -372,6 +372,7 @@ impl Server {
             #[cfg(feature = "tls")]
             tls: self.tls,
             ws,
+            moving: std::sync::atomic::AtomicBool::new(false),
         });
         let mut loops = tokio::task::JoinSet::new();
         if let Some(handover) = &shared.migrate {
