@@ -221,7 +221,7 @@ fn stats_json(app: &App, served: u64) -> String {
     let phases = match &s.last_phases {
         Some(p) => {
             let fields: Vec<String> = p
-                .iter()
+                .into_iter()
                 .map(|(name, d)| format!("\"{name}_ms\":{}", ms(d)))
                 .collect();
             format!("{{{}}}", fields.join(","))
@@ -306,7 +306,7 @@ pub fn metrics(stats: &handover::Stats) -> String {
     }
     let _ = writeln!(out, "# TYPE handover_last_upgrade_phase_seconds gauge");
     if let Some(phases) = &stats.last_phases {
-        for (phase, took) in phases.iter() {
+        for (phase, took) in phases {
             if let Some(took) = took {
                 let _ = writeln!(
                     out,

@@ -346,7 +346,7 @@ pub(crate) fn decode_line(line: &[u8]) -> Result<Option<Message>, BadMessage> {
 fn encode_fields(c: &Counters) -> String {
     let mut s = format!(" succeeded={} failed={}", c.succeeded, c.failed);
     if let Some(p) = &c.last {
-        for (name, d) in p.iter() {
+        for (name, d) in p {
             if let Some(d) = d {
                 let _ = write!(s, " {name}_us={}", d.as_micros());
             }

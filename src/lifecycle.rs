@@ -422,7 +422,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///     let _ = writeln!(out, "handover_draining_connections {}", stats.draining);
 ///     let _ = writeln!(out, "# TYPE handover_last_upgrade_phase_seconds gauge");
 ///     if let Some(phases) = &stats.last_phases {
-///         for (phase, took) in phases.iter() {
+///         for (phase, took) in phases {
 ///             if let Some(took) = took {
 ///                 let _ = writeln!(
 ///                     out,

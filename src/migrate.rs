@@ -173,9 +173,9 @@ pub use wire::FrameError;
 use crate::lifecycle::{Generation, State, lock};
 
 /// The largest payload one connection carries: 64 KiB.
-pub const MAX_PAYLOAD: usize = wire::MAX_PAYLOAD;
+pub(crate) const MAX_PAYLOAD: usize = wire::MAX_PAYLOAD;
 /// The largest state message: 16 MiB.
-pub const MAX_STATE: usize = wire::MAX_STATE;
+pub(crate) const MAX_STATE: usize = wire::MAX_STATE;
 
 /// Why a connection or a state was not handed over, or what was wrong with
 /// what the other generation sent.
@@ -216,12 +216,12 @@ pub enum MigrateError {
         /// What it is instead.
         found: &'static str,
     },
-    /// A payload larger than [`MAX_PAYLOAD`].
+    /// A payload larger than 64 KiB.
     PayloadTooLarge {
         /// Its length.
         len: usize,
     },
-    /// A state larger than [`MAX_STATE`].
+    /// A state larger than 16 MiB.
     StateTooLarge {
         /// Its length (or how much had arrived when it went over).
         len: usize,
@@ -325,7 +325,8 @@ impl SendError {
     }
 
     /// Splits into the error and the connection given back.
-    pub fn into_parts(self) -> (MigrateError, Option<(OwnedFd, Vec<u8>)>) {
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
+    pub(crate) fn into_parts(self) -> (MigrateError, Option<(OwnedFd, Vec<u8>)>) {
         (self.error, self.connection)
     }
 }

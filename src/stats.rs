@@ -34,9 +34,13 @@ pub struct Phases {
     pub exit: Option<Duration>,
 }
 
-impl Phases {
-    /// The phases as `(name, duration)`, in the order they happen.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Option<Duration>)> {
+/// The phases as `(name, duration)`, in the order they happen:
+/// `for (name, took) in &stats.phases`.
+impl IntoIterator for &Phases {
+    type Item = (&'static str, Option<Duration>);
+    type IntoIter = std::array::IntoIter<(&'static str, Option<Duration>), 7>;
+
+    fn into_iter(self) -> Self::IntoIter {
         [
             ("preflight", self.preflight),
             ("spawn", self.spawn),
@@ -48,7 +52,9 @@ impl Phases {
         ]
         .into_iter()
     }
+}
 
+impl Phases {
     pub(crate) fn set(&mut self, name: &str, d: Duration) -> bool {
         let slot = match name {
             "preflight" => &mut self.preflight,

@@ -148,7 +148,7 @@
 //!
 //! # Bounds
 //!
-//! - The payload is at most [`MAX_PAYLOAD`] (16 KiB); with the read-ahead
+//! - The payload is at most 16 KiB; with the read-ahead
 //!   it travels in one migration record.
 //! - Waiting for a message boundary: at most 1 s after the drain started;
 //!   flushing before the move: at most 1 s; a close: at most 1 s for the
@@ -187,7 +187,7 @@ pub type WebSocket = tokio_tungstenite::WebSocketStream<Socket>;
 
 /// The largest payload (the application's state for one connection) that
 /// [`hand_over`] takes: 16 KiB.
-pub const MAX_PAYLOAD: usize = 16 * 1024;
+pub(crate) const MAX_PAYLOAD: usize = 16 * 1024;
 
 /// How long a leaving connection may take to reach a message boundary.
 const BOUNDARY_WAIT: Duration = Duration::from_secs(1);
@@ -359,7 +359,7 @@ impl std::error::Error for NotMoved {
     }
 }
 
-/// Moves `ws` to the successor with `payload` (at most [`MAX_PAYLOAD`]:
+/// Moves `ws` to the successor with `payload` (at most 16 KiB:
 /// the application's state for the connection), or closes it.
 ///
 /// Call it once [`Socket::leaving`] resolved. It flushes what the

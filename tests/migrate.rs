@@ -232,7 +232,7 @@ fn a_successor_that_dies_mid_stream_hangs_nothing_and_leaks_nothing() {
             // 64 KiB payloads: one connection per record, so some are
             // still queued when the successor dies.
             let mut payload = payload;
-            payload.resize(handover::migrate::MAX_PAYLOAD, b' ');
+            payload.resize(64 * 1024, b' '); // the largest payload
             sends.spawn(async move { (i, h.send_connection(server, payload).await) });
         }
         while let Some(sent) = sends.join_next().await {

@@ -161,7 +161,6 @@ pub(super) struct Counts {
 pub struct ConnectionSender {
     tx: mpsc::Sender<Job>,
     ended: Arc<Mutex<Option<Ended>>>,
-    deadline: Instant,
     #[cfg_attr(not(test), allow(dead_code))]
     pub(super) counts: Arc<Counts>,
 }
@@ -190,17 +189,7 @@ impl ConnectionSender {
             ended.clone(),
             counts.clone(),
         ));
-        Ok(ConnectionSender {
-            tx,
-            ended,
-            deadline,
-            counts,
-        })
-    }
-
-    /// When connections not taken by the successor are closed.
-    pub fn deadline(&self) -> std::time::Instant {
-        self.deadline.into_std()
+        Ok(ConnectionSender { tx, ended, counts })
     }
 
     /// Hands `connection` with `payload` (bytes read but not processed, the
@@ -268,12 +257,12 @@ impl ConnectionSender {
         }
     }
 
-    /// Sends `state` (at most [`MAX_STATE`] bytes) to the successor, in
+    /// Sends `state` (at most 16 MiB) to the successor, in
     /// order with the connections sent before and after it, and resolves
     /// once the successor has taken all of it. For state that changed while
     /// this generation drained: send a final delta after the drain, then
-    /// [`finish`](Self::finish). State may go until 5 s after the
-    /// [`deadline`](Self::deadline).
+    /// [`finish`](Self::finish). State may go until 5 s after the drain's
+    /// deadline.
     pub async fn send_state(&self, state: impl Into<Vec<u8>>) -> Result<(), SendError> {
         let state = state.into();
         if state.len() > MAX_STATE {
