@@ -1176,6 +1176,12 @@ fn main() -> ExitCode {
         Some("fds") => {
             floors::fds(num("--runs", 5), &floors_dir);
         }
+        Some("tail") => floors::tail(
+            num("--conns", 64),
+            num("--secs", 12) as u64,
+            num("--upgrades", 20),
+            args.iter().any(|a| a == "--no-migrate"),
+        ),
         Some("takeover") => {
             floors::print_takeover(&floors::takeover(num("--rounds", 10)));
         }
@@ -1223,7 +1229,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: bench all [--rounds N] [--floors DIR] [--shared DIR] | fds [--runs N] [--floors DIR] | takeover [--rounds N] | latency [--rounds N] [--floors DIR] [--shared DIR] | migrate [--conns N] [--drain-timeout S] | websocket [--conns N] [--drain-timeout S] | ws-throughput [--secs N] [--rounds N] | tls [--clients N] [--runs N] | ready [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
+                "usage: bench all [--rounds N] [--floors DIR] [--shared DIR] | fds [--runs N] [--floors DIR] | takeover [--rounds N] | tail [--conns N] [--secs N] [--upgrades N] [--no-migrate] | latency [--rounds N] [--floors DIR] [--shared DIR] | migrate [--conns N] [--drain-timeout S] | websocket [--conns N] [--drain-timeout S] | ws-throughput [--secs N] [--rounds N] | tls [--clients N] [--runs N] | ready [--runs N] | upgrades [--count N] | load [--secs N] | state [--runs N] | supervised [--runs N] | axum [--secs N] [--rounds N] [--upgrades N]"
             );
             return ExitCode::from(2);
         }

@@ -857,3 +857,163 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{date}, {cores} cores ({model}), Linux {}", kernel.trim())
 }
+
+/// One request of `bench tail`: when it started (since the load began),
+/// how long `connect` took, and how long until the whole response.
+#[derive(Clone, Copy)]
+struct Req {
+    start: Duration,
+    connect: Duration,
+    total: Duration,
+}
+
+/// `bench tail`: where the `Connection: close` tail comes from. `conns`
+/// blocking clients each open a connection per request against
+/// examples/axum for `secs` seconds, with `upgrades` SIGHUPs 0.5 s apart
+/// (none when 0); every request is kept with its start time, so the slow
+/// ones can be placed against the upgrades. Prints the percentiles, then
+/// for the requests slower than the p99 of the run: how far after the last
+/// SIGHUP they started, and whether `connect` or the server took the time.
+pub fn tail(conns: usize, secs: u64, upgrades: usize, no_migrate: bool) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    procs::become_subreaper();
+    let axum = super::sibling("axum");
+    let dir = std::env::temp_dir().join(format!("handover-bench-tail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let pid_file = dir.join("pid");
+    let mut cmd = Command::new(&axum);
+    cmd.args(["--listen", "127.0.0.1:0", "--pid-file"])
+        .arg(&pid_file)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if no_migrate {
+        cmd.arg("--no-migrate");
+    }
+    let mut first = cmd.spawn().expect("spawn examples/axum");
+    let lines = procs::line_channel(first.stdout.take().unwrap());
+    let listening = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("listening line");
+    let addr: std::net::SocketAddr = listening.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let all = Arc::new(Mutex::new(Vec::<Req>::new()));
+    let begun = Instant::now();
+    let clients: Vec<_> = (0..conns)
+        .map(|_| {
+            let (stop, all) = (stop.clone(), all.clone());
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                let mut buf = Vec::with_capacity(1024);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    let connect = t.elapsed();
+                    buf.clear();
+                    let ok = s
+                        .write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                        .and_then(|_| s.read_to_end(&mut buf))
+                        .is_ok();
+                    if ok && buf.starts_with(b"HTTP/1.1 200") {
+                        mine.push(Req {
+                            start: t - begun,
+                            connect,
+                            total: t.elapsed(),
+                        });
+                    }
+                }
+                all.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    // Warm-up of 1 s, then the upgrades, then the rest of the run.
+    let mut sighups = Vec::new();
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..upgrades {
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .expect("the pid file");
+        sighups.push(begun.elapsed());
+        procs::signal(pid as u32, libc::SIGHUP).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let rest = Duration::from_secs(secs).saturating_sub(begun.elapsed());
+    std::thread::sleep(rest);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    procs::signal(pid, libc::SIGTERM).unwrap();
+    let _ = procs::reap(pid, Duration::from_secs(30));
+    let _ = first.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Only what ran after the warm-up.
+    let reqs: Vec<Req> = all
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|r| r.start >= Duration::from_secs(1))
+        .collect();
+    let mut totals: Vec<f64> = reqs.iter().map(|r| super::ms(r.total)).collect();
+    totals.sort_by(f64::total_cmp);
+    let q = |p: f64| totals[((totals.len() as f64 * p) as usize).min(totals.len() - 1)];
+    let p99 = q(0.99);
+    println!(
+        "{conns} clients, a connection per request, {secs} s, {upgrades} upgrades 0.5 s apart{}: {} requests, p50 {:.2} ms, p90 {:.2} ms, p99 {p99:.2} ms, p99.9 {:.2} ms",
+        if no_migrate { ", --no-migrate" } else { "" },
+        totals.len(),
+        q(0.5),
+        q(0.9),
+        q(0.999)
+    );
+    let slow: Vec<&Req> = reqs.iter().filter(|r| super::ms(r.total) > p99).collect();
+    if sighups.is_empty() || slow.is_empty() {
+        return;
+    }
+    // Where the slow requests started, against the last SIGHUP before them.
+    let buckets = [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0];
+    let mut counts = [0usize; 8];
+    let mut in_connect = 0;
+    for r in &slow {
+        let since = sighups
+            .iter()
+            .rev()
+            .find(|&&s| s <= r.start)
+            .map_or(f64::INFINITY, |s| super::ms(r.start - *s));
+        let b = buckets.iter().position(|&b| since < b).unwrap_or(7);
+        counts[b] += 1;
+        if r.connect * 2 > r.total {
+            in_connect += 1;
+        }
+    }
+    println!(
+        "{} requests slower than the p99: started after the last SIGHUP by",
+        slow.len()
+    );
+    let mut lo = 0.0;
+    for (i, c) in counts.iter().enumerate() {
+        let label = match buckets.get(i) {
+            Some(hi) => format!("{lo:.0}–{hi:.0} ms"),
+            None => format!("≥ {lo:.0} ms (or before the first)"),
+        };
+        println!("  {label}: {c} ({:.0} %)", 100.0 * *c as f64 / slow.len() as f64);
+        lo = buckets.get(i).copied().unwrap_or(lo);
+    }
+    println!(
+        "  of them, {in_connect} ({:.0} %) spent most of their time in connect (the accept queue), the rest waiting for the response",
+        100.0 * in_connect as f64 / slow.len() as f64
+    );
+}
