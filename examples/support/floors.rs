@@ -899,7 +899,12 @@ pub fn tail(conns: usize, secs: u64, upgrades: usize, no_migrate: bool) {
     let listening = lines
         .recv_timeout(Duration::from_secs(30))
         .expect("listening line");
-    let addr: std::net::SocketAddr = listening.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let addr: std::net::SocketAddr = listening
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let all = Arc::new(Mutex::new(Vec::<Req>::new()));
     let begun = Instant::now();
@@ -1009,7 +1014,10 @@ pub fn tail(conns: usize, secs: u64, upgrades: usize, no_migrate: bool) {
             Some(hi) => format!("{lo:.0}–{hi:.0} ms"),
             None => format!("≥ {lo:.0} ms (or before the first)"),
         };
-        println!("  {label}: {c} ({:.0} %)", 100.0 * *c as f64 / slow.len() as f64);
+        println!(
+            "  {label}: {c} ({:.0} %)",
+            100.0 * *c as f64 / slow.len() as f64
+        );
         lo = buckets.get(i).copied().unwrap_or(lo);
     }
     println!(
