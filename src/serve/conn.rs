@@ -505,7 +505,9 @@ pub(crate) async fn serve_migrated<T, S, B>(
         let activity = Activity::new();
         let service = Counted::new(service, shared.canary.clone());
         let io = Rewind::new(pre, io, Some(activity.clone()));
-        http1(io, service, &shared, &activity, &mut guard).await
+        // Boxed: the task of an idle connection stays small (10,000 moved
+        // at once would otherwise each reserve hyper's whole state).
+        Box::pin(http1(io, service, &shared, &activity, &mut guard)).await
     };
     tokio::select! {
         _ = connection => {}
