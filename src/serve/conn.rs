@@ -613,6 +613,8 @@ async fn http1_migrating<T, S, B>(
     let idle_at_stop = activity.idle_at_stop(&shared.drain);
     tokio::pin!(idle_at_stop);
     let (mut drained, mut stopped, mut finishing) = (false, false, false);
+    // Whether the connection was polled once since the drain started.
+    let mut looked = false;
     // The moment to finish: draining after a commit, and no request
     // between its service call and its response head (the head of a
     // response is written in the same poll that resolves its future); or
@@ -626,6 +628,20 @@ async fn http1_migrating<T, S, B>(
         }
         if !stopped && idle_at_stop.as_mut().poll(cx).is_ready() {
             stopped = true;
+        }
+        if drained && !looked && !stopped {
+            // A request already in the socket when the drain starts is
+            // answered here: moving it would only add the hop to the
+            // successor to its time (hyper reads it and calls the service,
+            // which makes the connection busy until the response).
+            looked = true;
+            let polled = connection.poll_without_shutdown(cx);
+            if polled.is_ready() {
+                return polled.map(Some);
+            }
+            if upgrading.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
         }
         for _ in 0..2 {
             if !finishing && ready_to_finish(drained, stopped) {
