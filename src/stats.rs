@@ -35,7 +35,7 @@ pub struct Phases {
 }
 
 /// The phases as `(name, duration)`, in the order they happen:
-/// `for (name, took) in &stats.phases`.
+/// `if let Some(phases) = &stats.last_phases { for (name, took) in phases { … } }`.
 impl IntoIterator for &Phases {
     type Item = (&'static str, Option<Duration>);
     type IntoIter = std::array::IntoIter<(&'static str, Option<Duration>), 7>;
