@@ -183,29 +183,32 @@ impl Names {
         &self.buf[n.start as usize..(n.start + n.len) as usize]
     }
 
-    /// The index of `name`, if the registry knows it.
-    fn find(&self, name: &str) -> Option<u32> {
-        let mut i = *self.index.get(&self.hasher.hash_one(name))?;
+    /// The index of `name` under `hash`, or the head of that hash's chain
+    /// ([`NONE`] if none) where a new name would go.
+    fn walk(&self, hash: u64, name: &str) -> Result<u32, u32> {
+        let head = self.index.get(&hash).copied().unwrap_or(NONE);
+        let mut i = head;
         while i != NONE {
             if self.str(i) == name {
-                return Some(i);
+                return Ok(i);
             }
             i = self.named[i as usize].same_hash;
         }
-        None
+        Err(head)
+    }
+
+    /// The index of `name`, if the registry knows it.
+    fn find(&self, name: &str) -> Option<u32> {
+        self.walk(self.hasher.hash_one(name), name).ok()
     }
 
     /// The index of `name`, added if new.
     fn find_or_add(&mut self, name: &str) -> u32 {
         let hash = self.hasher.hash_one(name);
-        let mut i = self.index.get(&hash).copied().unwrap_or(NONE);
-        let head = i;
-        while i != NONE {
-            if self.str(i) == name {
-                return i;
-            }
-            i = self.named[i as usize].same_hash;
-        }
+        let head = match self.walk(hash, name) {
+            Ok(i) => return i,
+            Err(head) => head,
+        };
         let i = self.named.len() as u32;
         self.named.push(Named {
             start: self.buf.len() as u32,
